@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# ckptio's one entry point for people and CI. Sets everything up on first use, quick afterwards.
+#
+#   ./dev.sh main     the main job: the demo / benchmark (see README)
+#   ./dev.sh test     every test: Rust unit, integration, doc tests, PyTorch interop, clippy, fmt
+#   ./dev.sh env      print the exports that let plain `cargo` commands build against the venv
+#   ./dev.sh cargo …  run any cargo command with the environment set
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+VENV="$ROOT/.venv"
+PY_REQS=(torch==2.13.0 lightning==2.6.6 numpy)
+STAMP="$VENV/.ckptio-setup-v1"
+
+log() { printf '\033[1m[ckptio]\033[0m %s\n' "$*" >&2; }
+
+setup_venv() {
+  if [[ -f "$STAMP" ]]; then return; fi
+  log "first run: creating $VENV with ${PY_REQS[*]} (about 5 GB, a few minutes)"
+  local py=${PYTHON:-python3}
+  [[ -x "$VENV/bin/python" ]] || "$py" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${PY_REQS[@]}"
+  "$VENV/bin/python" -c 'import torch, lightning; assert torch.__version__.startswith("2.13.0"), torch.__version__'
+  touch "$STAMP"
+}
+
+export_env() {
+  local site
+  site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  export LIBTORCH="$site/torch"
+  export LIBTORCH_BYPASS_VERSION_CHECK=1
+  # Python used by the interop tests and the benchmark's peers.
+  export CKPTIO_PYTHON="$VENV/bin/python"
+  export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-auto}
+}
+
+cmd=${1:-help}
+shift || true
+case "$cmd" in
+  main)
+    setup_venv; export_env
+    cargo build --release --examples --bins
+    exec cargo run --release --example overlap -- "$@"
+    ;;
+  test)
+    setup_venv; export_env
+    log "format and lints"
+    cargo fmt --all -- --check
+    cargo clippy --all-targets -- -D warnings
+    cargo clippy --no-default-features --lib --bins -- -D warnings
+    log "core without libtorch"
+    cargo test --no-default-features --lib
+    log "all tests (with tch and PyTorch interop)"
+    cargo test --all-targets "$@"
+    cargo test --doc
+    ;;
+  env)
+    setup_venv; export_env
+    printf 'export LIBTORCH=%q\nexport LIBTORCH_BYPASS_VERSION_CHECK=1\nexport CKPTIO_PYTHON=%q\n' "$LIBTORCH" "$CKPTIO_PYTHON"
+    ;;
+  cargo)
+    setup_venv; export_env
+    exec cargo "$@"
+    ;;
+  *)
+    sed -n '2,8p' "$0"; exit 2;;
+esac

@@ -1,0 +1,159 @@
+//! The one public error type of ckptio.
+//!
+//! Every variant names the file it is about (when there is one) and says what was wrong, so a
+//! message read in a log is enough to act on. Causes are kept as `source`, never flattened into
+//! strings.
+
+use std::path::{Path, PathBuf};
+
+/// Result with [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in ckptio.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An operating-system I/O call failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done ("create temporary file", "read", "fsync directory", ...).
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The file is not a valid checkpoint: its container (zip) or layout is broken.
+    #[error("{path}: not a valid torch.save archive: {reason}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong, in words.
+        reason: String,
+    },
+
+    /// The pickle stream inside the checkpoint is malformed or exceeds a limit.
+    #[error("{path}: bad pickle data at byte {offset}: {reason}")]
+    Pickle {
+        /// The file.
+        path: PathBuf,
+        /// Byte offset in `data.pkl` where the problem was found.
+        offset: u64,
+        /// What was wrong.
+        reason: String,
+    },
+
+    /// `weights_only` loading met something PyTorch's weights-only unpickler refuses.
+    #[error(
+        "{path}: refused under weights_only=true: {what} (PyTorch's weights-only unpickler \
+         refuses it too; load with weights_only=false only if you trust this file)"
+    )]
+    Unsafe {
+        /// The file.
+        path: PathBuf,
+        /// The global or opcode that was refused.
+        what: String,
+    },
+
+    /// A tensor's metadata does not fit its storage, or a storage is missing.
+    #[error("{path}: bad tensor {what}: {reason}")]
+    Tensor {
+        /// The file (empty when the tensor was built in memory).
+        path: PathBuf,
+        /// Which tensor or storage.
+        what: String,
+        /// What was wrong.
+        reason: String,
+    },
+
+    /// The checkpoint tree holds something the target format cannot represent.
+    #[error("cannot save to {path}: {reason}")]
+    Unsupported {
+        /// The destination.
+        path: PathBuf,
+        /// What cannot be represented and why.
+        reason: String,
+    },
+
+    /// Restoring state in place found keys that did not match (strict mode).
+    #[error(
+        "{path}: state does not match: missing keys {missing:?}, unexpected keys {unexpected:?}"
+    )]
+    KeyMismatch {
+        /// The file the state came from.
+        path: PathBuf,
+        /// Keys the target expected that the file did not have.
+        missing: Vec<String>,
+        /// Keys the file had that the target did not expect.
+        unexpected: Vec<String>,
+    },
+
+    /// An error from libtorch (feature `tch`).
+    #[cfg(feature = "tch")]
+    #[error("{path}: libtorch: {source}")]
+    Torch {
+        /// The file involved, if any.
+        path: PathBuf,
+        /// The tch error.
+        #[source]
+        source: tch::TchError,
+    },
+
+    /// An invalid argument from the caller.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
+    }
+
+    pub(crate) fn format(path: impl AsRef<Path>, reason: impl Into<String>) -> Self {
+        Error::Format {
+            path: path.as_ref().to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn tensor(
+        path: impl AsRef<Path>,
+        what: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
+        Error::Tensor {
+            path: path.as_ref().to_path_buf(),
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn unsupported(path: impl AsRef<Path>, reason: impl Into<String>) -> Self {
+        Error::Unsupported {
+            path: path.as_ref().to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The path this error is about, if it names one.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Error::Io { path, .. }
+            | Error::Format { path, .. }
+            | Error::Pickle { path, .. }
+            | Error::Unsafe { path, .. }
+            | Error::Tensor { path, .. }
+            | Error::Unsupported { path, .. }
+            | Error::KeyMismatch { path, .. } => Some(path),
+            #[cfg(feature = "tch")]
+            Error::Torch { path, .. } => Some(path),
+            Error::InvalidArgument(_) => None,
+        }
+    }
+}

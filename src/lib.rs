@@ -1,0 +1,44 @@
+//! # ckptio: checkpoints that never stall the training loop
+//!
+//! ckptio is a checkpointing runtime for Rust training loops (mostly [tch]). Its files are
+//! PyTorch's own `torch.save` format, so a checkpoint written in Rust loads in Python with
+//! `torch.load(weights_only=True)`, and a PyTorch or Lightning checkpoint loads in Rust.
+//!
+//! - [`Value`], [`Dict`], [`HostTensor`]: the checkpoint tree (what `torch.save` can hold).
+//! - [`CheckpointIo`]: the backend contract, after Lightning's `CheckpointIO` plugin.
+//! - [`TorchCheckpointIo`]: the `torch.save` backend (atomic, durable saves; zero-copy loads).
+//! - `ckptio::tch` (feature `tch`, on by default): `tch::Tensor` <-> [`HostTensor`], `VarStore`
+//!   state dicts.
+//!
+//! ```no_run
+//! use ckptio::{CheckpointIo, Dict, HostTensor, LoadOptions, SaveOptions, TorchCheckpointIo, Value};
+//! # fn main() -> ckptio::Result<()> {
+//! let io = TorchCheckpointIo::new();
+//! let mut state_dict = Dict::ordered();
+//! state_dict.insert("linear.weight", HostTensor::from_slice(&[0.1f32, 0.2, 0.3, 0.4], &[2, 2])?);
+//! let mut ckpt = Dict::new();
+//! ckpt.insert("state_dict", state_dict);
+//! ckpt.insert("global_step", 1000i64);
+//! io.save_checkpoint(&Value::from(ckpt), "ckpt/step-1000.ckpt".as_ref(), &SaveOptions::default())?;
+//! let loaded = io.load_checkpoint("ckpt/step-1000.ckpt".as_ref(), &LoadOptions::default(), None)?;
+//! # Ok(()) }
+//! ```
+#![deny(unsafe_code)]
+#![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
+
+pub mod atomic;
+mod error;
+mod io;
+pub mod json;
+mod tensor;
+pub mod torch;
+mod value;
+
+#[cfg(feature = "tch")]
+pub mod tch;
+
+pub use crate::error::{Error, Result};
+pub use crate::io::{finish_load, CheckpointIo, LoadOptions, MapLocation, Restore, SaveOptions};
+pub use crate::tensor::{contiguous_strides, DType, Element, HostTensor, Storage};
+pub use crate::torch::TorchCheckpointIo;
+pub use crate::value::{Dict, DictKind, FloatKey, Key, KeyRef, Object, ObjectKind, Value};

@@ -1,0 +1,626 @@
+//! Host tensors: a dtype, a shape, strides and an offset into a shared [`Storage`].
+//!
+//! A [`Storage`] is a run of bytes ([`bytes::Bytes`]: cheap to clone and slice, possibly backed by
+//! a memory map or a pooled staging buffer) plus the device it was saved from. Tensors that share
+//! a storage hold clones of the same [`Storage`]; the file writer recognises them by identity
+//! ([`Storage::ptr_eq`]) and writes the bytes once, exactly as `torch.save` does.
+//!
+//! ```
+//! use ckptio::{DType, HostTensor};
+//! let t = HostTensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0], &[2, 2]).unwrap();
+//! assert_eq!(t.dtype(), DType::Float32);
+//! assert_eq!(t.shape(), &[2, 2]);
+//! assert_eq!(t.to_vec::<f32>().unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+//! let col = t.transpose(0, 1).unwrap(); // a view: same storage, other strides
+//! assert!(col.storage().ptr_eq(t.storage()));
+//! assert_eq!(col.to_vec::<f32>().unwrap(), vec![1.0, 3.0, 2.0, 4.0]);
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::error::{Error, Result};
+
+macro_rules! dtypes {
+    ($( $(#[$doc:meta])* $variant:ident = $name:literal, $size:literal, $legacy:expr; )*) => {
+        /// Element types that `torch.save` files of PyTorch 2.13 can hold.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum DType {
+            $( $(#[$doc])* $variant, )*
+        }
+
+        impl DType {
+            /// Every dtype ckptio knows.
+            pub const ALL: &'static [DType] = &[$(DType::$variant),*];
+
+            /// PyTorch's name, as in `torch.<name>` (`"float32"`, `"bfloat16"`, ...).
+            pub fn name(self) -> &'static str {
+                match self { $(DType::$variant => $name,)* }
+            }
+
+            /// Bytes per element (packed sub-byte types count their container byte).
+            pub fn size(self) -> usize {
+                match self { $(DType::$variant => $size,)* }
+            }
+
+            /// The legacy typed storage class (`"FloatStorage"`) that `torch.save` writes for
+            /// this dtype, or `None` for dtypes saved as `UntypedStorage` with
+            /// `_rebuild_tensor_v3`.
+            pub fn storage_class(self) -> Option<&'static str> {
+                match self { $(DType::$variant => $legacy,)* }
+            }
+
+            /// Looks a dtype up by PyTorch's name (`"float32"`; aliases such as `"float"`,
+            /// `"half"` and `"long"` are accepted).
+            pub fn from_name(name: &str) -> Option<DType> {
+                let name = match name {
+                    "float" => "float32",
+                    "double" => "float64",
+                    "half" => "float16",
+                    "long" => "int64",
+                    "int" => "int32",
+                    "short" => "int16",
+                    "cfloat" => "complex64",
+                    "cdouble" => "complex128",
+                    "chalf" => "complex32",
+                    other => other,
+                };
+                match name { $($name => Some(DType::$variant),)* _ => None }
+            }
+
+            /// The dtype whose legacy storage class is `class` (`"FloatStorage"`).
+            pub fn from_storage_class(class: &str) -> Option<DType> {
+                DType::ALL.iter().copied().find(|d| d.storage_class() == Some(class))
+            }
+        }
+    };
+}
+
+dtypes! {
+    /// `torch.float64`
+    Float64 = "float64", 8, Some("DoubleStorage");
+    /// `torch.float32`
+    Float32 = "float32", 4, Some("FloatStorage");
+    /// `torch.float16`
+    Float16 = "float16", 2, Some("HalfStorage");
+    /// `torch.bfloat16`
+    BFloat16 = "bfloat16", 2, Some("BFloat16Storage");
+    /// `torch.int64`
+    Int64 = "int64", 8, Some("LongStorage");
+    /// `torch.int32`
+    Int32 = "int32", 4, Some("IntStorage");
+    /// `torch.int16`
+    Int16 = "int16", 2, Some("ShortStorage");
+    /// `torch.int8`
+    Int8 = "int8", 1, Some("CharStorage");
+    /// `torch.uint8`
+    UInt8 = "uint8", 1, Some("ByteStorage");
+    /// `torch.bool` (one byte per element, 0 or 1)
+    Bool = "bool", 1, Some("BoolStorage");
+    /// `torch.complex64`
+    Complex64 = "complex64", 8, Some("ComplexFloatStorage");
+    /// `torch.complex128`
+    Complex128 = "complex128", 16, Some("ComplexDoubleStorage");
+    /// `torch.complex32`
+    Complex32 = "complex32", 4, None;
+    /// `torch.uint16`
+    UInt16 = "uint16", 2, None;
+    /// `torch.uint32`
+    UInt32 = "uint32", 4, None;
+    /// `torch.uint64`
+    UInt64 = "uint64", 8, None;
+    /// `torch.float8_e5m2`
+    Float8E5M2 = "float8_e5m2", 1, None;
+    /// `torch.float8_e4m3fn`
+    Float8E4M3Fn = "float8_e4m3fn", 1, None;
+    /// `torch.float8_e5m2fnuz`
+    Float8E5M2Fnuz = "float8_e5m2fnuz", 1, None;
+    /// `torch.float8_e4m3fnuz`
+    Float8E4M3Fnuz = "float8_e4m3fnuz", 1, None;
+    /// `torch.float8_e8m0fnu`
+    Float8E8M0Fnu = "float8_e8m0fnu", 1, None;
+    /// `torch.float4_e2m1fn_x2` (two 4-bit values packed in a byte)
+    Float4E2M1FnX2 = "float4_e2m1fn_x2", 1, None;
+    /// `torch.bits8`
+    Bits8 = "bits8", 1, None;
+    /// `torch.bits16`
+    Bits16 = "bits16", 2, None;
+    /// `torch.bits1x8`
+    Bits1x8 = "bits1x8", 1, None;
+    /// `torch.bits2x4`
+    Bits2x4 = "bits2x4", 1, None;
+    /// `torch.bits4x2`
+    Bits4x2 = "bits4x2", 1, None;
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A Rust element type with a [`DType`], for building and reading host tensors.
+pub trait Element: Copy + Send + Sync + 'static {
+    /// The matching dtype.
+    const DTYPE: DType;
+    /// Appends the little-endian bytes of `self`.
+    fn put_le(self, out: &mut Vec<u8>);
+    /// Reads one element from exactly `Self::DTYPE.size()` little-endian bytes.
+    fn get_le(bytes: &[u8]) -> Self;
+}
+
+macro_rules! element {
+    ($t:ty, $d:ident) => {
+        impl Element for $t {
+            const DTYPE: DType = DType::$d;
+            fn put_le(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+            fn get_le(bytes: &[u8]) -> Self {
+                let mut a = [0u8; std::mem::size_of::<$t>()];
+                a.copy_from_slice(bytes);
+                <$t>::from_le_bytes(a)
+            }
+        }
+    };
+}
+element!(f64, Float64);
+element!(f32, Float32);
+element!(i64, Int64);
+element!(i32, Int32);
+element!(i16, Int16);
+element!(i8, Int8);
+element!(u8, UInt8);
+element!(u16, UInt16);
+element!(u32, UInt32);
+element!(u64, UInt64);
+
+impl Element for bool {
+    const DTYPE: DType = DType::Bool;
+    fn put_le(self, out: &mut Vec<u8>) {
+        out.push(self as u8);
+    }
+    fn get_le(bytes: &[u8]) -> Self {
+        bytes[0] != 0
+    }
+}
+
+/// Bytes of one storage, shared by every tensor that views it.
+///
+/// Cloning is cheap (a reference count); [`Storage::ptr_eq`] tells whether two tensors share one.
+#[derive(Clone)]
+pub struct Storage {
+    inner: Arc<StorageInner>,
+}
+
+struct StorageInner {
+    bytes: Bytes,
+    location: String,
+}
+
+impl Storage {
+    /// A CPU storage over `bytes`.
+    pub fn new(bytes: impl Into<Bytes>) -> Storage {
+        Storage::with_location(bytes, "cpu")
+    }
+
+    /// A storage with a `torch.save` location tag such as `"cpu"` or `"cuda:0"`.
+    pub fn with_location(bytes: impl Into<Bytes>, location: impl Into<String>) -> Storage {
+        Storage {
+            inner: Arc::new(StorageInner {
+                bytes: bytes.into(),
+                location: location.into(),
+            }),
+        }
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &Bytes {
+        &self.inner.bytes
+    }
+
+    /// Number of bytes.
+    pub fn len(&self) -> usize {
+        self.inner.bytes.len()
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.inner.bytes.is_empty()
+    }
+
+    /// The location tag (`"cpu"`, `"cuda:0"`, ...).
+    pub fn location(&self) -> &str {
+        &self.inner.location
+    }
+
+    /// Whether both are the same storage (not merely equal bytes).
+    pub fn ptr_eq(&self, other: &Storage) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// A stable identity for this storage while it is alive (for de-duplication maps).
+    pub fn id(&self) -> usize {
+        Arc::as_ptr(&self.inner) as usize
+    }
+}
+
+impl fmt::Debug for Storage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Storage")
+            .field("len", &self.len())
+            .field("location", &self.location())
+            .finish()
+    }
+}
+
+/// A tensor whose bytes are on the host: dtype, shape, strides (in elements) and a storage
+/// offset (in elements) into a [`Storage`].
+#[derive(Clone, Debug)]
+pub struct HostTensor {
+    storage: Storage,
+    dtype: DType,
+    shape: Vec<usize>,
+    strides: Vec<usize>,
+    offset: usize,
+    requires_grad: bool,
+    parameter: bool,
+}
+
+/// Row-major (C-contiguous) strides for `shape`.
+pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![0; shape.len()];
+    let mut acc = 1usize;
+    for (s, &d) in strides.iter_mut().zip(shape).rev() {
+        *s = acc;
+        acc = acc.saturating_mul(d);
+    }
+    strides
+}
+
+impl HostTensor {
+    /// A view into `storage`, checked: every element must lie inside the storage.
+    pub fn from_parts(
+        storage: Storage,
+        dtype: DType,
+        shape: Vec<usize>,
+        strides: Vec<usize>,
+        offset: usize,
+    ) -> Result<HostTensor> {
+        let t = HostTensor {
+            storage,
+            dtype,
+            shape,
+            strides,
+            offset,
+            requires_grad: false,
+            parameter: false,
+        };
+        t.validate()
+            .map_err(|reason| Error::tensor("", "view", reason))?;
+        Ok(t)
+    }
+
+    /// Checks that the view fits its storage; returns the reason when it does not.
+    pub(crate) fn validate(&self) -> std::result::Result<(), String> {
+        if self.shape.len() != self.strides.len() {
+            return Err(format!(
+                "shape has {} dims but strides have {}",
+                self.shape.len(),
+                self.strides.len()
+            ));
+        }
+        let numel = checked_numel(&self.shape).ok_or("element count overflows")?;
+        let elem = self.dtype.size();
+        let cap = self.storage.len() / elem;
+        if numel == 0 {
+            // torch allows any offset up to the storage size for empty tensors.
+            if self.offset > cap {
+                return Err(format!(
+                    "offset {} beyond storage of {} elements",
+                    self.offset, cap
+                ));
+            }
+            return Ok(());
+        }
+        let mut last = self.offset;
+        for (&d, &s) in self.shape.iter().zip(&self.strides) {
+            let span = (d - 1).checked_mul(s).ok_or("stride overflow")?;
+            last = last.checked_add(span).ok_or("offset overflow")?;
+        }
+        if last >= cap {
+            return Err(format!(
+                "shape {:?} strides {:?} offset {} reach element {} but the {} storage holds {} \
+                 elements ({} bytes)",
+                self.shape,
+                self.strides,
+                self.offset,
+                last,
+                self.dtype,
+                cap,
+                self.storage.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// A contiguous tensor over `bytes` (little-endian elements, row-major).
+    pub fn from_bytes(
+        dtype: DType,
+        shape: &[usize],
+        bytes: impl Into<Bytes>,
+    ) -> Result<HostTensor> {
+        let bytes = bytes.into();
+        let numel = checked_numel(shape)
+            .ok_or_else(|| Error::tensor("", "new tensor", "element count overflows"))?;
+        let want = numel
+            .checked_mul(dtype.size())
+            .ok_or_else(|| Error::tensor("", "new tensor", "byte size overflows"))?;
+        if bytes.len() != want {
+            return Err(Error::tensor(
+                "",
+                "new tensor",
+                format!(
+                    "{} {:?} needs {} bytes, got {}",
+                    dtype,
+                    shape,
+                    want,
+                    bytes.len()
+                ),
+            ));
+        }
+        HostTensor::from_parts(
+            Storage::new(bytes),
+            dtype,
+            shape.to_vec(),
+            contiguous_strides(shape),
+            0,
+        )
+    }
+
+    /// A contiguous tensor holding a copy of `data`.
+    pub fn from_slice<T: Element>(data: &[T], shape: &[usize]) -> Result<HostTensor> {
+        let mut out = Vec::with_capacity(std::mem::size_of_val(data));
+        for &x in data {
+            x.put_le(&mut out);
+        }
+        HostTensor::from_bytes(T::DTYPE, shape, out)
+    }
+
+    /// A 0-dim tensor.
+    pub fn scalar<T: Element>(x: T) -> HostTensor {
+        let mut out = Vec::new();
+        x.put_le(&mut out);
+        HostTensor {
+            storage: Storage::new(out),
+            dtype: T::DTYPE,
+            shape: vec![],
+            strides: vec![],
+            offset: 0,
+            requires_grad: false,
+            parameter: false,
+        }
+    }
+
+    /// The storage.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// The sizes of each dimension.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    /// The strides of each dimension, in elements.
+    pub fn strides(&self) -> &[usize] {
+        &self.strides
+    }
+    /// The offset of the first element in the storage, in elements.
+    pub fn storage_offset(&self) -> usize {
+        self.offset
+    }
+    /// Whether the tensor was saved with `requires_grad=True`.
+    pub fn requires_grad(&self) -> bool {
+        self.requires_grad
+    }
+    /// Whether the tensor was saved as a `torch.nn.Parameter`.
+    pub fn is_parameter(&self) -> bool {
+        self.parameter
+    }
+    /// Sets `requires_grad`.
+    pub fn with_requires_grad(mut self, requires_grad: bool) -> HostTensor {
+        self.requires_grad = requires_grad;
+        self
+    }
+    /// Marks the tensor as a `torch.nn.Parameter` (or not).
+    pub fn with_parameter(mut self, parameter: bool) -> HostTensor {
+        self.parameter = parameter;
+        self
+    }
+    /// The same view over another storage (same length expected; checked).
+    pub fn with_storage(&self, storage: Storage) -> Result<HostTensor> {
+        let t = HostTensor {
+            storage,
+            ..self.clone()
+        };
+        t.validate()
+            .map_err(|reason| Error::tensor("", "view", reason))?;
+        Ok(t)
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Bytes of the elements this tensor views (not of its whole storage).
+    pub fn nbytes(&self) -> usize {
+        self.numel() * self.dtype.size()
+    }
+
+    /// Whether the elements are laid out row-major without gaps.
+    pub fn is_contiguous(&self) -> bool {
+        let mut expect = 1usize;
+        for (&d, &s) in self.shape.iter().zip(&self.strides).rev() {
+            if d != 1 && s != expect {
+                return false;
+            }
+            expect = expect.saturating_mul(d);
+        }
+        true
+    }
+
+    /// The elements in row-major order as little-endian bytes. Borrows the storage (no copy)
+    /// when the tensor is contiguous; gathers otherwise.
+    pub fn contiguous_bytes(&self) -> Bytes {
+        let elem = self.dtype.size();
+        if self.is_contiguous() {
+            let start = self.offset * elem;
+            return self.storage.bytes().slice(start..start + self.nbytes());
+        }
+        let src = self.storage.bytes();
+        let mut out = Vec::with_capacity(self.nbytes());
+        let mut index = vec![0usize; self.shape.len()];
+        let n = self.numel();
+        for _ in 0..n {
+            let pos: usize = self.offset
+                + index
+                    .iter()
+                    .zip(&self.strides)
+                    .map(|(i, s)| i * s)
+                    .sum::<usize>();
+            out.extend_from_slice(&src[pos * elem..(pos + 1) * elem]);
+            for d in (0..index.len()).rev() {
+                index[d] += 1;
+                if index[d] < self.shape[d] {
+                    break;
+                }
+                index[d] = 0;
+            }
+        }
+        Bytes::from(out)
+    }
+
+    /// The elements in row-major order. Fails when `T` does not match the dtype.
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
+        if T::DTYPE != self.dtype {
+            return Err(Error::InvalidArgument(format!(
+                "tensor is {}, asked for {}",
+                self.dtype,
+                T::DTYPE
+            )));
+        }
+        let b = self.contiguous_bytes();
+        Ok(b.chunks_exact(self.dtype.size()).map(T::get_le).collect())
+    }
+
+    /// A contiguous copy with its own storage (same dtype, shape and flags).
+    pub fn to_contiguous(&self) -> HostTensor {
+        let bytes = self.contiguous_bytes();
+        HostTensor {
+            storage: Storage::with_location(bytes, self.storage.location()),
+            dtype: self.dtype,
+            strides: contiguous_strides(&self.shape),
+            shape: self.shape.clone(),
+            offset: 0,
+            requires_grad: self.requires_grad,
+            parameter: self.parameter,
+        }
+    }
+
+    /// A view with dimensions `a` and `b` swapped (shares the storage).
+    pub fn transpose(&self, a: usize, b: usize) -> Result<HostTensor> {
+        if a >= self.shape.len() || b >= self.shape.len() {
+            return Err(Error::InvalidArgument(format!(
+                "transpose({a}, {b}) of a {}-dim tensor",
+                self.shape.len()
+            )));
+        }
+        let mut t = self.clone();
+        t.shape.swap(a, b);
+        t.strides.swap(a, b);
+        Ok(t)
+    }
+
+    /// A view of rows `start..end` of dimension 0 (shares the storage).
+    pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<HostTensor> {
+        if dim >= self.shape.len() || start.checked_add(len).is_none_or(|e| e > self.shape[dim]) {
+            return Err(Error::InvalidArgument(format!(
+                "narrow(dim={dim}, start={start}, len={len}) of shape {:?}",
+                self.shape
+            )));
+        }
+        let mut t = self.clone();
+        if len > 0 {
+            t.offset += start * self.strides[dim];
+        }
+        t.shape[dim] = len;
+        Ok(t)
+    }
+
+    /// Whether both have the same dtype, shape and elements (bit for bit), whatever their
+    /// layout or storage.
+    pub fn data_eq(&self, other: &HostTensor) -> bool {
+        self.dtype == other.dtype
+            && self.shape == other.shape
+            && self.contiguous_bytes() == other.contiguous_bytes()
+    }
+}
+
+/// Product of `shape` without overflow.
+pub(crate) fn checked_numel(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtype_names_round_trip() {
+        for &d in DType::ALL {
+            assert_eq!(DType::from_name(d.name()), Some(d));
+            if let Some(c) = d.storage_class() {
+                assert_eq!(DType::from_storage_class(c), Some(d));
+            }
+        }
+        assert_eq!(DType::from_name("half"), Some(DType::Float16));
+        assert_eq!(DType::from_name("nope"), None);
+    }
+
+    #[test]
+    fn views_out_of_bounds_are_refused() {
+        let s = Storage::new(vec![0u8; 16]);
+        assert!(HostTensor::from_parts(s.clone(), DType::Float32, vec![4], vec![1], 0).is_ok());
+        assert!(HostTensor::from_parts(s.clone(), DType::Float32, vec![4], vec![1], 1).is_err());
+        assert!(
+            HostTensor::from_parts(s.clone(), DType::Float32, vec![2, 2], vec![3, 1], 0).is_err()
+        );
+        assert!(HostTensor::from_parts(
+            s.clone(),
+            DType::Float32,
+            vec![usize::MAX, 2],
+            vec![1, 1],
+            0
+        )
+        .is_err());
+        assert!(HostTensor::from_parts(s, DType::Float32, vec![0, 5], vec![5, 1], 4).is_ok());
+    }
+
+    #[test]
+    fn non_contiguous_gathers_row_major() {
+        let t = HostTensor::from_slice(&[0i64, 1, 2, 3, 4, 5], &[2, 3]).unwrap();
+        let tt = t.transpose(0, 1).unwrap();
+        assert!(!tt.is_contiguous());
+        assert_eq!(tt.to_vec::<i64>().unwrap(), vec![0, 3, 1, 4, 2, 5]);
+        let row = t.narrow(0, 1, 1).unwrap();
+        assert_eq!(row.to_vec::<i64>().unwrap(), vec![3, 4, 5]);
+        assert!(row.is_contiguous());
+    }
+}

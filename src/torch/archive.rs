@@ -1,0 +1,207 @@
+//! A checkpoint tree <-> a `torch.save` archive (`data.pkl` + one record per storage).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use bytes::Bytes;
+
+use super::pickle::reader::{read_pickle, Limits, ReadError, StorageSource};
+use super::pickle::writer::{PickleWriter, StorageTable};
+use super::zip::{read_directory, ZipEntry, ZipWriter};
+use crate::error::{Error, Result};
+use crate::io::MapLocation;
+use crate::tensor::Storage;
+use crate::value::Value;
+
+/// The archive prefix `torch.save` uses for a path: the file name up to its last dot
+/// (`"model.pt"` -> `"model"`), or `"archive"` when that is empty.
+pub fn archive_prefix(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = match name.rfind('.') {
+        Some(i) => &name[..i],
+        None => &name[..],
+    };
+    if stem.is_empty() {
+        "archive".to_owned()
+    } else {
+        stem.to_owned()
+    }
+}
+
+/// Writes `value` as a `torch.save` archive with entries under `prefix/` to `sink`.
+///
+/// Storage bytes go from the tensors' buffers straight into `sink`.
+pub(crate) fn write_archive<W: Write>(
+    value: &Value,
+    prefix: &str,
+    sink: W,
+    path: &Path,
+) -> Result<W> {
+    let mut table = StorageTable::default();
+    let pkl = PickleWriter::new(&mut table)
+        .finish(value)
+        .map_err(|reason| Error::unsupported(path, reason))?;
+    let io = |e| Error::io("write", path, e);
+    let mut z = ZipWriter::new(sink);
+    z.entry(&format!("{prefix}/data.pkl"), pkl.len() as u64, [&pkl[..]])
+        .map_err(io)?;
+    z.entry(&format!("{prefix}/.format_version"), 1, [&b"1"[..]])
+        .map_err(io)?;
+    z.entry(&format!("{prefix}/.storage_alignment"), 2, [&b"64"[..]])
+        .map_err(io)?;
+    z.entry(&format!("{prefix}/byteorder"), 6, [&b"little"[..]])
+        .map_err(io)?;
+    for (i, s) in table.storages.iter().enumerate() {
+        let b: &[u8] = s.bytes();
+        z.entry(&format!("{prefix}/data/{i}"), b.len() as u64, [b])
+            .map_err(io)?;
+    }
+    z.entry(&format!("{prefix}/version"), 2, [&b"3\n"[..]])
+        .map_err(io)?;
+    let id = serialization_id();
+    z.entry(
+        &format!("{prefix}/.data/serialization_id"),
+        id.len() as u64,
+        [id.as_bytes()],
+    )
+    .map_err(io)?;
+    z.finish().map_err(io)
+}
+
+/// 40 decimal digits, as PyTorch writes to `.data/serialization_id`.
+fn serialization_id() -> String {
+    let a: u64 = rand::random::<u64>() % 10u64.pow(19);
+    let b: u64 = rand::random::<u64>() % 10u64.pow(19);
+    let c: u8 = rand::random::<u8>() % 100;
+    format!("{a:019}{b:019}{c:02}")
+}
+
+/// What a reader needs besides the bytes.
+pub(crate) struct ReadSettings<'a> {
+    pub(crate) weights_only: bool,
+    pub(crate) verify_crc: bool,
+    pub(crate) map_location: &'a MapLocation,
+    pub(crate) limits: &'a Limits,
+}
+
+struct Records<'a> {
+    data: &'a Bytes,
+    prefix: String,
+    by_name: HashMap<&'a str, &'a ZipEntry>,
+    verify_crc: bool,
+    map_location: &'a MapLocation,
+}
+
+impl Records<'_> {
+    fn record(&self, name: &str) -> std::result::Result<Bytes, String> {
+        let full = format!("{}/{}", self.prefix, name);
+        let e = self
+            .by_name
+            .get(full.as_str())
+            .ok_or_else(|| format!("no record {full}"))?;
+        let start = e.data_offset as usize;
+        let b = self.data.slice(start..start + e.size as usize);
+        if self.verify_crc && crc32fast::hash(&b) != e.crc {
+            return Err(format!(
+                "record {full} fails its CRC-32 check (corrupt file)"
+            ));
+        }
+        Ok(b)
+    }
+}
+
+impl StorageSource for Records<'_> {
+    fn storage(
+        &mut self,
+        key: &str,
+        location: &str,
+        nbytes: u64,
+    ) -> std::result::Result<Storage, String> {
+        let b = self.record(&format!("data/{key}"))?;
+        if (b.len() as u64) < nbytes {
+            return Err(format!(
+                "declares {nbytes} bytes but its record holds {}",
+                b.len()
+            ));
+        }
+        Ok(Storage::with_location(b, self.map_location.map(location)))
+    }
+}
+
+/// Reads a `torch.save` archive held in `data` (read into memory or memory-mapped).
+pub(crate) fn read_archive(data: &Bytes, path: &Path, s: &ReadSettings<'_>) -> Result<Value> {
+    let entries = read_directory(data).map_err(|r| Error::format(path, r))?;
+    let first = entries
+        .first()
+        .ok_or_else(|| Error::format(path, "empty archive"))?;
+    let prefix = match first.name.find('/') {
+        Some(i) => first.name[..i].to_owned(),
+        None => {
+            return Err(Error::format(
+                path,
+                format!("entry {:?} has no archive folder", first.name),
+            ))
+        }
+    };
+    let mut by_name = HashMap::with_capacity(entries.len());
+    for e in &entries {
+        if by_name.insert(e.name.as_str(), e).is_some() {
+            return Err(Error::format(path, format!("duplicate entry {:?}", e.name)));
+        }
+    }
+    let records = Records {
+        data,
+        prefix: prefix.clone(),
+        by_name,
+        verify_crc: s.verify_crc,
+        map_location: s.map_location,
+    };
+    let has = |n: &str| {
+        records
+            .by_name
+            .contains_key(format!("{prefix}/{n}").as_str())
+    };
+    if !has("data.pkl") {
+        let why = if has("constants.pkl") || has("code/__torch__.py") {
+            "this is a TorchScript archive (torch.jit.save / tch's save_multi), not a torch.save file"
+                .to_owned()
+        } else {
+            format!("no {prefix}/data.pkl record")
+        };
+        return Err(Error::format(path, why));
+    }
+    if has("byteorder") {
+        let bo = records
+            .record("byteorder")
+            .map_err(|r| Error::format(path, r))?;
+        if &bo[..] != b"little" {
+            return Err(Error::format(
+                path,
+                format!(
+                    "byte order {:?} is not supported (only little-endian)",
+                    String::from_utf8_lossy(&bo)
+                ),
+            ));
+        }
+    }
+    let pkl = records
+        .record("data.pkl")
+        .map_err(|r| Error::format(path, r))?;
+    let mut records = records;
+    read_pickle(&pkl, s.weights_only, s.limits, &mut records).map_err(|e| match e {
+        ReadError::Bad { offset, reason } => Error::Pickle {
+            path: path.to_path_buf(),
+            offset,
+            reason,
+        },
+        ReadError::Unsafe(what) => Error::Unsafe {
+            path: path.to_path_buf(),
+            what,
+        },
+        ReadError::Tensor { what, reason } => Error::tensor(path, what, reason),
+    })
+}

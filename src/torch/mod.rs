@@ -1,0 +1,147 @@
+//! The `torch.save` file format and [`TorchCheckpointIo`], the backend that writes and reads it.
+//!
+//! Files written here load in Python with `torch.load(path, weights_only=True)`; files written by
+//! `torch.save` (and Lightning `.ckpt` files) load here. See the crate docs for the format's
+//! details and the limits the reader enforces.
+//!
+//! ```no_run
+//! use ckptio::{torch, HostTensor, Dict, LoadOptions, Value};
+//! # fn main() -> ckptio::Result<()> {
+//! let mut sd = Dict::ordered();
+//! sd.insert("weight", HostTensor::from_slice(&[0.5f32; 6], &[2, 3])?);
+//! torch::save(&Value::from(sd), "model.pt")?;               // torch.load("model.pt") reads it
+//! let back = torch::load("model.pt", &LoadOptions::default())?;
+//! # Ok(()) }
+//! ```
+
+mod archive;
+pub(crate) mod pickle;
+pub(crate) mod zip;
+
+use std::io::Write;
+use std::path::Path;
+
+use bytes::Bytes;
+
+pub use self::archive::archive_prefix;
+pub use self::pickle::reader::Limits;
+use crate::atomic::{remove_path, write_atomic};
+use crate::error::{Error, Result};
+use crate::io::{finish_load, CheckpointIo, LoadOptions, Restore, SaveOptions};
+use crate::value::Value;
+
+/// Saves `value` to `path` in the `torch.save` format, atomically and durably.
+pub fn save(value: &Value, path: impl AsRef<Path>) -> Result<()> {
+    TorchCheckpointIo::new().save_checkpoint(value, path.as_ref(), &SaveOptions::default())
+}
+
+/// Writes `value` in the `torch.save` format to any writer, with entries under `prefix/`
+/// (`torch.save` to a buffer uses `"archive"`).
+pub fn save_to_writer<W: Write>(value: &Value, prefix: &str, writer: W) -> Result<W> {
+    archive::write_archive(value, prefix, writer, Path::new("<writer>"))
+}
+
+/// Loads the `torch.save` file at `path`.
+pub fn load(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Value> {
+    TorchCheckpointIo::new().load(path.as_ref(), options)
+}
+
+/// Loads a `torch.save` archive held in memory. `name` is used in error messages.
+pub fn load_from_bytes(data: Bytes, name: &str, options: &LoadOptions) -> Result<Value> {
+    TorchCheckpointIo::new().load_bytes(&data, Path::new(name), options)
+}
+
+/// A [`CheckpointIo`] that writes and reads PyTorch's `torch.save` format (PyTorch 2.13).
+///
+/// - **Save** is atomic and (by default) durable: a temporary file in the same directory,
+///   fsync, rename, fsync of the directory. Parent directories are created. Storage bytes are
+///   written straight from the tensors' buffers; tensors that share a storage share it in the
+///   file.
+/// - **Load** reads the file into memory (or memory-maps it with [`LoadOptions::mmap`]) and
+///   slices each storage out of it without further copies. `weights_only` (the default) refuses
+///   anything PyTorch's weights-only unpickler refuses.
+/// - **Remove** deletes a file or a directory, quietly when absent.
+#[derive(Clone, Debug, Default)]
+pub struct TorchCheckpointIo {
+    limits: Limits,
+}
+
+impl TorchCheckpointIo {
+    /// A backend with default limits.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the reader's limits (nesting depth, expansion budget).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Loads `path` into a tree.
+    pub fn load(&self, path: &Path, options: &LoadOptions) -> Result<Value> {
+        let data = if options.mmap {
+            let file = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
+            map_file(&file, path)?
+        } else {
+            Bytes::from(std::fs::read(path).map_err(|e| Error::io("read", path, e))?)
+        };
+        self.load_bytes(&data, path, options)
+    }
+
+    fn load_bytes(&self, data: &Bytes, path: &Path, options: &LoadOptions) -> Result<Value> {
+        let _span = tracing::debug_span!("torch_load", path = %path.display(), bytes = data.len())
+            .entered();
+        archive::read_archive(
+            data,
+            path,
+            &archive::ReadSettings {
+                weights_only: options.weights_only,
+                verify_crc: options.verify_crc && !options.mmap,
+                map_location: &options.map_location,
+                limits: &self.limits,
+            },
+        )
+    }
+}
+
+#[allow(unsafe_code)]
+fn map_file(file: &std::fs::File, path: &Path) -> Result<Bytes> {
+    // SAFETY: the map is read-only. Like `torch.load(mmap=True)`, it relies on nobody truncating
+    // or rewriting the file while tensors borrow its pages; ckptio itself never writes a file in
+    // place (saves go to a temporary file and are renamed), so its own writers cannot do that.
+    let map = unsafe { memmap2::Mmap::map(file) }.map_err(|e| Error::io("memory-map", path, e))?;
+    Ok(Bytes::from_owner(map))
+}
+
+impl CheckpointIo for TorchCheckpointIo {
+    fn save_checkpoint(
+        &self,
+        checkpoint: &Value,
+        path: &Path,
+        options: &SaveOptions,
+    ) -> Result<()> {
+        let start = std::time::Instant::now();
+        let prefix = archive_prefix(path);
+        write_atomic(path, options.durable, |w| {
+            archive::write_archive(checkpoint, &prefix, w, path)?;
+            Ok(())
+        })?;
+        tracing::debug!(path = %path.display(), elapsed_ms = start.elapsed().as_secs_f64() * 1e3, "torch save");
+        Ok(())
+    }
+
+    fn load_checkpoint(
+        &self,
+        path: &Path,
+        options: &LoadOptions,
+        state: Option<&mut dyn Restore>,
+    ) -> Result<Option<Value>> {
+        let tree = self.load(path, options)?;
+        finish_load(tree, options, state)
+    }
+
+    fn remove_checkpoint(&self, path: &Path) -> Result<()> {
+        remove_path(path)
+    }
+}

@@ -1,0 +1,441 @@
+//! The zip container of `torch.save`: stored (uncompressed) entries whose data starts on a
+//! 64-byte boundary, written in the exact shape PyTorch's `PyTorchStreamWriter` (miniz) uses:
+//! local headers with general-purpose flags `0x0808` (data descriptor, UTF-8 names), an `FB`
+//! padding extra field, a data descriptor after each entry, zip64 records when a size or an
+//! offset reaches 4 GiB.
+//!
+//! The writer streams: entry data goes straight from the caller's buffers to the sink, with the
+//! CRC-32 computed on the way; nothing is staged in memory.
+//! The reader validates every size and offset against the archive length before use.
+
+use std::io::{self, Write};
+
+/// Alignment of entry data, as `torch.save` writes it (`.storage_alignment`).
+pub(crate) const ALIGNMENT: u64 = 64;
+const LOCAL_SIG: u32 = 0x0403_4b50;
+const CENTRAL_SIG: u32 = 0x0201_4b50;
+const DESCRIPTOR_SIG: u32 = 0x0807_4b50;
+const EOCD_SIG: u32 = 0x0605_4b50;
+const EOCD64_SIG: u32 = 0x0606_4b50;
+const EOCD64_LOCATOR_SIG: u32 = 0x0706_4b50;
+const FLAGS: u16 = 0x0808;
+const U32_MAX: u64 = 0xffff_ffff;
+
+struct CentralEntry {
+    name: String,
+    crc: u32,
+    size: u64,
+    offset: u64,
+}
+
+/// A streaming writer of a stored, 64-byte-aligned zip.
+pub(crate) struct ZipWriter<W: Write> {
+    sink: W,
+    pos: u64,
+    entries: Vec<CentralEntry>,
+    /// Sizes and offsets at or above this use zip64 fields (4 GiB; lowered only by tests).
+    zip64_threshold: u64,
+}
+
+impl<W: Write> ZipWriter<W> {
+    pub(crate) fn new(sink: W) -> Self {
+        ZipWriter {
+            sink,
+            pos: 0,
+            entries: Vec::new(),
+            zip64_threshold: U32_MAX,
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn with_zip64_threshold(mut self, t: u64) -> Self {
+        self.zip64_threshold = t;
+        self
+    }
+
+    fn put(&mut self, b: &[u8]) -> io::Result<()> {
+        self.sink.write_all(b)?;
+        self.pos += b.len() as u64;
+        Ok(())
+    }
+
+    /// Writes one entry whose data is the concatenation of `parts` (`size` bytes in all).
+    pub(crate) fn entry<'b>(
+        &mut self,
+        name: &str,
+        size: u64,
+        parts: impl IntoIterator<Item = &'b [u8]>,
+    ) -> io::Result<()> {
+        let offset = self.pos;
+        let big_size = size >= self.zip64_threshold;
+        let big_offset = offset >= self.zip64_threshold;
+        let mut zip64 = Vec::new();
+        if big_size || big_offset {
+            let mut payload = Vec::new();
+            if big_size {
+                payload.extend_from_slice(&size.to_le_bytes());
+                payload.extend_from_slice(&size.to_le_bytes());
+            }
+            if big_offset {
+                payload.extend_from_slice(&offset.to_le_bytes());
+            }
+            zip64.extend_from_slice(&1u16.to_le_bytes());
+            zip64.extend_from_slice(&(payload.len() as u16).to_le_bytes());
+            zip64.extend_from_slice(&payload);
+        }
+        let start = offset + 30 + name.len() as u64 + zip64.len() as u64 + 4;
+        let pad = (ALIGNMENT - start % ALIGNMENT) % ALIGNMENT;
+        let mut h = Vec::with_capacity(30 + name.len() + zip64.len() + 4 + pad as usize);
+        h.extend_from_slice(&LOCAL_SIG.to_le_bytes());
+        h.extend_from_slice(&0u16.to_le_bytes()); // version needed (as torch writes it)
+        h.extend_from_slice(&FLAGS.to_le_bytes());
+        h.extend_from_slice(&0u16.to_le_bytes()); // stored
+        h.extend_from_slice(&0u32.to_le_bytes()); // dos time + date
+        h.extend_from_slice(&0u32.to_le_bytes()); // crc: in the data descriptor
+        let local_size = if big_size { U32_MAX as u32 } else { 0 };
+        h.extend_from_slice(&local_size.to_le_bytes());
+        h.extend_from_slice(&local_size.to_le_bytes());
+        h.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        h.extend_from_slice(&((zip64.len() as u64 + 4 + pad) as u16).to_le_bytes());
+        h.extend_from_slice(name.as_bytes());
+        h.extend_from_slice(&zip64);
+        h.extend_from_slice(b"FB");
+        h.extend_from_slice(&(pad as u16).to_le_bytes());
+        h.resize(h.len() + pad as usize, b'Z');
+        self.put(&h)?;
+        debug_assert_eq!(self.pos % ALIGNMENT, 0);
+
+        let mut crc = crc32fast::Hasher::new();
+        let mut written = 0u64;
+        for part in parts {
+            crc.update(part);
+            self.put(part)?;
+            written += part.len() as u64;
+        }
+        if written != size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("entry {name}: declared {size} bytes, wrote {written}"),
+            ));
+        }
+        let crc = crc.finalize();
+        let mut d = Vec::with_capacity(24);
+        d.extend_from_slice(&DESCRIPTOR_SIG.to_le_bytes());
+        d.extend_from_slice(&crc.to_le_bytes());
+        if big_size {
+            d.extend_from_slice(&size.to_le_bytes());
+            d.extend_from_slice(&size.to_le_bytes());
+        } else {
+            d.extend_from_slice(&(size as u32).to_le_bytes());
+            d.extend_from_slice(&(size as u32).to_le_bytes());
+        }
+        self.put(&d)?;
+        self.entries.push(CentralEntry {
+            name: name.to_owned(),
+            crc,
+            size,
+            offset,
+        });
+        Ok(())
+    }
+
+    /// Writes the central directory and end records; returns the sink.
+    pub(crate) fn finish(mut self) -> io::Result<W> {
+        let cd_start = self.pos;
+        let entries = std::mem::take(&mut self.entries);
+        for e in &entries {
+            let big_size = e.size >= self.zip64_threshold;
+            let big_offset = e.offset >= self.zip64_threshold;
+            let mut extra = Vec::new();
+            if big_size || big_offset {
+                let mut payload = Vec::new();
+                if big_size {
+                    payload.extend_from_slice(&e.size.to_le_bytes());
+                    payload.extend_from_slice(&e.size.to_le_bytes());
+                }
+                if big_offset {
+                    payload.extend_from_slice(&e.offset.to_le_bytes());
+                }
+                extra.extend_from_slice(&1u16.to_le_bytes());
+                extra.extend_from_slice(&(payload.len() as u16).to_le_bytes());
+                extra.extend_from_slice(&payload);
+            }
+            let size32 = if big_size {
+                U32_MAX as u32
+            } else {
+                e.size as u32
+            };
+            let off32 = if big_offset {
+                U32_MAX as u32
+            } else {
+                e.offset as u32
+            };
+            let mut h = Vec::with_capacity(46 + e.name.len() + extra.len());
+            h.extend_from_slice(&CENTRAL_SIG.to_le_bytes());
+            let version = if extra.is_empty() { 0u16 } else { 45 };
+            h.extend_from_slice(&version.to_le_bytes()); // made by
+            h.extend_from_slice(&version.to_le_bytes()); // needed
+            h.extend_from_slice(&FLAGS.to_le_bytes());
+            h.extend_from_slice(&0u16.to_le_bytes());
+            h.extend_from_slice(&0u32.to_le_bytes());
+            h.extend_from_slice(&e.crc.to_le_bytes());
+            h.extend_from_slice(&size32.to_le_bytes());
+            h.extend_from_slice(&size32.to_le_bytes());
+            h.extend_from_slice(&(e.name.len() as u16).to_le_bytes());
+            h.extend_from_slice(&(extra.len() as u16).to_le_bytes());
+            h.extend_from_slice(&0u16.to_le_bytes()); // comment
+            h.extend_from_slice(&0u16.to_le_bytes()); // disk
+            h.extend_from_slice(&0u16.to_le_bytes()); // internal attrs
+            h.extend_from_slice(&0u32.to_le_bytes()); // external attrs
+            h.extend_from_slice(&off32.to_le_bytes());
+            h.extend_from_slice(e.name.as_bytes());
+            h.extend_from_slice(&extra);
+            self.put(&h)?;
+        }
+        let cd_size = self.pos - cd_start;
+        let n = entries.len() as u64;
+        let need64 = cd_start >= self.zip64_threshold
+            || cd_size >= self.zip64_threshold
+            || n >= 0xffff
+            || entries
+                .iter()
+                .any(|e| e.size >= self.zip64_threshold || e.offset >= self.zip64_threshold);
+        if need64 {
+            let eocd64_at = self.pos;
+            let mut r = Vec::with_capacity(56 + 20);
+            r.extend_from_slice(&EOCD64_SIG.to_le_bytes());
+            r.extend_from_slice(&44u64.to_le_bytes());
+            r.extend_from_slice(&45u16.to_le_bytes());
+            r.extend_from_slice(&45u16.to_le_bytes());
+            r.extend_from_slice(&0u32.to_le_bytes());
+            r.extend_from_slice(&0u32.to_le_bytes());
+            r.extend_from_slice(&n.to_le_bytes());
+            r.extend_from_slice(&n.to_le_bytes());
+            r.extend_from_slice(&cd_size.to_le_bytes());
+            r.extend_from_slice(&cd_start.to_le_bytes());
+            r.extend_from_slice(&EOCD64_LOCATOR_SIG.to_le_bytes());
+            r.extend_from_slice(&0u32.to_le_bytes());
+            r.extend_from_slice(&eocd64_at.to_le_bytes());
+            r.extend_from_slice(&1u32.to_le_bytes());
+            self.put(&r)?;
+        }
+        let mut r = Vec::with_capacity(22);
+        r.extend_from_slice(&EOCD_SIG.to_le_bytes());
+        r.extend_from_slice(&0u16.to_le_bytes());
+        r.extend_from_slice(&0u16.to_le_bytes());
+        let n16 = if need64 { 0xffff } else { n as u16 };
+        r.extend_from_slice(&n16.to_le_bytes());
+        r.extend_from_slice(&n16.to_le_bytes());
+        let cs = if need64 {
+            U32_MAX as u32
+        } else {
+            cd_size as u32
+        };
+        let co = if need64 {
+            U32_MAX as u32
+        } else {
+            cd_start as u32
+        };
+        r.extend_from_slice(&cs.to_le_bytes());
+        r.extend_from_slice(&co.to_le_bytes());
+        r.extend_from_slice(&0u16.to_le_bytes());
+        self.put(&r)?;
+        self.sink.flush()?;
+        Ok(self.sink)
+    }
+}
+
+/// One entry of an archive being read.
+#[derive(Clone, Debug)]
+pub(crate) struct ZipEntry {
+    pub(crate) name: String,
+    /// Offset of the data in the archive.
+    pub(crate) data_offset: u64,
+    pub(crate) size: u64,
+    pub(crate) crc: u32,
+}
+
+/// Parses the central directory of `data`; every entry must be stored (uncompressed) and lie
+/// inside the archive.
+pub(crate) fn read_directory(data: &[u8]) -> Result<Vec<ZipEntry>, String> {
+    let len = data.len() as u64;
+    if len < 22 {
+        return Err(format!("{len} bytes is too short for a zip archive"));
+    }
+    if &data[..4] != b"PK\x03\x04" {
+        if data.starts_with(b"PK") {
+            return Err("zip archive with no local header at the start".into());
+        }
+        if data.len() > 2 && data[0] == 0x80 && data[1] <= 5 {
+            return Err(
+                "this is a legacy (pre-PyTorch 1.6) non-zip torch.save file, which ckptio does \
+                 not read; re-save it with a recent torch.save"
+                    .into(),
+            );
+        }
+        return Err("not a zip archive (wrong magic number)".into());
+    }
+    // The end-of-central-directory record is in the last 64 KiB + 22 bytes.
+    let search_from = data.len().saturating_sub(22 + 0xffff);
+    let eocd = (search_from..=data.len() - 22)
+        .rev()
+        .find(|&i| data[i..i + 4] == EOCD_SIG.to_le_bytes())
+        .ok_or("no end-of-central-directory record (truncated file?)")?;
+    let r = |at: usize, n: usize| -> Result<u64, String> {
+        let b = data
+            .get(at..at + n)
+            .ok_or("record runs past the end of the file")?;
+        let mut a = [0u8; 8];
+        a[..n].copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    };
+    let mut count = r(eocd + 10, 2)?;
+    let mut cd_size = r(eocd + 12, 4)?;
+    let mut cd_offset = r(eocd + 16, 4)?;
+    if (count == 0xffff || cd_size == U32_MAX || cd_offset == U32_MAX) && eocd >= 20 {
+        let loc = eocd - 20;
+        if r(loc, 4)? == EOCD64_LOCATOR_SIG as u64 {
+            let at = r(loc + 8, 8)?;
+            let at = usize::try_from(at).map_err(|_| "zip64 record offset overflows")?;
+            if r(at, 4)? != EOCD64_SIG as u64 {
+                return Err("zip64 end record missing where the locator points".into());
+            }
+            count = r(at + 32, 8)?;
+            cd_size = r(at + 40, 8)?;
+            cd_offset = r(at + 48, 8)?;
+        }
+    }
+    let cd_end = cd_offset
+        .checked_add(cd_size)
+        .ok_or("central directory size overflows")?;
+    if cd_end > len {
+        return Err(format!(
+            "central directory at {cd_offset}+{cd_size} lies beyond the end of the {len}-byte file"
+        ));
+    }
+    // Each central entry takes at least 46 bytes: the count cannot exceed what fits.
+    if count > cd_size / 46 + 1 {
+        return Err(format!(
+            "{count} entries cannot fit a {cd_size}-byte central directory"
+        ));
+    }
+    let mut entries = Vec::with_capacity(count as usize);
+    let mut p = cd_offset as usize;
+    for i in 0..count {
+        if r(p, 4)? != CENTRAL_SIG as u64 {
+            return Err(format!("central directory entry {i} has a bad signature"));
+        }
+        let method = r(p + 10, 2)?;
+        let crc = r(p + 16, 4)? as u32;
+        let mut csize = r(p + 20, 4)?;
+        let mut usize_ = r(p + 24, 4)?;
+        let name_len = r(p + 28, 2)? as usize;
+        let extra_len = r(p + 30, 2)? as usize;
+        let comment_len = r(p + 32, 2)? as usize;
+        let mut local = r(p + 42, 4)?;
+        let name_bytes = data
+            .get(p + 46..p + 46 + name_len)
+            .ok_or("entry name past the end")?;
+        let name = String::from_utf8(name_bytes.to_vec())
+            .map_err(|_| format!("entry {i} name is not UTF-8"))?;
+        let extra = data
+            .get(p + 46 + name_len..p + 46 + name_len + extra_len)
+            .ok_or("entry extra field past the end")?;
+        // zip64 extended information: only the fields that overflowed, in order.
+        let mut e = 0;
+        while e + 4 <= extra.len() {
+            let id = u16::from_le_bytes([extra[e], extra[e + 1]]);
+            let n = u16::from_le_bytes([extra[e + 2], extra[e + 3]]) as usize;
+            let body = extra
+                .get(e + 4..e + 4 + n)
+                .ok_or("extra field runs past its entry")?;
+            if id == 1 {
+                let mut q = 0;
+                let mut next = |cur: &mut u64| -> Result<(), String> {
+                    if *cur == U32_MAX {
+                        let b = body.get(q..q + 8).ok_or("zip64 field too short")?;
+                        let mut a = [0u8; 8];
+                        a.copy_from_slice(b);
+                        *cur = u64::from_le_bytes(a);
+                        q += 8;
+                    }
+                    Ok(())
+                };
+                next(&mut usize_)?;
+                next(&mut csize)?;
+                next(&mut local)?;
+            }
+            e += 4 + n;
+        }
+        if method != 0 {
+            return Err(format!(
+                "entry {name} is compressed (method {method}); torch.save archives are stored"
+            ));
+        }
+        if csize != usize_ {
+            return Err(format!(
+                "entry {name}: stored sizes disagree ({csize} vs {usize_})"
+            ));
+        }
+        let lp = usize::try_from(local).map_err(|_| "local header offset overflows")?;
+        if r(lp, 4)? != LOCAL_SIG as u64 {
+            return Err(format!("entry {name}: no local header at offset {local}"));
+        }
+        let lname = r(lp + 26, 2)?;
+        let lextra = r(lp + 28, 2)?;
+        let data_offset = local + 30 + lname + lextra;
+        let end = data_offset
+            .checked_add(usize_)
+            .ok_or("entry size overflows")?;
+        if end > len {
+            return Err(format!(
+                "entry {name}: {usize_} bytes at offset {data_offset} run past the end of the \
+                 {len}-byte file (truncated?)"
+            ));
+        }
+        entries.push(ZipEntry {
+            name,
+            data_offset,
+            size: usize_,
+            crc,
+        });
+        p += 46 + name_len + extra_len + comment_len;
+    }
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(threshold: u64) -> Vec<u8> {
+        let mut w = ZipWriter::new(Vec::new()).with_zip64_threshold(threshold);
+        w.entry("a/data.pkl", 3, [&b"abc"[..]]).unwrap();
+        w.entry("a/data/0", 7, [&b"xyz"[..], &b"1234"[..]]).unwrap();
+        w.finish().unwrap()
+    }
+
+    #[test]
+    fn entries_are_aligned_and_read_back() {
+        for threshold in [U32_MAX, 0] {
+            let z = build(threshold);
+            let d = read_directory(&z).unwrap();
+            assert_eq!(d.len(), 2);
+            for e in &d {
+                assert_eq!(e.data_offset % ALIGNMENT, 0, "{threshold}");
+            }
+            let e = &d[1];
+            assert_eq!(&z[e.data_offset as usize..][..7], b"xyz1234");
+            assert_eq!(e.crc, crc32fast::hash(b"xyz1234"));
+        }
+    }
+
+    #[test]
+    fn truncated_and_garbage_are_refused() {
+        let z = build(U32_MAX);
+        for cut in [0, 10, 100, z.len() - 1] {
+            assert!(read_directory(&z[..cut]).is_err(), "cut at {cut}");
+        }
+        assert!(read_directory(b"hello world, this is not a zip file").is_err());
+    }
+}
