@@ -1,1 +1,422 @@
-//! tch
+//! tch integration (feature `tch`): `tch::Tensor` <-> [`HostTensor`], and state dicts of
+//! `tch::nn::VarStore`.
+//!
+//! ```no_run
+//! use ckptio::tch::{load_state_dict, state_dict, StateDictRestore};
+//! use ckptio::{CheckpointIo, LoadOptions, SaveOptions, TorchCheckpointIo};
+//! use tch::{nn, Device};
+//! # fn main() -> ckptio::Result<()> {
+//! let vs = nn::VarStore::new(Device::Cpu);
+//! let _layer = nn::linear(vs.root() / "fc", 4, 2, Default::default());
+//! let io = TorchCheckpointIo::new();
+//! io.save_checkpoint(&state_dict(&vs)?, "model.pt".as_ref(), &SaveOptions::default())?; // torch.load-able
+//!
+//! let mut vs2 = nn::VarStore::new(Device::Cpu);
+//! let _layer2 = nn::linear(vs2.root() / "fc", 4, 2, Default::default());
+//! let mut target = StateDictRestore::new(&mut vs2).strict(true);
+//! let rest = io.load_checkpoint("model.pt".as_ref(), &LoadOptions::default(), Some(&mut target))?;
+//! assert!(rest.is_none()); // fully restored in place
+//! # Ok(()) }
+//! ```
+
+use std::path::PathBuf;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::io::{LoadOptions, MapLocation, Restore};
+use crate::tensor::{contiguous_strides, DType, HostTensor, Storage};
+use crate::value::{Dict, Key, Value};
+
+fn torch_err(source: tch::TchError) -> Error {
+    Error::Torch {
+        path: PathBuf::new(),
+        source,
+    }
+}
+
+/// The tch kind for a dtype, if tch has one.
+pub fn kind_of(dtype: DType) -> Option<Kind> {
+    Some(match dtype {
+        DType::Float64 => Kind::Double,
+        DType::Float32 => Kind::Float,
+        DType::Float16 => Kind::Half,
+        DType::BFloat16 => Kind::BFloat16,
+        DType::Int64 => Kind::Int64,
+        DType::Int32 => Kind::Int,
+        DType::Int16 => Kind::Int16,
+        DType::Int8 => Kind::Int8,
+        DType::UInt8 => Kind::Uint8,
+        DType::Bool => Kind::Bool,
+        DType::Complex32 => Kind::ComplexHalf,
+        DType::Complex64 => Kind::ComplexFloat,
+        DType::Complex128 => Kind::ComplexDouble,
+        DType::Float8E5M2 => Kind::Float8e5m2,
+        DType::Float8E4M3Fn => Kind::Float8e4m3fn,
+        DType::Float8E5M2Fnuz => Kind::Float8e5m2fnuz,
+        DType::Float8E4M3Fnuz => Kind::Float8e4m3fnuz,
+        _ => return None,
+    })
+}
+
+/// The dtype of a tch kind, if ckptio can save it.
+pub fn dtype_of(kind: Kind) -> Option<DType> {
+    DType::ALL
+        .iter()
+        .copied()
+        .find(|&d| kind_of(d) == Some(kind))
+}
+
+/// The `torch.save` location tag of a device (`"cpu"`, `"cuda:0"`).
+pub fn location_of(device: Device) -> String {
+    match device {
+        Device::Cuda(n) => format!("cuda:{n}"),
+        Device::Mps => "mps".into(),
+        Device::Vulkan => "vulkan".into(),
+        _ => "cpu".into(),
+    }
+}
+
+/// The device a location tag names.
+pub fn device_of(location: &str) -> Result<Device> {
+    if location == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    if let Some(n) = location.strip_prefix("cuda") {
+        let n = n.strip_prefix(':').unwrap_or("0");
+        let n: usize = n
+            .parse()
+            .map_err(|_| Error::InvalidArgument(format!("bad device {location:?}")))?;
+        return Ok(Device::Cuda(n));
+    }
+    if location == "mps" {
+        return Ok(Device::Mps);
+    }
+    Err(Error::InvalidArgument(format!(
+        "unsupported device {location:?}"
+    )))
+}
+
+/// The tch device a [`MapLocation`] sends a storage saved at `saved` to.
+pub fn map_device(map: &MapLocation, saved: &str) -> Result<Device> {
+    device_of(&map.map(saved))
+}
+
+/// The kind and element count of `t`, checked for what ckptio can save.
+pub fn check_savable(t: &Tensor) -> Result<(DType, usize)> {
+    let kind = t.f_kind().map_err(torch_err)?;
+    let dtype = dtype_of(kind).ok_or_else(|| {
+        Error::unsupported(
+            "",
+            format!("tensors of kind {kind:?} cannot be saved by ckptio"),
+        )
+    })?;
+    Ok((dtype, t.numel()))
+}
+
+/// Copies the elements of `t` (any device, any layout) in row-major order into `dst`, which must
+/// hold exactly `numel * element size` bytes. CPU contiguous tensors copy straight into `dst`.
+pub fn copy_into(t: &Tensor, dst: &mut [u8]) -> Result<()> {
+    let (dtype, numel) = check_savable(t)?;
+    if dst.len() != numel * dtype.size() {
+        return Err(Error::InvalidArgument(format!(
+            "destination holds {} bytes, tensor needs {}",
+            dst.len(),
+            numel * dtype.size()
+        )));
+    }
+    if numel == 0 {
+        return Ok(());
+    }
+    let src = t.detach();
+    let src = if src.is_sparse() {
+        src.f_to_dense(None, false).map_err(torch_err)?
+    } else {
+        src
+    };
+    let src = if src.device() == Device::Cpu {
+        src
+    } else {
+        src.to_device(Device::Cpu)
+    };
+    let src = if src.is_contiguous() {
+        src
+    } else {
+        src.contiguous()
+    };
+    src.f_copy_data_u8(dst, numel).map_err(torch_err)
+}
+
+/// Copies a tch tensor to a new [`HostTensor`] (contiguous), keeping its dtype, shape,
+/// `requires_grad` and the location tag of its device.
+pub fn to_host(t: &Tensor) -> Result<HostTensor> {
+    let (dtype, numel) = check_savable(t)?;
+    let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+    let mut buf = vec![0u8; numel * dtype.size()];
+    copy_into(t, &mut buf)?;
+    let storage = Storage::with_location(buf, location_of(t.device()));
+    let strides = contiguous_strides(&shape);
+    Ok(HostTensor::from_parts(storage, dtype, shape, strides, 0)?
+        .with_requires_grad(t.requires_grad()))
+}
+
+/// A new tch tensor on `device` holding the elements of `t`.
+pub fn to_tch(t: &HostTensor, device: Device) -> Result<Tensor> {
+    let kind = kind_of(t.dtype()).ok_or_else(|| {
+        Error::unsupported("", format!("tch has no kind for {} tensors", t.dtype()))
+    })?;
+    let shape: Vec<i64> = t.shape().iter().map(|&d| d as i64).collect();
+    let bytes = t.contiguous_bytes();
+    let out = Tensor::f_from_data_size(&bytes, &shape, kind).map_err(torch_err)?;
+    let out = if device == Device::Cpu {
+        out
+    } else {
+        out.to_device(device)
+    };
+    Ok(if t.requires_grad() {
+        out.set_requires_grad(true)
+    } else {
+        out
+    })
+}
+
+/// A [`HostTensor`] placed per `options.map_location` (its saved location otherwise).
+pub fn to_tch_mapped(t: &HostTensor, options: &LoadOptions) -> Result<Tensor> {
+    to_tch(
+        t,
+        map_device(&options.map_location, t.storage().location())?,
+    )
+}
+
+/// The state dict of a VarStore: an `OrderedDict` of name -> tensor, names sorted (what
+/// `torch.load` gives back as `model.state_dict()`-like).
+pub fn state_dict(vs: &tch::nn::VarStore) -> Result<Value> {
+    let vars = vs.variables();
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    let mut d = Dict::ordered();
+    for name in names {
+        let t = to_host(&vars[name])?.with_requires_grad(false);
+        d.insert(name.as_str(), t);
+    }
+    Ok(Value::Dict(d))
+}
+
+/// What [`load_state_dict`] did not match.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Variables of the store that the state dict did not have.
+    pub missing: Vec<String>,
+    /// Entries of the state dict that the store does not have.
+    pub unexpected: Vec<String>,
+}
+
+/// Copies the tensors of `sd` into the variables of `vs`, in place (`copy_` under no_grad, so
+/// dtype and device convert as needed). Every shape is checked before anything is copied. In
+/// `strict` mode, a missing or unexpected key is an error and nothing is changed.
+pub fn load_state_dict(vs: &mut tch::nn::VarStore, sd: &Value, strict: bool) -> Result<LoadReport> {
+    let d = sd.as_dict().ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "a state dict must be a dict, got {}",
+            sd.type_name()
+        ))
+    })?;
+    let vars = vs.variables();
+    let mut report = LoadReport::default();
+    let mut pairs = Vec::new();
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    for name in names {
+        match d.get(name.as_str()) {
+            Some(Value::Tensor(h)) => {
+                let want: Vec<usize> = vars[name].size().iter().map(|&x| x as usize).collect();
+                if h.shape() != want.as_slice() {
+                    return Err(Error::tensor(
+                        "",
+                        name.as_str(),
+                        format!(
+                            "shape {:?} in the checkpoint, {:?} in the model",
+                            h.shape(),
+                            want
+                        ),
+                    ));
+                }
+                pairs.push((name.clone(), h));
+            }
+            Some(other) => {
+                return Err(Error::tensor(
+                    "",
+                    name.as_str(),
+                    format!("expected a tensor, got {}", other.type_name()),
+                ))
+            }
+            None => report.missing.push(name.clone()),
+        }
+    }
+    for k in d.keys() {
+        let known = k.as_str().is_some_and(|s| vars.contains_key(s));
+        if !known {
+            report.unexpected.push(k.to_string());
+        }
+    }
+    if strict && (!report.missing.is_empty() || !report.unexpected.is_empty()) {
+        return Err(Error::KeyMismatch {
+            path: PathBuf::new(),
+            missing: report.missing,
+            unexpected: report.unexpected,
+        });
+    }
+    tch::no_grad(|| -> Result<()> {
+        for (name, h) in pairs {
+            let mut var = vars[&name].shallow_clone();
+            let src = to_tch(&h.clone().with_requires_grad(false), Device::Cpu)?;
+            var.f_copy_(&src).map_err(torch_err)?;
+        }
+        Ok(())
+    })?;
+    Ok(report)
+}
+
+/// Restores a VarStore in place from a loaded checkpoint (for
+/// [`CheckpointIo::load_checkpoint`](crate::CheckpointIo::load_checkpoint)'s `state`).
+///
+/// With [`StateDictRestore::key`] (e.g. `"state_dict"` for Lightning files) the state dict is that
+/// entry of the checkpoint and the other entries are returned; without it, the whole checkpoint
+/// is the state dict and what the store did not take (unexpected keys) is returned.
+pub struct StateDictRestore<'a> {
+    vs: &'a mut tch::nn::VarStore,
+    key: Option<String>,
+    strip_prefix: Option<String>,
+    strict: bool,
+    report: LoadReport,
+}
+
+impl<'a> StateDictRestore<'a> {
+    /// Restores `vs`, non-strict, from the whole checkpoint.
+    pub fn new(vs: &'a mut tch::nn::VarStore) -> Self {
+        StateDictRestore {
+            vs,
+            key: None,
+            strip_prefix: None,
+            strict: false,
+            report: LoadReport::default(),
+        }
+    }
+    /// Takes the state dict from entry `key` of the checkpoint.
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+    /// Strips `prefix` from state-dict names first (Lightning's `"model."`).
+    pub fn strip_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.strip_prefix = Some(prefix.into());
+        self
+    }
+    /// Errors on missing or unexpected keys.
+    pub fn strict(mut self, strict: bool) -> Self {
+        self.strict = strict;
+        self
+    }
+    /// What the last restore did not match.
+    pub fn report(&self) -> &LoadReport {
+        &self.report
+    }
+}
+
+impl Restore for StateDictRestore<'_> {
+    fn restore(&mut self, loaded: Value, _options: &LoadOptions) -> Result<Option<Value>> {
+        let (sd, mut rest) = match &self.key {
+            Some(k) => {
+                let mut top = match loaded {
+                    Value::Dict(d) => d,
+                    other => {
+                        return Err(Error::InvalidArgument(format!(
+                            "checkpoint is a {}, expected a dict with {k:?}",
+                            other.type_name()
+                        )))
+                    }
+                };
+                let sd = top.remove(&Key::Str(k.clone())).ok_or_else(|| {
+                    Error::InvalidArgument(format!("checkpoint has no {k:?} entry"))
+                })?;
+                (sd, Some(top))
+            }
+            None => (loaded, None),
+        };
+        let sd = match (&self.strip_prefix, sd) {
+            (Some(p), Value::Dict(d)) => {
+                let mut out = Dict::new();
+                out.set_kind(d.kind());
+                for (k, v) in d {
+                    let k = match k {
+                        Key::Str(s) => {
+                            Key::Str(s.strip_prefix(p.as_str()).unwrap_or(&s).to_owned())
+                        }
+                        other => other,
+                    };
+                    out.insert(k, v);
+                }
+                Value::Dict(out)
+            }
+            (_, sd) => sd,
+        };
+        self.report = load_state_dict(self.vs, &sd, self.strict)?;
+        if rest.is_none() && !self.report.unexpected.is_empty() {
+            let mut extra = Dict::new();
+            if let Value::Dict(d) = sd {
+                for (k, v) in d {
+                    if self.report.unexpected.contains(&k.to_string()) {
+                        extra.insert(k, v);
+                    }
+                }
+            }
+            rest = Some(extra);
+        }
+        Ok(rest.filter(|d| !d.is_empty()).map(Value::Dict))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensors_round_trip_through_tch() {
+        let t = Tensor::arange(12, (Kind::Float, Device::Cpu))
+            .reshape([3, 4])
+            .transpose(0, 1);
+        let h = to_host(&t).unwrap();
+        assert_eq!(h.shape(), &[4, 3]);
+        let back = to_tch(&h, Device::Cpu).unwrap();
+        assert!(back.equal(&t));
+        for &d in DType::ALL {
+            if let Some(k) = kind_of(d) {
+                assert_eq!(dtype_of(k), Some(d));
+            }
+        }
+    }
+
+    #[test]
+    fn varstore_state_dict_loads_strictly() {
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let _l = tch::nn::linear(vs.root() / "fc", 3, 2, Default::default());
+        let sd = state_dict(&vs).unwrap();
+        let mut vs2 = tch::nn::VarStore::new(Device::Cpu);
+        let _l2 = tch::nn::linear(vs2.root() / "fc", 3, 2, Default::default());
+        let r = load_state_dict(&mut vs2, &sd, true).unwrap();
+        assert_eq!(r, LoadReport::default());
+        let a = vs.variables();
+        let b = vs2.variables();
+        for (k, v) in a {
+            assert!(v.equal(&b[&k]), "{k}");
+        }
+        let mut partial = sd.as_dict().unwrap().clone();
+        partial.remove(&Key::Str("fc.bias".into()));
+        partial.insert("extra", HostTensor::scalar(1.0f32));
+        let err = load_state_dict(&mut vs2, &Value::Dict(partial.clone()), true).unwrap_err();
+        assert!(matches!(err, Error::KeyMismatch { .. }), "{err}");
+        let r = load_state_dict(&mut vs2, &Value::Dict(partial), false).unwrap();
+        assert_eq!(r.missing, vec!["fc.bias".to_string()]);
+        assert_eq!(r.unexpected, vec!["extra".to_string()]);
+    }
+}
