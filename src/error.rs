@@ -101,6 +101,46 @@ pub enum Error {
         source: tch::TchError,
     },
 
+    /// A background operation (an async save or remove) failed.
+    #[error("background operation on {path} failed: {source}")]
+    Background {
+        /// The checkpoint path.
+        path: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: std::sync::Arc<Error>,
+    },
+
+    /// Several errors, reported together (e.g. by teardown), each once.
+    #[error("{} errors: {}", errors.len(), errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+    Multiple {
+        /// The errors, oldest first.
+        errors: Vec<Error>,
+    },
+
+    /// The backend panicked while handling this path; the writer survived.
+    #[error("checkpoint backend panicked on {path}: {message}")]
+    Panic {
+        /// The checkpoint path.
+        path: PathBuf,
+        /// The panic message.
+        message: String,
+    },
+
+    /// The save queue was full and the backpressure policy is `Error`.
+    #[error("save queue is full; {path} was not saved (backpressure policy Error)")]
+    QueueFull {
+        /// The checkpoint that was not saved.
+        path: PathBuf,
+    },
+
+    /// Teardown gave up waiting.
+    #[error("teardown timed out with {} operations pending: {pending:?}", pending.len())]
+    TeardownTimeout {
+        /// Paths whose operations were still pending.
+        pending: Vec<PathBuf>,
+    },
+
     /// An invalid argument from the caller.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -150,10 +190,15 @@ impl Error {
             | Error::Unsafe { path, .. }
             | Error::Tensor { path, .. }
             | Error::Unsupported { path, .. }
-            | Error::KeyMismatch { path, .. } => Some(path),
+            | Error::KeyMismatch { path, .. }
+            | Error::Background { path, .. }
+            | Error::Panic { path, .. }
+            | Error::QueueFull { path } => Some(path),
             #[cfg(feature = "tch")]
             Error::Torch { path, .. } => Some(path),
-            Error::InvalidArgument(_) => None,
+            Error::InvalidArgument(_) | Error::Multiple { .. } | Error::TeardownTimeout { .. } => {
+                None
+            }
         }
     }
 }

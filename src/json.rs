@@ -48,6 +48,10 @@ pub fn to_json(v: &Value) -> Json {
             }
         }
         Value::Tensor(t) => tensor(t),
+        Value::Live(l) => match l.to_host() {
+            Ok(t) => tensor(&t),
+            Err(e) => json!({ "$error": e.to_string() }),
+        },
         Value::Object(o) => {
             let mut m = Map::new();
             m.insert("$object".into(), Json::String(o.class_name()));

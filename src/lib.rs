@@ -7,6 +7,7 @@
 //! - [`Value`], [`Dict`], [`HostTensor`]: the checkpoint tree (what `torch.save` can hold).
 //! - [`CheckpointIo`]: the backend contract, after Lightning's `CheckpointIO` plugin.
 //! - [`TorchCheckpointIo`]: the `torch.save` backend (atomic, durable saves; zero-copy loads).
+//! - [`AsyncCheckpointIo`]: wraps any backend and writes off the training thread.
 //! - `ckptio::tch` (feature `tch`, on by default): `tch::Tensor` <-> [`HostTensor`], `VarStore`
 //!   state dicts.
 //!
@@ -30,6 +31,7 @@ pub mod atomic;
 mod error;
 mod io;
 pub mod json;
+pub mod runtime;
 mod tensor;
 pub mod torch;
 mod value;
@@ -39,6 +41,9 @@ pub mod tch;
 
 pub use crate::error::{Error, Result};
 pub use crate::io::{finish_load, CheckpointIo, LoadOptions, MapLocation, Restore, SaveOptions};
-pub use crate::tensor::{contiguous_strides, DType, Element, HostTensor, Storage};
+pub use crate::runtime::{AsyncCheckpointIo, Backpressure, SaveHandle, SaveReport, SnapshotMode};
+pub use crate::tensor::{
+    contiguous_strides, DType, Element, HostTensor, LiveTensor, Storage, TensorSource,
+};
 pub use crate::torch::TorchCheckpointIo;
 pub use crate::value::{Dict, DictKind, FloatKey, Key, KeyRef, Object, ObjectKind, Value};

@@ -522,7 +522,11 @@ impl HostTensor {
 
     /// A contiguous copy with its own storage (same dtype, shape and flags).
     pub fn to_contiguous(&self) -> HostTensor {
-        let bytes = self.contiguous_bytes();
+        let bytes = if self.is_contiguous() {
+            Bytes::copy_from_slice(&self.contiguous_bytes())
+        } else {
+            self.contiguous_bytes()
+        };
         HostTensor {
             storage: Storage::with_location(bytes, self.storage.location()),
             dtype: self.dtype,
@@ -570,6 +574,85 @@ impl HostTensor {
         self.dtype == other.dtype
             && self.shape == other.shape
             && self.contiguous_bytes() == other.contiguous_bytes()
+    }
+}
+
+/// A tensor whose bytes live outside ckptio (a `tch::Tensor`, a device buffer) and may change
+/// after the save call returns: the runtime copies it once, into a staging buffer.
+pub trait TensorSource: Send + Sync {
+    /// Element type.
+    fn dtype(&self) -> DType;
+    /// Sizes of each dimension.
+    fn shape(&self) -> Vec<usize>;
+    /// The `torch.save` location tag of its device (`"cpu"`, `"cuda:0"`).
+    fn location(&self) -> String {
+        "cpu".to_owned()
+    }
+    /// Whether it requires grad.
+    fn requires_grad(&self) -> bool {
+        false
+    }
+    /// Copies the elements, row-major, little-endian, into `dst` (exactly `nbytes` long).
+    fn copy_to(&self, dst: &mut [u8]) -> Result<()>;
+}
+
+/// A shared handle to a [`TensorSource`]: a tensor to be snapshotted when saved.
+#[derive(Clone)]
+pub struct LiveTensor(Arc<dyn TensorSource>);
+
+impl LiveTensor {
+    /// Wraps a source.
+    pub fn new(source: impl TensorSource + 'static) -> LiveTensor {
+        LiveTensor(Arc::new(source))
+    }
+    /// The source.
+    pub fn source(&self) -> &dyn TensorSource {
+        &*self.0
+    }
+    /// Bytes a snapshot takes.
+    pub fn nbytes(&self) -> usize {
+        checked_numel(&self.0.shape()).unwrap_or(0) * self.0.dtype().size()
+    }
+    /// Whether both handles are the same source.
+    pub fn ptr_eq(&self, other: &LiveTensor) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+    /// An identity for de-duplication while alive.
+    pub fn id(&self) -> usize {
+        Arc::as_ptr(&self.0) as *const u8 as usize
+    }
+    /// Copies it into `buf` (exactly [`LiveTensor::nbytes`] long) and returns the host tensor
+    /// viewing `storage`, which must be the storage made from `buf` afterwards: use
+    /// [`LiveTensor::to_host`] unless you manage buffers.
+    pub fn host_view(&self, storage: Storage) -> Result<HostTensor> {
+        let shape = self.0.shape();
+        let strides = contiguous_strides(&shape);
+        Ok(
+            HostTensor::from_parts(storage, self.0.dtype(), shape, strides, 0)?
+                .with_requires_grad(self.0.requires_grad()),
+        )
+    }
+    /// A snapshot into newly allocated memory.
+    pub fn to_host(&self) -> Result<HostTensor> {
+        let mut buf = vec![0u8; self.nbytes()];
+        self.0.copy_to(&mut buf)?;
+        self.host_view(Storage::with_location(buf, self.0.location()))
+    }
+}
+
+impl fmt::Debug for LiveTensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LiveTensor")
+            .field("dtype", &self.0.dtype())
+            .field("shape", &self.0.shape())
+            .finish()
+    }
+}
+
+impl PartialEq for LiveTensor {
+    /// The same source (live tensors have no stable contents to compare).
+    fn eq(&self, other: &Self) -> bool {
+        self.ptr_eq(other)
     }
 }
 

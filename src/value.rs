@@ -24,7 +24,8 @@ use std::hash::{Hash, Hasher};
 use bytes::Bytes;
 use indexmap::IndexMap;
 
-use crate::tensor::HostTensor;
+use crate::error::Result;
+use crate::tensor::{HostTensor, LiveTensor};
 
 /// A dict key: Python dict keys that checkpoints use.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -349,6 +350,8 @@ pub enum Value {
     Tensor(HostTensor),
     /// Anything else, kept inert
     Object(Box<Object>),
+    /// A tensor that lives elsewhere (e.g. a `tch::Tensor`) and is copied when saved.
+    Live(LiveTensor),
 }
 
 impl PartialEq for HostTensor {
@@ -431,6 +434,7 @@ impl Value {
             Value::Dict(_) => "dict",
             Value::Tensor(_) => "tensor",
             Value::Object(_) => "object",
+            Value::Live(_) => "live tensor",
         }
     }
 
@@ -511,6 +515,102 @@ impl Value {
         }
     }
 
+    /// Whether the tree holds live tensors that must be snapshotted before writing.
+    pub fn has_live(&self) -> bool {
+        let mut any = false;
+        self.visit(&mut |v| any |= matches!(v, Value::Live(_)));
+        any
+    }
+
+    /// Every distinct live tensor (by identity), in order.
+    pub fn live_tensors(&self) -> Vec<LiveTensor> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        self.visit(&mut |v| {
+            if let Value::Live(l) = v {
+                if seen.insert(l.id()) {
+                    out.push(l.clone());
+                }
+            }
+        });
+        out
+    }
+
+    /// A copy of the tree with every live tensor replaced by `snap(live)`; each distinct live
+    /// tensor is snapshotted once, and the copies share its snapshot.
+    pub fn replace_live(
+        &self,
+        snap: &mut dyn FnMut(&LiveTensor) -> Result<HostTensor>,
+    ) -> Result<Value> {
+        let mut cache: std::collections::HashMap<usize, HostTensor> = Default::default();
+        let mut out = self.clone();
+        let mut err = None;
+        out.for_each_node_mut(&mut |v| {
+            if err.is_some() {
+                return;
+            }
+            if let Value::Live(l) = v {
+                let t = match cache.get(&l.id()) {
+                    Some(t) => t.clone(),
+                    None => match snap(l) {
+                        Ok(t) => {
+                            cache.insert(l.id(), t.clone());
+                            t
+                        }
+                        Err(e) => {
+                            err = Some(e);
+                            return;
+                        }
+                    },
+                };
+                *v = Value::Tensor(t);
+            }
+        });
+        match err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// The tree with live tensors copied into new host memory (what a synchronous backend
+    /// writes); borrowed unchanged when there are none.
+    pub fn materialize(&self) -> Result<std::borrow::Cow<'_, Value>> {
+        if self.has_live() {
+            Ok(std::borrow::Cow::Owned(
+                self.replace_live(&mut |l| l.to_host())?,
+            ))
+        } else {
+            Ok(std::borrow::Cow::Borrowed(self))
+        }
+    }
+
+    fn for_each_node_mut(&mut self, f: &mut impl FnMut(&mut Value)) {
+        f(self);
+        match self {
+            Value::List(items) | Value::Tuple(items) => {
+                items.iter_mut().for_each(|v| v.for_each_node_mut(f))
+            }
+            Value::Dict(d) => {
+                d.iter_mut().for_each(|(_, v)| v.for_each_node_mut(f));
+                if let Some(a) = d.attrs.as_deref_mut() {
+                    a.for_each_node_mut(f);
+                }
+            }
+            Value::Object(o) => {
+                o.args.iter_mut().for_each(|v| v.for_each_node_mut(f));
+                if let Some(s) = &mut o.state {
+                    s.for_each_node_mut(f);
+                }
+                o.list_items.iter_mut().for_each(|v| v.for_each_node_mut(f));
+                o.dict_items.iter_mut().for_each(|(k, v)| {
+                    k.for_each_node_mut(f);
+                    v.for_each_node_mut(f);
+                });
+            }
+            _ => {}
+        }
+    }
+
     /// Calls `f` on every tensor, mutably (to move or rewrite tensors in place).
     pub fn for_each_tensor_mut(&mut self, f: &mut impl FnMut(&mut HostTensor)) {
         match self {
@@ -563,6 +663,7 @@ from_impl!(Bytes, Bytes, |x| x);
 from_impl!(Vec<Value>, List, |x| x);
 from_impl!(Dict, Dict, |x| x);
 from_impl!(HostTensor, Tensor, |x| x);
+from_impl!(LiveTensor, Live, |x| x);
 
 impl From<()> for Value {
     fn from(_: ()) -> Value {

@@ -25,7 +25,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::io::{LoadOptions, MapLocation, Restore};
-use crate::tensor::{contiguous_strides, DType, HostTensor, Storage};
+use crate::tensor::{contiguous_strides, DType, HostTensor, LiveTensor, Storage, TensorSource};
 use crate::value::{Dict, Key, Value};
 
 fn torch_err(source: tch::TchError) -> Error {
@@ -186,6 +186,61 @@ pub fn to_tch_mapped(t: &HostTensor, options: &LoadOptions) -> Result<Tensor> {
         t,
         map_device(&options.map_location, t.storage().location())?,
     )
+}
+
+/// A live view of a tch tensor: [`TensorSource`] over a shallow clone (same memory). Saving a
+/// tree that holds it copies the tensor's current contents once, at snapshot time.
+struct TchSource {
+    tensor: std::sync::Mutex<Tensor>,
+    dtype: DType,
+    shape: Vec<usize>,
+    location: String,
+    requires_grad: bool,
+}
+
+impl TensorSource for TchSource {
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn shape(&self) -> Vec<usize> {
+        self.shape.clone()
+    }
+    fn location(&self) -> String {
+        self.location.clone()
+    }
+    fn requires_grad(&self) -> bool {
+        self.requires_grad
+    }
+    fn copy_to(&self, dst: &mut [u8]) -> Result<()> {
+        let t = self.tensor.lock().unwrap_or_else(|e| e.into_inner());
+        copy_into(&t, dst)
+    }
+}
+
+/// A [`LiveTensor`] over `t` (no copy now; the save snapshots it).
+pub fn live(t: &Tensor) -> Result<LiveTensor> {
+    let (dtype, _) = check_savable(t)?;
+    Ok(LiveTensor::new(TchSource {
+        dtype,
+        shape: t.size().iter().map(|&d| d as usize).collect(),
+        location: location_of(t.device()),
+        requires_grad: false,
+        tensor: std::sync::Mutex::new(t.shallow_clone()),
+    }))
+}
+
+/// The state dict of a VarStore as live tensors: an `OrderedDict` of name -> [`LiveTensor`],
+/// names sorted. Saving it through [`AsyncCheckpointIo`](crate::AsyncCheckpointIo) copies each
+/// variable once into a staging buffer.
+pub fn live_state_dict(vs: &tch::nn::VarStore) -> Result<Value> {
+    let vars = vs.variables();
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    let mut d = Dict::ordered();
+    for name in names {
+        d.insert(name.as_str(), live(&vars[name])?);
+    }
+    Ok(Value::Dict(d))
 }
 
 /// The state dict of a VarStore: an `OrderedDict` of name -> tensor, names sorted (what

@@ -38,7 +38,12 @@ pub fn save(value: &Value, path: impl AsRef<Path>) -> Result<()> {
 /// Writes `value` in the `torch.save` format to any writer, with entries under `prefix/`
 /// (`torch.save` to a buffer uses `"archive"`).
 pub fn save_to_writer<W: Write>(value: &Value, prefix: &str, writer: W) -> Result<W> {
-    archive::write_archive(value, prefix, writer, Path::new("<writer>"))
+    archive::write_archive(
+        &*value.materialize()?,
+        prefix,
+        writer,
+        Path::new("<writer>"),
+    )
 }
 
 /// Loads the `torch.save` file at `path`.
@@ -123,8 +128,9 @@ impl CheckpointIo for TorchCheckpointIo {
     ) -> Result<()> {
         let start = std::time::Instant::now();
         let prefix = archive_prefix(path);
+        let checkpoint = checkpoint.materialize()?;
         write_atomic(path, options.durable, |w| {
-            archive::write_archive(checkpoint, &prefix, w, path)?;
+            archive::write_archive(&checkpoint, &prefix, w, path)?;
             Ok(())
         })?;
         tracing::debug!(path = %path.display(), elapsed_ms = start.elapsed().as_secs_f64() * 1e3, "torch save");

@@ -203,6 +203,7 @@ impl<'a> PickleWriter<'a> {
             Value::Dict(d) => self.dict(d)?,
             Value::Tensor(t) => self.tensor(t)?,
             Value::Object(o) => self.object(o)?,
+            Value::Live(_) => return Err("live tensors must be snapshotted before pickling".into()),
         }
         self.depth -= 1;
         Ok(())

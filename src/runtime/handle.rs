@@ -1,0 +1,255 @@
+//! [`SaveHandle`]: what `save` returns. A runtime-agnostic future (works under tokio, under
+//! `futures::executor`, or with the blocking [`SaveHandle::wait`]), plus [`SaveHandle::staged`].
+//! Dropping a handle never cancels the save.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// What a finished save measured.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
+pub struct SaveReport {
+    /// The checkpoint's path.
+    pub path: PathBuf,
+    /// Bytes of tensor storage written.
+    pub bytes: u64,
+    /// Time to take the snapshot (on the training thread in Eager mode).
+    pub stage: Duration,
+    /// Time between being queued and the writer starting on it.
+    pub queue_wait: Duration,
+    /// Time the inner backend took to write it, including fsync when durable.
+    pub write: Duration,
+    /// Whether it was made durable (fsync) before the handle resolved.
+    pub durable: bool,
+    /// Whether the save was skipped by [`Backpressure::Skip`](super::Backpressure::Skip)
+    /// (then nothing was written).
+    pub skipped: bool,
+}
+
+#[derive(Default)]
+struct State {
+    staged: Option<std::result::Result<(), Arc<Error>>>,
+    done: Option<std::result::Result<SaveReport, Arc<Error>>>,
+    wakers: Vec<Waker>,
+}
+
+/// The shared completion of one queued operation.
+pub(crate) struct Completion {
+    pub(crate) path: PathBuf,
+    state: Mutex<State>,
+    cond: Condvar,
+    /// Set once the error (if any) has been handed to someone: the handle or a later call.
+    reported: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Completion {
+    pub(crate) fn new(path: &Path) -> Arc<Completion> {
+        Arc::new(Completion {
+            path: path.to_path_buf(),
+            state: Mutex::new(State::default()),
+            cond: Condvar::new(),
+            reported: AtomicBool::new(false),
+        })
+    }
+
+    pub(crate) fn set_staged(&self, r: std::result::Result<(), Arc<Error>>) {
+        let mut s = lock(&self.state);
+        if s.staged.is_none() {
+            s.staged = Some(r);
+        }
+        let w = std::mem::take(&mut s.wakers);
+        drop(s);
+        self.cond.notify_all();
+        w.into_iter().for_each(Waker::wake);
+    }
+
+    pub(crate) fn finish(&self, r: std::result::Result<SaveReport, Arc<Error>>) {
+        let mut s = lock(&self.state);
+        if s.staged.is_none() {
+            s.staged = Some(match &r {
+                Ok(_) => Ok(()),
+                Err(e) => Err(e.clone()),
+            });
+        }
+        s.done = Some(r);
+        let w = std::mem::take(&mut s.wakers);
+        drop(s);
+        self.cond.notify_all();
+        w.into_iter().for_each(Waker::wake);
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        lock(&self.state).done.is_some()
+    }
+
+    /// The error, if the operation failed and nobody was told yet; marks it told.
+    pub(crate) fn take_unreported_error(&self) -> Option<Arc<Error>> {
+        let s = lock(&self.state);
+        match &s.done {
+            Some(Err(e)) if !self.reported.swap(true, Ordering::AcqRel) => Some(e.clone()),
+            _ => None,
+        }
+    }
+
+    fn result(&self, r: &std::result::Result<SaveReport, Arc<Error>>) -> Result<SaveReport> {
+        match r {
+            Ok(rep) => Ok(rep.clone()),
+            Err(e) => {
+                self.reported.store(true, Ordering::Release);
+                Err(Error::Background {
+                    path: self.path.clone(),
+                    source: e.clone(),
+                })
+            }
+        }
+    }
+
+    pub(crate) fn wait_done(&self, timeout: Option<Duration>) -> Option<Result<SaveReport>> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let mut s = lock(&self.state);
+        loop {
+            if let Some(r) = &s.done {
+                let r = r.clone();
+                drop(s);
+                return Some(self.result(&r));
+            }
+            match deadline {
+                None => s = self.cond.wait(s).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let now = std::time::Instant::now();
+                    if now >= d {
+                        return None;
+                    }
+                    s = self
+                        .cond
+                        .wait_timeout(s, d - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+
+    fn wait_staged(&self) -> Result<()> {
+        let mut s = lock(&self.state);
+        loop {
+            if let Some(r) = &s.staged {
+                return r.clone().map_err(|e| Error::Background {
+                    path: self.path.clone(),
+                    source: e,
+                });
+            }
+            s = self.cond.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn poll_done(&self, cx: &mut Context<'_>) -> Poll<Result<SaveReport>> {
+        let mut s = lock(&self.state);
+        if let Some(r) = &s.done {
+            let r = r.clone();
+            drop(s);
+            return Poll::Ready(self.result(&r));
+        }
+        s.wakers.push(cx.waker().clone());
+        Poll::Pending
+    }
+
+    fn poll_staged(&self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let mut s = lock(&self.state);
+        if let Some(r) = &s.staged {
+            let r = r.clone();
+            return Poll::Ready(r.map_err(|e| Error::Background {
+                path: self.path.clone(),
+                source: e,
+            }));
+        }
+        s.wakers.push(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+/// The handle of one save. Await it (any executor) or [`wait`](SaveHandle::wait) for the
+/// checkpoint to be durable; await [`staged`](SaveHandle::staged) for the snapshot to be taken.
+/// Dropping it never cancels the save; an error nobody awaited is returned by the next call on
+/// the [`AsyncCheckpointIo`](super::AsyncCheckpointIo).
+#[must_use = "dropping a handle does not cancel the save, but its result is then reported by the next call"]
+pub struct SaveHandle {
+    pub(crate) completion: Arc<Completion>,
+}
+
+impl std::fmt::Debug for SaveHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SaveHandle")
+            .field("path", &self.completion.path)
+            .field("finished", &self.is_finished())
+            .finish()
+    }
+}
+
+impl SaveHandle {
+    /// The checkpoint's path.
+    pub fn path(&self) -> &Path {
+        &self.completion.path
+    }
+
+    /// Whether the save has finished (written, failed or skipped).
+    pub fn is_finished(&self) -> bool {
+        self.completion.is_done()
+    }
+
+    /// Blocks until the checkpoint is durable (or failed); works with no async runtime.
+    pub fn wait(&self) -> Result<SaveReport> {
+        match self.completion.wait_done(None) {
+            Some(r) => r,
+            None => unreachable!("waiting without a timeout always yields a result"),
+        }
+    }
+
+    /// Like [`wait`](SaveHandle::wait), giving up after `timeout` (then `None`).
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<Result<SaveReport>> {
+        self.completion.wait_done(Some(timeout))
+    }
+
+    /// Blocks until the snapshot has been taken: from then on the caller may mutate the tensors
+    /// it saved (Deferred mode; in Eager mode this is already so when `save` returns).
+    pub fn wait_staged(&self) -> Result<()> {
+        self.completion.wait_staged()
+    }
+
+    /// A future that resolves when the snapshot has been taken.
+    pub fn staged(&self) -> Staged {
+        Staged {
+            completion: self.completion.clone(),
+        }
+    }
+}
+
+impl Future for SaveHandle {
+    type Output = Result<SaveReport>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.completion.poll_done(cx)
+    }
+}
+
+/// Future returned by [`SaveHandle::staged`].
+pub struct Staged {
+    completion: Arc<Completion>,
+}
+
+impl Future for Staged {
+    type Output = Result<()>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.completion.poll_staged(cx)
+    }
+}

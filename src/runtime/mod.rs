@@ -1,0 +1,718 @@
+//! [`AsyncCheckpointIo`]: takes checkpoint writes off the training thread, wrapping any
+//! synchronous [`CheckpointIo`] backend.
+//!
+//! # The path of a save
+//! `save(tree, path)` snapshots the tree, queues a write, and returns a [`SaveHandle`]:
+//! - **Host tensors** ([`HostTensor`](crate::HostTensor)) are immutable (`bytes::Bytes`): they
+//!   are queued as they are, with no copy at all.
+//! - **Live tensors** ([`LiveTensor`](crate::LiveTensor), e.g. from
+//!   [`ckptio::tch::live`](crate::tch::live)) are copied once into one buffer from the
+//!   [staging pool](StagingPool) (pinned when CUDA is available). In [`SnapshotMode::Eager`]
+//!   (the default) the copy is taken before `save` returns; in [`SnapshotMode::Deferred`] a
+//!   staging thread takes it and [`SaveHandle::staged`] resolves when it has: do not mutate the
+//!   tensors before that (wait on it just before the optimizer step).
+//!
+//! A dedicated writer thread then calls the inner backend's `save_checkpoint`; the handle
+//! resolves when the checkpoint is durable, and the staging buffer goes back to the pool.
+//!
+//! # Ordering
+//! Each path is served by one writer thread, in submission order: `remove_checkpoint(path)`
+//! runs after every save of that path submitted before it, and `load_checkpoint(path)` first
+//! waits for them (you read your own writes).
+//!
+//! # Backpressure and memory
+//! The queue to each writer is a bounded channel ([`Builder::capacity`], default 1 queued save).
+//! When it is full, [`Backpressure::Block`] (default) waits, [`Backpressure::Skip`] resolves the
+//! handle as skipped (and counts it), [`Backpressure::Error`] returns [`Error::QueueFull`].
+//! Staging memory never exceeds [`Builder::pool_budget`] (one save larger than the budget may
+//! run alone).
+//!
+//! # Errors
+//! A failed write (or a panic in the inner backend, which becomes [`Error::Panic`]) resolves its
+//! handle with the error. If nobody took it from the handle, the next call (`save`, `remove`,
+//! `load`, `flush`, `teardown`) returns it. Every error is reported once; several are reported
+//! together ([`Error::Multiple`]). The writer keeps serving later operations.
+//!
+//! # Shutdown
+//! [`AsyncCheckpointIo::teardown`] drains the queue, joins the threads, calls the inner
+//! backend's teardown and returns every error not reported yet; the wrapper can be used again
+//! afterwards (threads start on demand). Dropping the wrapper does the same and logs errors with
+//! `tracing`. No save accepted by `save` is silently lost on a normal exit.
+//!
+//! ```no_run
+//! use ckptio::{AsyncCheckpointIo, Dict, HostTensor, TorchCheckpointIo, Value};
+//! # fn main() -> ckptio::Result<()> {
+//! let io = AsyncCheckpointIo::new(TorchCheckpointIo::new());
+//! let mut ckpt = Dict::new();
+//! ckpt.insert("step", 10i64);
+//! ckpt.insert("w", HostTensor::from_slice(&[1.0f32, 2.0], &[2])?);
+//! let handle = io.save(&Value::from(ckpt), "runs/step-10.pt")?; // returns after the snapshot
+//! // ... keep training ...
+//! let report = handle.wait()?; // or `handle.await` in async code
+//! println!("{} bytes durable after {:?}", report.bytes, report.write);
+//! io.teardown()?;
+//! # Ok(()) }
+//! ```
+
+mod handle;
+mod staging;
+mod writer;
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Sender, TrySendError};
+
+use self::handle::Completion;
+pub use self::handle::{SaveHandle, SaveReport, Staged};
+pub use self::staging::{cuda_available, PoolStats, StagingBuf, StagingPool};
+use self::writer::{fail_job, snapshot, stage_loop, storage_bytes, writer_loop, Job, StageJob};
+use crate::error::{Error, Result};
+use crate::io::{CheckpointIo, LoadOptions, Restore, SaveOptions};
+use crate::value::Value;
+
+/// When the snapshot of live tensors is taken.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SnapshotMode {
+    /// `save` returns once the copy is taken; the caller may mutate its tensors at once.
+    #[default]
+    Eager,
+    /// `save` returns at once; a staging thread copies, and [`SaveHandle::staged`] resolves when
+    /// it has. The caller must not mutate the tensors until then.
+    Deferred,
+}
+
+/// What `save` does when the queue is full.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Backpressure {
+    /// Wait for room.
+    #[default]
+    Block,
+    /// Drop this save: its handle resolves as skipped, and the skip is counted.
+    Skip,
+    /// Return [`Error::QueueFull`].
+    Error,
+}
+
+/// Counters and gauges a user can read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Status {
+    /// Operations submitted and not finished yet.
+    pub pending: usize,
+    /// Bytes of snapshots queued or being written.
+    pub bytes_in_flight: u64,
+    /// Saves made durable.
+    pub saves: u64,
+    /// Bytes written by those saves.
+    pub bytes_written: u64,
+    /// Saves skipped by backpressure.
+    pub skips: u64,
+    /// Operations that failed.
+    pub errors: u64,
+    /// The staging pool.
+    pub pool: PoolStats,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    saves: AtomicU64,
+    bytes: AtomicU64,
+    skips: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl Counters {
+    fn saved(&self, bytes: u64) {
+        self.saves.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+    fn failed(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+pub(crate) struct Shared<I> {
+    pub(crate) inner: I,
+    pub(crate) pool: StagingPool,
+    pub(crate) counters: Counters,
+    pub(crate) bytes_in_flight: AtomicU64,
+    /// Every operation not yet known to be finished and reported.
+    pending: Mutex<Vec<Arc<Completion>>>,
+}
+
+struct Workers {
+    writers: Vec<Sender<Job>>,
+    stager: Option<Sender<StageJob>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Configures an [`AsyncCheckpointIo`].
+#[derive(Clone, Debug)]
+pub struct Builder {
+    capacity: usize,
+    writers: usize,
+    pool_budget: usize,
+    mode: SnapshotMode,
+    backpressure: Backpressure,
+    pin: bool,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            capacity: 1,
+            writers: 1,
+            pool_budget: 8 << 30,
+            mode: SnapshotMode::Eager,
+            backpressure: Backpressure::Block,
+            pin: true,
+        }
+    }
+}
+
+impl Builder {
+    /// Saves that may wait in each writer's queue (default 1; at least 1).
+    pub fn capacity(mut self, n: usize) -> Self {
+        self.capacity = n.max(1);
+        self
+    }
+    /// Writer threads (default 1). Operations on one path always run in order.
+    pub fn writers(mut self, n: usize) -> Self {
+        self.writers = n.max(1);
+        self
+    }
+    /// Most bytes of staging memory in use at once (default 8 GiB).
+    pub fn pool_budget(mut self, bytes: usize) -> Self {
+        self.pool_budget = bytes;
+        self
+    }
+    /// Eager (default) or Deferred snapshots.
+    pub fn snapshot_mode(mut self, mode: SnapshotMode) -> Self {
+        self.mode = mode;
+        self
+    }
+    /// What to do when the queue is full (default Block).
+    pub fn backpressure(mut self, b: Backpressure) -> Self {
+        self.backpressure = b;
+        self
+    }
+    /// Use CUDA-pinned staging memory when CUDA is available (default true).
+    pub fn pin_memory(mut self, pin: bool) -> Self {
+        self.pin = pin;
+        self
+    }
+    /// Builds the wrapper around `inner`.
+    pub fn build<I: CheckpointIo + 'static>(self, inner: I) -> AsyncCheckpointIo<I> {
+        AsyncCheckpointIo {
+            shared: Arc::new(Shared {
+                inner,
+                pool: StagingPool::new(self.pool_budget, self.pin),
+                counters: Counters::default(),
+                bytes_in_flight: AtomicU64::new(0),
+                pending: Mutex::new(Vec::new()),
+            }),
+            workers: Mutex::new(None),
+            config: self,
+        }
+    }
+}
+
+/// Wraps a synchronous backend and writes in the background. See the [module docs](self).
+pub struct AsyncCheckpointIo<I: CheckpointIo + 'static> {
+    shared: Arc<Shared<I>>,
+    workers: Mutex<Option<Workers>>,
+    config: Builder,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The writer that serves `path`.
+pub(crate) fn route(path: &Path, n: usize) -> usize {
+    let mut h = DefaultHasher::new();
+    path.hash(&mut h);
+    (h.finish() % n as u64) as usize
+}
+
+impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
+    /// Wraps `inner` with the default configuration.
+    pub fn new(inner: I) -> Self {
+        Builder::default().build(inner)
+    }
+
+    /// A builder.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// The inner backend.
+    pub fn inner(&self) -> &I {
+        &self.shared.inner
+    }
+
+    /// The staging pool.
+    pub fn pool(&self) -> &StagingPool {
+        &self.shared.pool
+    }
+
+    /// Counters and gauges.
+    pub fn status(&self) -> Status {
+        let pending = lock(&self.shared.pending)
+            .iter()
+            .filter(|c| !c.is_done())
+            .count();
+        let c = &self.shared.counters;
+        Status {
+            pending,
+            bytes_in_flight: self.shared.bytes_in_flight.load(Ordering::Acquire),
+            saves: c.saves.load(Ordering::Relaxed),
+            bytes_written: c.bytes.load(Ordering::Relaxed),
+            skips: c.skips.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+            pool: self.shared.pool.stats(),
+        }
+    }
+
+    fn start(&self) -> std::sync::MutexGuard<'_, Option<Workers>> {
+        let mut w = lock(&self.workers);
+        if w.is_none() {
+            let mut writers = Vec::new();
+            let mut threads = Vec::new();
+            for i in 0..self.config.writers {
+                let (tx, rx) = bounded::<Job>(self.config.capacity);
+                let shared = self.shared.clone();
+                let t = std::thread::Builder::new()
+                    .name(format!("ckptio-writer-{i}"))
+                    .spawn(move || writer_loop(shared, rx));
+                match t {
+                    Ok(t) => threads.push(t),
+                    Err(e) => tracing::error!(error = %e, "cannot spawn a checkpoint writer"),
+                }
+                writers.push(tx);
+            }
+            let stager = if self.config.mode == SnapshotMode::Deferred {
+                let (tx, rx) = bounded::<StageJob>(self.config.capacity);
+                let shared = self.shared.clone();
+                let ws = writers.clone();
+                match std::thread::Builder::new()
+                    .name("ckptio-stager".into())
+                    .spawn(move || stage_loop(shared, rx, ws))
+                {
+                    Ok(t) => threads.push(t),
+                    Err(e) => tracing::error!(error = %e, "cannot spawn the staging thread"),
+                }
+                Some(tx)
+            } else {
+                None
+            };
+            *w = Some(Workers {
+                writers,
+                stager,
+                threads,
+            });
+        }
+        w
+    }
+
+    /// Errors of finished operations nobody has been told about; forgets finished operations.
+    fn take_errors(&self) -> Vec<Error> {
+        let mut pending = lock(&self.shared.pending);
+        let mut errors = Vec::new();
+        pending.retain(|c| {
+            if c.is_done() {
+                if let Some(e) = c.take_unreported_error() {
+                    errors.push(Error::Background {
+                        path: c.path.clone(),
+                        source: e,
+                    });
+                }
+                false
+            } else {
+                true
+            }
+        });
+        errors
+    }
+
+    fn check_errors(&self) -> Result<()> {
+        combine(self.take_errors())
+    }
+
+    fn track(&self, c: &Arc<Completion>) {
+        lock(&self.shared.pending).push(c.clone());
+    }
+
+    /// Saves `tree` to `path` in the background. Returns after the snapshot (Eager) or at once
+    /// (Deferred); the handle resolves when the checkpoint is durable.
+    ///
+    /// Fails at once with an earlier background error nobody was told about (the save is then
+    /// not queued), with a snapshot error, or with [`Error::QueueFull`].
+    pub fn save(&self, tree: &Value, path: impl AsRef<Path>) -> Result<SaveHandle> {
+        self.save_with_options(tree, path, &SaveOptions::default())
+    }
+
+    /// [`save`](Self::save) with options for the inner backend.
+    pub fn save_with_options(
+        &self,
+        tree: &Value,
+        path: impl AsRef<Path>,
+        options: &SaveOptions,
+    ) -> Result<SaveHandle> {
+        let path = path.as_ref().to_path_buf();
+        let _span = tracing::debug_span!("ckptio_save", path = %path.display()).entered();
+        self.check_errors()?;
+        let done = Completion::new(&path);
+        let handle = SaveHandle {
+            completion: done.clone(),
+        };
+        let guard = self.start();
+        let workers = match guard.as_ref() {
+            Some(w) => w,
+            None => {
+                return Err(Error::InvalidArgument(
+                    "writer threads are not running".into(),
+                ))
+            }
+        };
+        let policy = self.config.backpressure;
+        match &workers.stager {
+            Some(stager) => {
+                let job = StageJob::Save {
+                    path: path.clone(),
+                    tree: tree.clone(),
+                    options: options.clone(),
+                    done: done.clone(),
+                };
+                self.track(&done);
+                match policy {
+                    Backpressure::Block => {
+                        if stager.send(job).is_err() {
+                            done.finish(Err(Arc::new(stopped(&path))));
+                        }
+                    }
+                    _ => match stager.try_send(job) {
+                        Ok(()) => {}
+                        Err(TrySendError::Full(_)) => return self.refuse(done, handle, &path),
+                        Err(TrySendError::Disconnected(_)) => {
+                            done.finish(Err(Arc::new(stopped(&path))))
+                        }
+                    },
+                }
+            }
+            None => {
+                let writer = &workers.writers[route(&path, workers.writers.len())];
+                if policy != Backpressure::Block && writer.is_full() {
+                    return self.refuse(done, handle, &path);
+                }
+                let start = Instant::now();
+                let snap = snapshot(&self.shared.pool, tree, policy == Backpressure::Block)?;
+                let stage = start.elapsed();
+                let snap = match snap {
+                    Some(s) => s,
+                    None => return self.refuse(done, handle, &path),
+                };
+                done.set_staged(Ok(()));
+                let bytes = storage_bytes(&snap);
+                tracing::debug!(
+                    bytes,
+                    stage_ms = stage.as_secs_f64() * 1e3,
+                    "snapshot taken"
+                );
+                self.shared
+                    .bytes_in_flight
+                    .fetch_add(bytes, Ordering::AcqRel);
+                let job = Job::Save {
+                    path: path.clone(),
+                    tree: snap,
+                    options: options.clone(),
+                    done: done.clone(),
+                    enqueued: Instant::now(),
+                    stage,
+                    bytes,
+                };
+                self.track(&done);
+                match policy {
+                    Backpressure::Block => {
+                        if let Err(e) = writer.send(job) {
+                            fail_job(e.0);
+                        }
+                    }
+                    _ => match writer.try_send(job) {
+                        Ok(()) => {}
+                        Err(TrySendError::Full(job)) => {
+                            if let Job::Save { bytes, .. } = &job {
+                                self.shared
+                                    .bytes_in_flight
+                                    .fetch_sub(*bytes, Ordering::AcqRel);
+                            }
+                            drop(job);
+                            return self.refuse(done, handle, &path);
+                        }
+                        Err(TrySendError::Disconnected(job)) => fail_job(job),
+                    },
+                }
+            }
+        }
+        Ok(handle)
+    }
+
+    fn refuse(&self, done: Arc<Completion>, handle: SaveHandle, path: &Path) -> Result<SaveHandle> {
+        match self.config.backpressure {
+            Backpressure::Error => {
+                done.finish(Ok(SaveReport {
+                    path: path.to_path_buf(),
+                    skipped: true,
+                    ..SaveReport::default()
+                }));
+                Err(Error::QueueFull {
+                    path: path.to_path_buf(),
+                })
+            }
+            _ => {
+                tracing::warn!(path = %path.display(), "queue full: save skipped");
+                self.shared.counters.skips.fetch_add(1, Ordering::Relaxed);
+                done.finish(Ok(SaveReport {
+                    path: path.to_path_buf(),
+                    skipped: true,
+                    ..SaveReport::default()
+                }));
+                Ok(handle)
+            }
+        }
+    }
+
+    /// Queues an operation behind everything submitted before it on its path.
+    fn submit(&self, job: Job, path: Option<&Path>) {
+        let guard = self.start();
+        let Some(workers) = guard.as_ref() else {
+            fail_job(job);
+            return;
+        };
+        match (&workers.stager, path) {
+            (Some(stager), Some(p)) => {
+                let sj = match job {
+                    Job::Barrier { done } => StageJob::PathBarrier(p.to_path_buf(), done),
+                    other => StageJob::Forward(other),
+                };
+                if let Err(e) = stager.send(sj) {
+                    match e.0 {
+                        StageJob::Forward(j) => fail_job(j),
+                        StageJob::PathBarrier(_, done) => fail_job(Job::Barrier { done }),
+                        StageJob::Save { done, .. } => fail_job(Job::Barrier { done }),
+                    }
+                }
+            }
+            (Some(stager), None) => {
+                if let Err(e) = stager.send(StageJob::Forward(job)) {
+                    if let StageJob::Forward(j) = e.0 {
+                        fail_job(j);
+                    }
+                }
+            }
+            (None, Some(p)) => {
+                if let Err(e) = workers.writers[route(p, workers.writers.len())].send(job) {
+                    fail_job(e.0);
+                }
+            }
+            (None, None) => {
+                // A barrier on every writer; the caller's completion resolves after all.
+                let Job::Barrier { done } = job else {
+                    fail_job(job);
+                    return;
+                };
+                let mut parts = Vec::new();
+                for w in &workers.writers {
+                    let c = Completion::new(Path::new(""));
+                    if w.send(Job::Barrier { done: c.clone() }).is_ok() {
+                        parts.push(c);
+                    }
+                }
+                drop(guard);
+                std::thread::spawn(move || {
+                    for c in parts {
+                        let _ = c.wait_done(None);
+                    }
+                    done.finish(Ok(SaveReport::default()));
+                });
+            }
+        }
+    }
+
+    /// Removes `path` after every save of it submitted before; returns a handle for the removal.
+    pub fn remove(&self, path: impl AsRef<Path>) -> Result<SaveHandle> {
+        let path = path.as_ref();
+        self.check_errors()?;
+        let done = Completion::new(path);
+        self.track(&done);
+        self.submit(
+            Job::Remove {
+                path: path.to_path_buf(),
+                done: done.clone(),
+            },
+            Some(path),
+        );
+        Ok(SaveHandle { completion: done })
+    }
+
+    /// Waits until every operation on `path` submitted so far has finished; returns errors
+    /// nobody was told about.
+    pub fn wait_path(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let done = Completion::new(path);
+        self.submit(Job::Barrier { done: done.clone() }, Some(path));
+        let _ = done.wait_done(None);
+        self.check_errors()
+    }
+
+    /// Waits until every operation submitted so far has finished; returns errors nobody was
+    /// told about.
+    pub fn flush(&self) -> Result<()> {
+        self.flush_timeout(None)
+    }
+
+    /// Same as [`flush`](Self::flush).
+    pub fn wait_all(&self) -> Result<()> {
+        self.flush()
+    }
+
+    fn flush_timeout(&self, timeout: Option<Duration>) -> Result<()> {
+        if lock(&self.workers).is_some() {
+            let done = Completion::new(Path::new(""));
+            self.submit(Job::Barrier { done: done.clone() }, None);
+            if done.wait_done(timeout).is_none() {
+                let pending = lock(&self.shared.pending)
+                    .iter()
+                    .filter(|c| !c.is_done())
+                    .map(|c| c.path.clone())
+                    .collect();
+                return Err(Error::TeardownTimeout { pending });
+            }
+        }
+        self.check_errors()
+    }
+
+    /// Drains the queue, joins the threads, tears the inner backend down and returns every
+    /// error not reported yet. The wrapper can be used again afterwards.
+    pub fn teardown(&self) -> Result<()> {
+        self.teardown_inner(None)
+    }
+
+    /// [`teardown`](Self::teardown) that gives up after `timeout`, reporting what is still
+    /// pending ([`Error::TeardownTimeout`]) instead of hanging; the threads then keep running.
+    pub fn teardown_timeout(&self, timeout: Duration) -> Result<()> {
+        self.teardown_inner(Some(timeout))
+    }
+
+    fn teardown_inner(&self, timeout: Option<Duration>) -> Result<()> {
+        let mut errors = Vec::new();
+        match self.flush_timeout(timeout) {
+            Ok(()) => {}
+            Err(e @ Error::TeardownTimeout { .. }) => return Err(e),
+            Err(e) => errors.push(e),
+        }
+        let workers = lock(&self.workers).take();
+        if let Some(w) = workers {
+            drop(w.stager);
+            drop(w.writers);
+            for t in w.threads {
+                if t.join().is_err() {
+                    errors.push(Error::Panic {
+                        path: PathBuf::new(),
+                        message: "a checkpoint thread panicked".into(),
+                    });
+                }
+            }
+        }
+        errors.extend(self.take_errors());
+        if let Err(e) = self.shared.inner.teardown() {
+            errors.push(e);
+        }
+        combine(flatten(errors))
+    }
+}
+
+fn flatten(errors: Vec<Error>) -> Vec<Error> {
+    let mut out = Vec::new();
+    for e in errors {
+        match e {
+            Error::Multiple { errors } => out.extend(flatten(errors)),
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+fn combine(mut errors: Vec<Error>) -> Result<()> {
+    match errors.len() {
+        0 => Ok(()),
+        1 => Err(errors.remove(0)),
+        _ => Err(Error::Multiple { errors }),
+    }
+}
+
+fn stopped(path: &Path) -> Error {
+    Error::io(
+        "queue",
+        path,
+        std::io::Error::new(
+            std::io::ErrorKind::BrokenPipe,
+            "the checkpoint writer has stopped",
+        ),
+    )
+}
+
+impl<I: CheckpointIo + 'static> Drop for AsyncCheckpointIo<I> {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            tracing::error!(error = %e, "checkpoint errors at drop (call teardown() to handle them)");
+        }
+    }
+}
+
+impl<I: CheckpointIo + 'static> CheckpointIo for AsyncCheckpointIo<I> {
+    /// Returns after staging; the write happens in the background (its error, if any, is
+    /// returned by the next call).
+    fn save_checkpoint(
+        &self,
+        checkpoint: &Value,
+        path: &Path,
+        options: &SaveOptions,
+    ) -> Result<()> {
+        let h = self.save_with_options(checkpoint, path, options)?;
+        h.wait_staged()
+    }
+
+    /// Waits for pending operations on `path`, then loads on the calling thread.
+    fn load_checkpoint(
+        &self,
+        path: &Path,
+        options: &LoadOptions,
+        state: Option<&mut dyn Restore>,
+    ) -> Result<Option<Value>> {
+        self.wait_path(path)?;
+        self.shared.inner.load_checkpoint(path, options, state)
+    }
+
+    /// Queues the removal behind pending saves of `path` and returns.
+    fn remove_checkpoint(&self, path: &Path) -> Result<()> {
+        self.remove(path).map(drop)
+    }
+
+    fn teardown(&self) -> Result<()> {
+        AsyncCheckpointIo::teardown(self)
+    }
+
+    fn restore_after_setup(&self) -> bool {
+        self.shared.inner.restore_after_setup()
+    }
+
+    fn requires_state_on_load(&self) -> bool {
+        self.shared.inner.requires_state_on_load()
+    }
+}

@@ -1,0 +1,353 @@
+//! The staging pool: reusable host buffers that snapshots are copied into.
+//!
+//! # Allocation behaviour
+//! A buffer is taken from the pool (best fit among free buffers at least as large as asked) or,
+//! when none fits, allocated; it goes back to the pool when the last [`bytes::Bytes`] that
+//! borrows it is dropped, which is when its checkpoint has been written. In steady state (same
+//! tensor sizes each save) no save allocates: [`PoolStats::allocations`] stops growing.
+//!
+//! # Budget
+//! The bytes handed out at once never exceed the budget, except for one buffer larger than
+//! the whole budget, which is allowed alone. [`StagingPool::acquire`] blocks until enough is
+//! returned; [`StagingPool::try_acquire`] fails instead. Free buffers count against the budget
+//! too, so the pool's whole footprint is bounded: free buffers are released to make room.
+//!
+//! # Memory kind
+//! Buffers are ordinary heap memory, written once when allocated so that their pages are
+//! faulted in before the first snapshot. Page-locked (CUDA pinned) buffers are used when the
+//! `tch` feature is on and CUDA is available, so device-to-host copies can run asynchronously.
+
+use std::sync::{Arc, Condvar, Mutex};
+
+use bytes::Bytes;
+
+/// Counters a user can read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// The budget in bytes.
+    pub budget: usize,
+    /// Bytes in buffers handed out now.
+    pub in_use: usize,
+    /// Bytes in free buffers kept for reuse.
+    pub free: usize,
+    /// Buffers allocated since the pool was made (growth means saves are allocating).
+    pub allocations: u64,
+    /// Times a request was served from a free buffer.
+    pub reuses: u64,
+    /// Whether buffers are page-locked (CUDA pinned).
+    pub pinned: bool,
+}
+
+enum Mem {
+    Heap(Vec<u8>),
+    #[cfg(feature = "tch")]
+    Pinned(PinnedBuf),
+}
+
+impl Mem {
+    fn len(&self) -> usize {
+        match self {
+            Mem::Heap(v) => v.len(),
+            #[cfg(feature = "tch")]
+            Mem::Pinned(p) => p.len,
+        }
+    }
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Mem::Heap(v) => v,
+            #[cfg(feature = "tch")]
+            Mem::Pinned(p) => p.as_slice(),
+        }
+    }
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        match self {
+            Mem::Heap(v) => v,
+            #[cfg(feature = "tch")]
+            Mem::Pinned(p) => p.as_mut_slice(),
+        }
+    }
+}
+
+/// A CUDA-pinned host buffer owned through a uint8 tch tensor.
+#[cfg(feature = "tch")]
+struct PinnedBuf {
+    tensor: tch::Tensor,
+    len: usize,
+}
+
+#[cfg(feature = "tch")]
+#[allow(unsafe_code)]
+impl PinnedBuf {
+    fn new(len: usize) -> Option<PinnedBuf> {
+        let t = tch::Tensor::f_zeros([len as i64], (tch::Kind::Uint8, tch::Device::Cpu)).ok()?;
+        let t = t.f_pin_memory(tch::Device::Cuda(0)).ok()?;
+        Some(PinnedBuf { tensor: t, len })
+    }
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: the tensor is a contiguous uint8 CPU tensor of `len` elements that this struct
+        // owns exclusively (never shared, never resized), so its data is valid for `len` bytes
+        // for as long as `self` lives.
+        unsafe { std::slice::from_raw_parts(self.tensor.data_ptr() as *const u8, self.len) }
+    }
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` guarantees no other slice of it exists.
+        unsafe { std::slice::from_raw_parts_mut(self.tensor.data_ptr() as *mut u8, self.len) }
+    }
+}
+
+// SAFETY: the pinned tensor is owned exclusively by the buffer; libtorch tensors may be moved
+// between threads.
+#[cfg(feature = "tch")]
+#[allow(unsafe_code)]
+unsafe impl Sync for PinnedBuf {}
+
+struct State {
+    free: Vec<Mem>,
+    free_bytes: usize,
+    in_use: usize,
+    allocations: u64,
+    reuses: u64,
+}
+
+struct Inner {
+    budget: usize,
+    pinned: bool,
+    state: Mutex<State>,
+    returned: Condvar,
+}
+
+/// A bounded pool of reusable staging buffers. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct StagingPool {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for StagingPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagingPool")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// A buffer being filled; [`StagingBuf::freeze`] turns it into [`Bytes`] that give it back to
+/// the pool when dropped.
+pub struct StagingBuf {
+    mem: Option<Mem>,
+    len: usize,
+    pool: Arc<Inner>,
+}
+
+impl StagingPool {
+    /// A pool that hands out at most `budget` bytes at once. Pinned memory is used when
+    /// `pin` is true and CUDA is available.
+    pub fn new(budget: usize, pin: bool) -> StagingPool {
+        let pinned = pin && cuda_available();
+        StagingPool {
+            inner: Arc::new(Inner {
+                budget,
+                pinned,
+                state: Mutex::new(State {
+                    free: Vec::new(),
+                    free_bytes: 0,
+                    in_use: 0,
+                    allocations: 0,
+                    reuses: 0,
+                }),
+                returned: Condvar::new(),
+            }),
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> PoolStats {
+        let s = lock(&self.inner.state);
+        PoolStats {
+            budget: self.inner.budget,
+            in_use: s.in_use,
+            free: s.free_bytes,
+            allocations: s.allocations,
+            reuses: s.reuses,
+            pinned: self.inner.pinned,
+        }
+    }
+
+    /// A buffer of `len` bytes, waiting for returns while the budget is exhausted.
+    pub fn acquire(&self, len: usize) -> StagingBuf {
+        self.get(len, true)
+            .expect("blocking acquire always succeeds")
+    }
+
+    /// A buffer of `len` bytes, or `None` when the budget is exhausted now.
+    pub fn try_acquire(&self, len: usize) -> Option<StagingBuf> {
+        self.get(len, false)
+    }
+
+    fn get(&self, len: usize, block: bool) -> Option<StagingBuf> {
+        let inner = &self.inner;
+        let mut s = lock(&inner.state);
+        loop {
+            let fits = s.in_use == 0 || s.in_use + len <= inner.budget;
+            if fits {
+                break;
+            }
+            if !block {
+                return None;
+            }
+            s = inner.returned.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        // Best fit among free buffers.
+        let best = s
+            .free
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.len() >= len)
+            .min_by_key(|(_, m)| m.len())
+            .map(|(i, _)| i);
+        let mem = match best {
+            Some(i) => {
+                let m = s.free.swap_remove(i);
+                s.free_bytes -= m.len();
+                s.reuses += 1;
+                m
+            }
+            None => {
+                // Make room: drop free buffers until the footprint fits the budget.
+                while !s.free.is_empty() && s.in_use + s.free_bytes + len > inner.budget {
+                    let i = (0..s.free.len())
+                        .max_by_key(|&i| s.free[i].len())
+                        .unwrap_or(0);
+                    let m = s.free.swap_remove(i);
+                    s.free_bytes -= m.len();
+                }
+                s.allocations += 1;
+                drop(s);
+                let m = alloc(len, inner.pinned);
+                s = lock(&inner.state);
+                m
+            }
+        };
+        s.in_use += mem.len();
+        Some(StagingBuf {
+            mem: Some(mem),
+            len,
+            pool: inner.clone(),
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn alloc(len: usize, pinned: bool) -> Mem {
+    #[cfg(feature = "tch")]
+    if pinned {
+        if let Some(p) = PinnedBuf::new(len.max(1)) {
+            return Mem::Pinned(p);
+        }
+    }
+    let _ = pinned;
+    // vec![1; n] writes every page (unlike a zeroed allocation, which the kernel maps lazily),
+    // so the first snapshot into it does not pay for page faults.
+    Mem::Heap(vec![1u8; len])
+}
+
+/// Whether CUDA is available (feature `tch`); `false` otherwise.
+pub fn cuda_available() -> bool {
+    #[cfg(feature = "tch")]
+    {
+        tch::Cuda::is_available()
+    }
+    #[cfg(not(feature = "tch"))]
+    {
+        false
+    }
+}
+
+impl StagingBuf {
+    /// The bytes to fill.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        let len = self.len;
+        match &mut self.mem {
+            Some(m) => &mut m.as_mut_slice()[..len],
+            None => &mut [],
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Read-only bytes that return the buffer to the pool when the last clone is dropped.
+    pub fn freeze(self) -> Bytes {
+        Bytes::from_owner(self)
+    }
+}
+
+impl AsRef<[u8]> for StagingBuf {
+    fn as_ref(&self) -> &[u8] {
+        match &self.mem {
+            Some(m) => &m.as_slice()[..self.len],
+            None => &[],
+        }
+    }
+}
+
+impl Drop for StagingBuf {
+    fn drop(&mut self) {
+        if let Some(m) = self.mem.take() {
+            let mut s = lock(&self.pool.state);
+            s.in_use -= m.len();
+            if s.in_use + s.free_bytes + m.len() <= self.pool.budget {
+                s.free_bytes += m.len();
+                s.free.push(m);
+            }
+            drop(s);
+            self.pool.returned.notify_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_reused_after_warm_up() {
+        let pool = StagingPool::new(1 << 20, false);
+        for _ in 0..10 {
+            let mut a = pool.acquire(1000);
+            a.as_mut_slice().fill(7);
+            let b = pool.acquire(5000);
+            let fa = a.freeze();
+            assert_eq!(&fa[..3], &[7, 7, 7]);
+            drop((fa, b));
+        }
+        let s = pool.stats();
+        assert_eq!(s.allocations, 2, "{s:?}");
+        assert_eq!(s.in_use, 0);
+        assert_eq!(s.reuses, 18);
+    }
+
+    #[test]
+    fn budget_bounds_what_is_handed_out() {
+        let pool = StagingPool::new(1000, false);
+        let a = pool.acquire(600);
+        assert!(pool.try_acquire(600).is_none());
+        let p2 = pool.clone();
+        let t = std::thread::spawn(move || p2.acquire(600).len());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!t.is_finished());
+        drop(a);
+        assert_eq!(t.join().unwrap(), 600);
+        // One buffer larger than the whole budget is allowed alone.
+        assert_eq!(pool.acquire(5000).len(), 5000);
+    }
+}

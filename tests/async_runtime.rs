@@ -1,0 +1,473 @@
+//! The contract of `AsyncCheckpointIo`: snapshots, ordering, errors, backpressure, shutdown.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ckptio::runtime::Builder;
+use ckptio::{
+    AsyncCheckpointIo, Backpressure, CheckpointIo, DType, Dict, Error, HostTensor, LiveTensor,
+    LoadOptions, Restore, SaveOptions, SnapshotMode, TensorSource, TorchCheckpointIo, Value,
+};
+
+/// A mutable f32 tensor the test owns, like a parameter the optimizer updates in place.
+#[derive(Clone)]
+struct Param(Arc<Mutex<Vec<f32>>>);
+
+impl Param {
+    fn new(n: usize, x: f32) -> Param {
+        Param(Arc::new(Mutex::new(vec![x; n])))
+    }
+    fn fill(&self, x: f32) {
+        self.0.lock().unwrap().iter_mut().for_each(|v| *v = x);
+    }
+    fn host(&self) -> HostTensor {
+        let v = self.0.lock().unwrap().clone();
+        let n = v.len();
+        HostTensor::from_slice(&v, &[n]).unwrap()
+    }
+}
+
+impl TensorSource for Param {
+    fn dtype(&self) -> DType {
+        DType::Float32
+    }
+    fn shape(&self) -> Vec<usize> {
+        vec![self.0.lock().unwrap().len()]
+    }
+    fn copy_to(&self, dst: &mut [u8]) -> ckptio::Result<()> {
+        for (c, v) in dst.chunks_exact_mut(4).zip(self.0.lock().unwrap().iter()) {
+            c.copy_from_slice(&v.to_le_bytes());
+        }
+        Ok(())
+    }
+}
+
+fn tree_of(p: &Param, step: i64) -> Value {
+    let mut d = Dict::new();
+    d.insert("w", LiveTensor::new(p.clone()));
+    d.insert("step", step);
+    Value::Dict(d)
+}
+
+/// A backend that keeps checkpoints in memory, with optional delay, failures and panics.
+#[derive(Default)]
+struct MemIo {
+    files: Mutex<HashMap<PathBuf, Value>>,
+    delay_ms: AtomicUsize,
+    fail_next: AtomicUsize,
+    panic_next: AtomicUsize,
+    teardowns: AtomicUsize,
+}
+
+impl CheckpointIo for MemIo {
+    fn save_checkpoint(&self, c: &Value, p: &Path, _o: &SaveOptions) -> ckptio::Result<()> {
+        std::thread::sleep(Duration::from_millis(
+            self.delay_ms.load(Ordering::SeqCst) as u64
+        ));
+        if self.panic_next.load(Ordering::SeqCst) > 0 {
+            self.panic_next.fetch_sub(1, Ordering::SeqCst);
+            panic!("backend exploded on {}", p.display());
+        }
+        if self.fail_next.load(Ordering::SeqCst) > 0 {
+            self.fail_next.fetch_sub(1, Ordering::SeqCst);
+            return Err(Error::InvalidArgument(format!(
+                "disk full writing {}",
+                p.display()
+            )));
+        }
+        // Store a deep copy so later buffer reuse could never change it.
+        let copy = c.replace_live(&mut |l| l.to_host()).unwrap();
+        let mut copy = copy;
+        copy.for_each_tensor_mut(&mut |t| *t = t.to_contiguous());
+        self.files.lock().unwrap().insert(p.to_path_buf(), copy);
+        Ok(())
+    }
+    fn load_checkpoint(
+        &self,
+        p: &Path,
+        o: &LoadOptions,
+        s: Option<&mut dyn Restore>,
+    ) -> ckptio::Result<Option<Value>> {
+        let v =
+            self.files.lock().unwrap().get(p).cloned().ok_or_else(|| {
+                Error::InvalidArgument(format!("no checkpoint at {}", p.display()))
+            })?;
+        ckptio::finish_load(v, o, s)
+    }
+    fn remove_checkpoint(&self, p: &Path) -> ckptio::Result<()> {
+        std::thread::sleep(Duration::from_millis(
+            self.delay_ms.load(Ordering::SeqCst) as u64 / 2,
+        ));
+        self.files.lock().unwrap().remove(p);
+        Ok(())
+    }
+    fn teardown(&self) -> ckptio::Result<()> {
+        self.teardowns.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+fn slow_mem(ms: usize) -> MemIo {
+    let m = MemIo::default();
+    m.delay_ms.store(ms, Ordering::SeqCst);
+    m
+}
+
+fn stored_w(io: &AsyncCheckpointIo<MemIo>, p: &str) -> HostTensor {
+    io.inner().files.lock().unwrap()[Path::new(p)]
+        .get("w")
+        .unwrap()
+        .as_tensor()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn mutating_after_eager_save_returns_never_changes_what_is_written() {
+    let io = Builder::default().build(slow_mem(50));
+    let p = Param::new(1000, 1.0);
+    let before = p.host();
+    let h = io.save(&tree_of(&p, 1), "a").unwrap();
+    p.fill(99.0); // the optimizer step, right after save returns
+    h.wait().unwrap();
+    assert!(stored_w(&io, "a").data_eq(&before));
+}
+
+#[test]
+fn mutating_after_deferred_staged_never_changes_what_is_written() {
+    let io = Builder::default()
+        .snapshot_mode(SnapshotMode::Deferred)
+        .build(slow_mem(50));
+    let p = Param::new(1000, 1.0);
+    let before = p.host();
+    let h = io.save(&tree_of(&p, 1), "a").unwrap();
+    h.wait_staged().unwrap();
+    p.fill(99.0);
+    h.wait().unwrap();
+    assert!(stored_w(&io, "a").data_eq(&before));
+}
+
+#[test]
+fn eager_save_to_torch_file_matches_the_state_at_save_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let io = AsyncCheckpointIo::new(TorchCheckpointIo::new());
+    let p = Param::new(4096, 3.0);
+    let before = p.host();
+    let path = dir.path().join("x.pt");
+    let h = io.save(&tree_of(&p, 7), &path).unwrap();
+    p.fill(-1.0);
+    let rep = h.wait().unwrap();
+    assert_eq!(rep.bytes, 4096 * 4);
+    let back = ckptio::torch::load(&path, &LoadOptions::default()).unwrap();
+    assert!(back.get("w").unwrap().as_tensor().unwrap().data_eq(&before));
+    assert_eq!(back.get("step").and_then(Value::as_int), Some(7));
+    io.teardown().unwrap();
+}
+
+#[test]
+fn a_failed_write_reaches_its_handle_and_is_reported_once() {
+    let io = Builder::default().build(MemIo::default());
+    io.inner().fail_next.store(1, Ordering::SeqCst);
+    let p = Param::new(4, 0.0);
+    let h = io.save(&tree_of(&p, 1), "bad").unwrap();
+    let err = h.wait().unwrap_err();
+    assert!(err.to_string().contains("disk full writing bad"), "{err}");
+    // Already reported through the handle: the next call does not raise it again.
+    io.save(&tree_of(&p, 2), "good").unwrap().wait().unwrap();
+    io.teardown().unwrap();
+}
+
+#[test]
+fn an_unawaited_error_is_returned_by_the_next_call_then_never_again() {
+    let io = Builder::default().build(MemIo::default());
+    io.inner().fail_next.store(1, Ordering::SeqCst);
+    let p = Param::new(4, 0.0);
+    drop(io.save(&tree_of(&p, 1), "bad").unwrap());
+    io.flush().unwrap_err();
+    // Reported once: the writer survived and later calls succeed.
+    io.save(&tree_of(&p, 2), "good").unwrap().wait().unwrap();
+    io.flush().unwrap();
+    io.teardown().unwrap();
+}
+
+#[test]
+fn several_unawaited_errors_are_all_reported_by_teardown() {
+    let io = Builder::default().build(MemIo::default());
+    io.inner().fail_next.store(2, Ordering::SeqCst);
+    let p = Param::new(4, 0.0);
+    let h1 = io.save(&tree_of(&p, 1), "a").unwrap();
+    h1.wait().unwrap_err(); // reported via the handle
+    io.inner().fail_next.store(2, Ordering::SeqCst);
+    // Drop the handles: nobody awaits these two.
+    drop(io.save(&tree_of(&p, 2), "b").unwrap());
+    std::thread::sleep(Duration::from_millis(20));
+    let r = io.inner().files.lock().unwrap().len();
+    assert_eq!(r, 0);
+    let c = io.save(&tree_of(&p, 3), "c");
+    // Either the save call reported b's failure, or teardown reports both b and c.
+    let err = match c {
+        Err(e) => {
+            assert!(e.to_string().contains("writing b"), "{e}");
+            io.teardown().unwrap();
+            return;
+        }
+        Ok(h) => {
+            drop(h);
+            io.teardown().unwrap_err()
+        }
+    };
+    match err {
+        Error::Multiple { errors } => assert_eq!(errors.len(), 2, "{errors:?}"),
+        other => panic!("expected two errors, got {other}"),
+    }
+    assert_eq!(io.inner().teardowns.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_panic_in_the_backend_becomes_an_error_and_the_writer_survives() {
+    let io = Builder::default().build(MemIo::default());
+    io.inner().panic_next.store(1, Ordering::SeqCst);
+    let p = Param::new(4, 0.0);
+    let err = io.save(&tree_of(&p, 1), "a").unwrap().wait().unwrap_err();
+    assert!(
+        matches!(&err, Error::Background { source, .. } if matches!(**source, Error::Panic { .. })),
+        "{err}"
+    );
+    io.save(&tree_of(&p, 2), "a").unwrap().wait().unwrap();
+    assert_eq!(io.inner().files.lock().unwrap().len(), 1);
+    io.teardown().unwrap();
+}
+
+#[test]
+fn remove_waits_for_pending_save_of_the_same_path() {
+    let io = Builder::default().capacity(4).build(slow_mem(40));
+    let p = Param::new(4, 0.0);
+    let _h = io.save(&tree_of(&p, 1), "ckpt").unwrap();
+    io.remove_checkpoint(Path::new("ckpt")).unwrap();
+    io.flush().unwrap();
+    assert!(
+        io.inner().files.lock().unwrap().is_empty(),
+        "removed before the save landed"
+    );
+}
+
+#[test]
+fn load_reads_your_own_pending_write() {
+    let io = Builder::default().capacity(4).build(slow_mem(40));
+    let p = Param::new(4, 5.0);
+    let _h = io.save(&tree_of(&p, 42), "ckpt").unwrap();
+    let v = io
+        .load_checkpoint(Path::new("ckpt"), &LoadOptions::default(), None)
+        .unwrap()
+        .unwrap();
+    assert_eq!(v.get("step").and_then(Value::as_int), Some(42));
+}
+
+#[test]
+fn save_remove_load_order_matches_a_synchronous_reference() {
+    for (mode, writers, seed) in [
+        (SnapshotMode::Eager, 1, 1u64),
+        (SnapshotMode::Deferred, 1, 2),
+        (SnapshotMode::Eager, 3, 3),
+        (SnapshotMode::Deferred, 2, 4),
+    ] {
+        let io = Builder::default()
+            .snapshot_mode(mode)
+            .writers(writers)
+            .capacity(3)
+            .build(slow_mem(1));
+        let reference = MemIo::default();
+        let p = Param::new(8, 0.0);
+        let mut x = seed;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for step in 0..120i64 {
+            let path = format!("p{}", next() % 3);
+            let path = Path::new(&path);
+            match next() % 5 {
+                0 | 1 | 2 => {
+                    p.fill(step as f32);
+                    let t = tree_of(&p, step);
+                    let h = io.save(&t, path).unwrap();
+                    h.wait_staged().unwrap();
+                    reference
+                        .save_checkpoint(&t, path, &SaveOptions::default())
+                        .unwrap();
+                }
+                3 => {
+                    io.remove_checkpoint(path).unwrap();
+                    reference.remove_checkpoint(path).unwrap();
+                }
+                _ => {
+                    let got = io.load_checkpoint(path, &LoadOptions::default(), None);
+                    let want = reference.load_checkpoint(path, &LoadOptions::default(), None);
+                    match (got, want) {
+                        (Ok(g), Ok(w)) => assert_eq!(g, w, "{mode:?} step {step}"),
+                        (Err(_), Err(_)) => {}
+                        (g, w) => panic!("{mode:?} step {step}: {g:?} vs {w:?}"),
+                    }
+                }
+            }
+        }
+        io.teardown().unwrap();
+        let got = io.inner().files.lock().unwrap().clone();
+        let want = reference.files.lock().unwrap().clone();
+        assert_eq!(got, want, "{mode:?} final state");
+    }
+}
+
+#[test]
+fn drop_without_teardown_flushes_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths: Vec<PathBuf> = (0..3)
+        .map(|i| dir.path().join(format!("c{i}.pt")))
+        .collect();
+    {
+        let io = Builder::default()
+            .capacity(3)
+            .build(TorchCheckpointIo::new());
+        let p = Param::new(100_000, 1.0);
+        for path in &paths {
+            drop(io.save(&tree_of(&p, 1), path).unwrap());
+        }
+    }
+    for path in &paths {
+        ckptio::torch::load(path, &LoadOptions::default()).unwrap();
+    }
+}
+
+#[test]
+fn teardown_forwards_and_the_wrapper_works_again_afterwards() {
+    let io = Builder::default().build(MemIo::default());
+    let p = Param::new(4, 0.0);
+    io.save(&tree_of(&p, 1), "a").unwrap().wait().unwrap();
+    io.teardown().unwrap();
+    assert_eq!(io.inner().teardowns.load(Ordering::SeqCst), 1);
+    io.save(&tree_of(&p, 2), "b").unwrap().wait().unwrap(); // a second fit
+    io.teardown().unwrap();
+    assert_eq!(io.inner().teardowns.load(Ordering::SeqCst), 2);
+    assert_eq!(io.inner().files.lock().unwrap().len(), 2);
+}
+
+#[test]
+fn teardown_timeout_reports_what_is_pending_instead_of_hanging() {
+    let io = Builder::default().capacity(2).build(slow_mem(300));
+    let p = Param::new(4, 0.0);
+    let _a = io.save(&tree_of(&p, 1), "slow-a").unwrap();
+    let _b = io.save(&tree_of(&p, 2), "slow-b").unwrap();
+    match io.teardown_timeout(Duration::from_millis(20)) {
+        Err(Error::TeardownTimeout { pending }) => assert!(!pending.is_empty()),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    io.teardown().unwrap();
+}
+
+#[test]
+fn skip_policy_skips_and_counts_when_the_queue_is_full() {
+    let io = Builder::default()
+        .backpressure(Backpressure::Skip)
+        .capacity(1)
+        .build(slow_mem(100));
+    let p = Param::new(4, 0.0);
+    let handles: Vec<_> = (0..6)
+        .map(|i| io.save(&tree_of(&p, i), format!("s{i}")).unwrap())
+        .collect();
+    let skipped = handles
+        .iter()
+        .map(|h| h.wait().unwrap().skipped)
+        .filter(|&s| s)
+        .count();
+    assert!(skipped >= 3, "{skipped} skipped");
+    assert_eq!(io.status().skips as usize, skipped);
+    assert_eq!(io.inner().files.lock().unwrap().len(), 6 - skipped);
+}
+
+#[test]
+fn error_policy_refuses_when_the_queue_is_full() {
+    let io = Builder::default()
+        .backpressure(Backpressure::Error)
+        .capacity(1)
+        .build(slow_mem(100));
+    let p = Param::new(4, 0.0);
+    let mut full = 0;
+    for i in 0..6 {
+        match io.save(&tree_of(&p, i), format!("e{i}")) {
+            Ok(h) => drop(h),
+            Err(Error::QueueFull { .. }) => full += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(full >= 3);
+    io.teardown().unwrap();
+}
+
+#[test]
+fn staging_buffers_are_reused_after_warm_up() {
+    let io = Builder::default().build(MemIo::default());
+    let a = Param::new(10_000, 1.0);
+    let b = Param::new(3_000, 2.0);
+    let tree = |s: i64| {
+        let mut d = Dict::new();
+        d.insert("a", LiveTensor::new(a.clone()));
+        d.insert("b", LiveTensor::new(b.clone()));
+        d.insert("step", s);
+        Value::Dict(d)
+    };
+    io.save(&tree(0), "w").unwrap().wait().unwrap();
+    let warm = io.status().pool.allocations;
+    for s in 1..50 {
+        io.save(&tree(s), "w").unwrap().wait().unwrap();
+    }
+    let st = io.status();
+    assert_eq!(st.pool.allocations, warm, "{st:?}");
+    assert_eq!(st.pool.in_use, 0);
+    assert_eq!(st.saves, 50);
+    assert_eq!(st.bytes_in_flight, 0);
+}
+
+#[test]
+fn shared_live_tensor_is_snapshotted_once_and_stays_shared() {
+    let dir = tempfile::tempdir().unwrap();
+    let io = AsyncCheckpointIo::new(TorchCheckpointIo::new());
+    let p = Param::new(64, 1.5);
+    let l = LiveTensor::new(p.clone());
+    let v = Value::List(vec![Value::Live(l.clone()), Value::Live(l)]);
+    let path = dir.path().join("tied.pt");
+    let rep = io.save(&v, &path).unwrap().wait().unwrap();
+    assert_eq!(rep.bytes, 64 * 4);
+    let back = ckptio::torch::load(&path, &LoadOptions::default()).unwrap();
+    let items = back.as_seq().unwrap();
+    let (a, b) = (items[0].as_tensor().unwrap(), items[1].as_tensor().unwrap());
+    assert!(a.storage().ptr_eq(b.storage()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_save_can_be_awaited_under_tokio() {
+    let dir = tempfile::tempdir().unwrap();
+    let io = AsyncCheckpointIo::new(TorchCheckpointIo::new());
+    let p = Param::new(16, 2.0);
+    let h = io.save(&tree_of(&p, 3), dir.path().join("t.pt")).unwrap();
+    h.staged().await.unwrap();
+    let rep = h.await.unwrap();
+    assert!(rep.durable);
+    io.teardown().unwrap();
+}
+
+#[test]
+fn a_save_can_be_awaited_from_a_plain_thread_and_futures_executor() {
+    let io = Arc::new(Builder::default().build(slow_mem(5)));
+    let p = Param::new(16, 2.0);
+    let h = io.save(&tree_of(&p, 3), "x").unwrap();
+    let t = std::thread::spawn(move || h.wait().map(|r| r.bytes));
+    assert_eq!(t.join().unwrap().unwrap(), 64);
+    let h2 = io.save(&tree_of(&p, 4), "y").unwrap();
+    let r = futures::executor::block_on(h2).unwrap();
+    assert_eq!(r.bytes, 64);
+}
