@@ -292,7 +292,7 @@ fn save_remove_load_order_matches_a_synchronous_reference() {
             let path = format!("p{}", next() % 3);
             let path = Path::new(&path);
             match next() % 5 {
-                0 | 1 | 2 => {
+                0..=2 => {
                     p.fill(step as f32);
                     let t = tree_of(&p, step);
                     let h = io.save(&t, path).unwrap();

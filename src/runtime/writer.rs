@@ -15,7 +15,7 @@ use super::staging::StagingPool;
 use super::Shared;
 use crate::error::{Error, Result};
 use crate::io::{CheckpointIo, SaveOptions};
-use crate::tensor::{HostTensor, Storage};
+use crate::tensor::{HostTensor, LiveTensor, Storage};
 use crate::value::Value;
 
 /// One operation for a writer.
@@ -182,12 +182,7 @@ pub(crate) fn snapshot(pool: &StagingPool, tree: &Value, block: bool) -> Result<
             None => return Ok(None),
         }
     };
-    {
-        let dst = buf.as_mut_slice();
-        for (l, &off) in live.iter().zip(&offsets) {
-            l.source().copy_to(&mut dst[off..off + l.nbytes()])?;
-        }
-    }
+    copy_parallel(&live, &offsets, buf.as_mut_slice())?;
     let bytes = buf.freeze();
     let mut views: std::collections::HashMap<usize, HostTensor> = Default::default();
     for (l, &off) in live.iter().zip(&offsets) {
@@ -202,6 +197,78 @@ pub(crate) fn snapshot(pool: &StagingPool, tree: &Value, block: bool) -> Result<
             .ok_or_else(|| Error::InvalidArgument("live tensor vanished".into()))
     })?;
     Ok(Some(out))
+}
+
+/// Snapshots below this size are copied on the calling thread alone.
+const PARALLEL_COPY_MIN: usize = 16 << 20;
+
+/// Copies each live tensor to its offset in `dst`, splitting the tensors between up to four
+/// threads (by bytes) when the snapshot is large: the copy is bound by memory bandwidth, which
+/// one core does not saturate.
+fn copy_parallel(live: &[LiveTensor], offsets: &[usize], dst: &mut [u8]) -> Result<()> {
+    let total = dst.len();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4);
+    if threads < 2 || total < PARALLEL_COPY_MIN || live.len() < 2 {
+        for (l, &off) in live.iter().zip(offsets) {
+            l.source().copy_to(&mut dst[off..off + l.nbytes()])?;
+        }
+        return Ok(());
+    }
+    // Cut the tensor list into `threads` groups of about equal bytes, and dst with it.
+    let mut groups: Vec<(usize, usize)> = Vec::new(); // tensor index ranges
+    let mut start = 0;
+    for g in 1..=threads {
+        let target = total * g / threads;
+        let mut end = start;
+        while end < live.len() && (end == start || offsets[end] < target) {
+            end += 1;
+        }
+        if g == threads {
+            end = live.len();
+        }
+        if end > start {
+            groups.push((start, end));
+        }
+        start = end;
+    }
+    std::thread::scope(|scope| {
+        let mut rest = dst;
+        let mut consumed = 0;
+        let mut joins = Vec::new();
+        for &(a, b) in &groups {
+            let end_byte = if b < live.len() {
+                offsets[b]
+            } else {
+                consumed + rest.len()
+            };
+            let (mine, tail) = rest.split_at_mut(end_byte - consumed);
+            let base = consumed;
+            consumed = end_byte;
+            rest = tail;
+            let part = &live[a..b];
+            let offs = &offsets[a..b];
+            joins.push(scope.spawn(move || -> Result<()> {
+                for (l, &off) in part.iter().zip(offs) {
+                    l.source()
+                        .copy_to(&mut mine[off - base..off - base + l.nbytes()])?;
+                }
+                Ok(())
+            }));
+        }
+        for j in joins {
+            match j.join() {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(Error::InvalidArgument(
+                        "a snapshot copy thread panicked".into(),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 pub(crate) fn stage_loop<I: CheckpointIo>(

@@ -1,0 +1,303 @@
+//! AsyncCheckpointIo against the machine's limits, side by side in one run.
+//!
+//! For each state size, on the same bytes and the same directory:
+//! - M0: memcpy of the state into a warm buffer (the floor for an Eager snapshot);
+//! - D0: raw sequential write + fsync of that many bytes (the floor for a durable write);
+//! - S0: synchronous `TorchCheckpointIo` save of the live state (copy + write + fsync);
+//! - Eager / Deferred: the stall of `AsyncCheckpointIo::save` on the training thread, the
+//!   background write time, the time to durable, and the peak extra RSS.
+//!
+//! ```text
+//! ./dev.sh cargo run --release --example async_bench -- --sizes-mib 64,1024 --reps 3
+//! ```
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ckptio::runtime::Builder;
+use ckptio::{CheckpointIo, Dict, SaveOptions, SnapshotMode, TorchCheckpointIo, Value};
+use clap::Parser;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Parser)]
+struct Args {
+    /// State sizes in MiB.
+    #[arg(long, value_delimiter = ',', default_value = "64,1024")]
+    sizes_mib: Vec<usize>,
+    /// Repetitions per measurement (median reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Directory to write in (default: target/bench-tmp).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Where to write results.json and results.md.
+    #[arg(long, default_value = "results/async_bench")]
+    out: PathBuf,
+}
+
+fn rss_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = s
+        .split_whitespace()
+        .nth(1)
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+/// Samples RSS every millisecond while alive; reports the peak.
+struct RssPeak {
+    stop: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+    t: Option<std::thread::JoinHandle<()>>,
+}
+impl RssPeak {
+    fn start() -> RssPeak {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicU64::new(rss_bytes()));
+        let (s, p) = (stop.clone(), peak.clone());
+        let t = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                p.fetch_max(rss_bytes(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        RssPeak {
+            stop,
+            peak,
+            t: Some(t),
+        }
+    }
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.t.take() {
+            let _ = t.join();
+        }
+        self.peak.load(Ordering::Relaxed).max(rss_bytes())
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// A state dict of float32 tensors (a few large, many small) totalling `bytes`.
+fn make_state(bytes: usize) -> Vec<(String, Tensor)> {
+    let numel = bytes / 4;
+    let mut out = Vec::new();
+    let mut left = numel;
+    let mut i = 0;
+    while left > 0 {
+        let n = if i % 4 == 0 {
+            (numel / 6).max(1)
+        } else {
+            (numel / 40).max(1)
+        }
+        .min(left);
+        out.push((
+            format!("layer{i}.weight"),
+            Tensor::randn([n as i64], (Kind::Float, Device::Cpu)),
+        ));
+        left -= n;
+        i += 1;
+    }
+    out
+}
+
+fn live_tree(state: &[(String, Tensor)], step: i64) -> Value {
+    let mut sd = Dict::ordered();
+    for (k, t) in state {
+        sd.insert(
+            k.as_str(),
+            ckptio::tch::live(t).expect("float32 tensors are savable"),
+        );
+    }
+    let mut d = Dict::new();
+    d.insert("state_dict", sd);
+    d.insert("step", step);
+    Value::Dict(d)
+}
+
+fn m0(bytes: usize, reps: usize) -> f64 {
+    let src = vec![3u8; bytes];
+    let mut dst = vec![1u8; bytes];
+    dst.copy_from_slice(&src);
+    median(
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                dst.copy_from_slice(&src);
+                std::hint::black_box(&dst);
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+fn d0(dir: &Path, bytes: usize, reps: usize) -> f64 {
+    // The same amount of bytes from a buffer of the state's size (not a small hot buffer).
+    let buf = vec![7u8; bytes];
+    median(
+        (0..reps)
+            .map(|_| {
+                let p = dir.join("raw.bin");
+                let t = Instant::now();
+                let mut f = File::create(&p).expect("create raw file");
+                let mut left = bytes;
+                while left > 0 {
+                    let n = left.min(64 << 20);
+                    let at = bytes - left;
+                    f.write_all(&buf[at..at + n]).expect("write raw file");
+                    left -= n;
+                }
+                f.sync_all().expect("fsync raw file");
+                let s = t.elapsed().as_secs_f64();
+                let _ = std::fs::remove_file(&p);
+                s
+            })
+            .collect(),
+    )
+}
+
+#[derive(Default, Clone)]
+struct Row {
+    m0: f64,
+    d0: f64,
+    s0: f64,
+    eager_stall: f64,
+    deferred_stall: f64,
+    eager_write: f64,
+    eager_durable: f64,
+    deferred_durable: f64,
+    peak_extra_rss: f64,
+}
+
+fn run(args: &Args, dir: &Path, mib: usize) -> Row {
+    let bytes = mib << 20;
+    let reps = args.reps;
+    let state = make_state(bytes);
+    let io = TorchCheckpointIo::new();
+    let path = dir.join("ckpt.pt");
+
+    let m0 = m0(bytes, reps);
+    let d0 = d0(dir, bytes, reps);
+    let s0 = median(
+        (0..reps)
+            .map(|i| {
+                let t = Instant::now();
+                io.save_checkpoint(&live_tree(&state, i as i64), &path, &SaveOptions::default())
+                    .expect("sync save");
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    );
+
+    let mut res = Row {
+        m0,
+        d0,
+        s0,
+        ..Row::default()
+    };
+    for mode in [SnapshotMode::Eager, SnapshotMode::Deferred] {
+        let aio = Builder::default()
+            .snapshot_mode(mode)
+            .build(TorchCheckpointIo::new());
+        // Peak RSS is measured from before the pool's first allocation.
+        let base = rss_bytes();
+        let peak = RssPeak::start();
+        // Warm-up: the pool allocates its buffer once.
+        aio.save(&live_tree(&state, -1), &path)
+            .expect("save")
+            .wait()
+            .expect("write");
+        let mut stalls = Vec::new();
+        let mut writes = Vec::new();
+        let mut durable = Vec::new();
+        for i in 0..reps {
+            let tree = live_tree(&state, i as i64);
+            let t = Instant::now();
+            let h = aio.save(&tree, &path).expect("save");
+            let stall = t.elapsed().as_secs_f64();
+            h.wait_staged().expect("staged");
+            let rep = h.wait().expect("write");
+            durable.push(t.elapsed().as_secs_f64());
+            stalls.push(stall);
+            writes.push(rep.write.as_secs_f64());
+        }
+        let extra = peak.finish().saturating_sub(base) as f64;
+        aio.teardown().expect("teardown");
+        match mode {
+            SnapshotMode::Eager => {
+                res.eager_stall = median(stalls);
+                res.eager_write = median(writes);
+                res.eager_durable = median(durable);
+                res.peak_extra_rss = extra / bytes as f64;
+            }
+            SnapshotMode::Deferred => {
+                res.deferred_stall = median(stalls);
+                res.deferred_durable = median(durable);
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    res
+}
+
+fn main() {
+    let args = Args::parse();
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("target/bench-tmp"));
+    std::fs::create_dir_all(&dir).expect("create bench dir");
+    std::fs::create_dir_all(&args.out).expect("create results dir");
+    tch::set_num_threads(1);
+    let mut md = String::from(
+        "| state | M0 memcpy | D0 write+fsync | S0 sync save | Eager stall (/M0) | Deferred stall | S0/Eager stall | write GB/s (/D0) | durable Eager (/S0) | durable Deferred (/S0) | peak extra RSS / size |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut json = Vec::new();
+    for &mib in &args.sizes_mib {
+        eprintln!("measuring {mib} MiB ...");
+        let r = run(&args, &dir, mib);
+        let gb = (mib << 20) as f64 / 1e9;
+        let ms = |s: f64| format!("{:.1} ms", s * 1e3);
+        md.push_str(&format!(
+            "| {} MiB | {} ({:.2} GB/s) | {} ({:.2} GB/s) | {} | {} ({:.2}) | {} | {:.1} | {:.2} ({:.2}) | {} ({:.2}) | {} ({:.2}) | {:.2} |\n",
+            mib,
+            ms(r.m0), gb / r.m0,
+            ms(r.d0), gb / r.d0,
+            ms(r.s0),
+            ms(r.eager_stall), r.eager_stall / r.m0,
+            ms(r.deferred_stall),
+            r.s0 / r.eager_stall,
+            gb / r.eager_write, (gb / r.eager_write) / (gb / r.d0),
+            ms(r.eager_durable), r.eager_durable / r.s0,
+            ms(r.deferred_durable), r.deferred_durable / r.s0,
+            r.peak_extra_rss,
+        ));
+        json.push(serde_json::json!({
+            "size_mib": mib, "m0_s": r.m0, "d0_s": r.d0, "s0_s": r.s0,
+            "eager_stall_s": r.eager_stall, "deferred_stall_s": r.deferred_stall,
+            "eager_write_s": r.eager_write, "eager_durable_s": r.eager_durable,
+            "deferred_durable_s": r.deferred_durable, "peak_extra_rss_per_size": r.peak_extra_rss,
+            "ratios": {
+                "eager_stall_over_m0": r.eager_stall / r.m0,
+                "s0_over_eager_stall": r.s0 / r.eager_stall,
+                "write_throughput_over_d0": r.d0 / r.eager_write,
+                "eager_durable_over_s0": r.eager_durable / r.s0,
+            }
+        }));
+    }
+    println!("{md}");
+    std::fs::write(args.out.join("results.md"), &md).expect("write results.md");
+    std::fs::write(
+        args.out.join("results.json"),
+        serde_json::to_string_pretty(&json).expect("json"),
+    )
+    .expect("write results.json");
+}
