@@ -411,7 +411,7 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                     return self.refuse(done, handle, &path);
                 }
                 let start = Instant::now();
-                let snap = snapshot(&self.shared.pool, tree, policy == Backpressure::Block)?;
+                let snap = snapshot(&self.shared.pool, tree, policy == Backpressure::Block, true)?;
                 let stage = start.elapsed();
                 let snap = match snap {
                     Some(s) => s,

@@ -163,7 +163,12 @@ const SLICE_ALIGN: usize = 64;
 /// the snapshot. Host tensors are immutable and are kept as they are: no copy.
 ///
 /// `None` when `block` is false and the budget is exhausted.
-pub(crate) fn snapshot(pool: &StagingPool, tree: &Value, block: bool) -> Result<Option<Value>> {
+pub(crate) fn snapshot(
+    pool: &StagingPool,
+    tree: &Value,
+    block: bool,
+    parallel: bool,
+) -> Result<Option<Value>> {
     let live = tree.live_tensors();
     if live.is_empty() {
         return Ok(Some(tree.clone()));
@@ -182,7 +187,7 @@ pub(crate) fn snapshot(pool: &StagingPool, tree: &Value, block: bool) -> Result<
             None => return Ok(None),
         }
     };
-    copy_parallel(&live, &offsets, buf.as_mut_slice())?;
+    copy_parallel(&live, &offsets, buf.as_mut_slice(), parallel)?;
     let bytes = buf.freeze();
     let mut views: std::collections::HashMap<usize, HostTensor> = Default::default();
     for (l, &off) in live.iter().zip(&offsets) {
@@ -203,13 +208,23 @@ pub(crate) fn snapshot(pool: &StagingPool, tree: &Value, block: bool) -> Result<
 const PARALLEL_COPY_MIN: usize = 16 << 20;
 
 /// Copies each live tensor to its offset in `dst`, splitting the tensors between up to four
-/// threads (by bytes) when the snapshot is large: the copy is bound by memory bandwidth, which
+/// threads (by bytes) when the snapshot is large and `parallel` (Eager mode, where the training
+/// thread waits for the copy anyway): the copy is bound by memory bandwidth, which
 /// one core does not saturate.
-fn copy_parallel(live: &[LiveTensor], offsets: &[usize], dst: &mut [u8]) -> Result<()> {
+fn copy_parallel(
+    live: &[LiveTensor],
+    offsets: &[usize],
+    dst: &mut [u8],
+    parallel: bool,
+) -> Result<()> {
     let total = dst.len();
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(4);
+    let threads = if parallel {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(4)
+    } else {
+        1
+    };
     if threads < 2 || total < PARALLEL_COPY_MIN || live.len() < 2 {
         for (l, &off) in live.iter().zip(offsets) {
             l.source().copy_to(&mut dst[off..off + l.nbytes()])?;
@@ -286,7 +301,9 @@ pub(crate) fn stage_loop<I: CheckpointIo>(
                 done,
             } => {
                 let start = Instant::now();
-                let r = guarded(&path, || snapshot(&shared.pool, &tree, true));
+                // Deferred snapshots overlap the training step: one thread, so the copy leaves the
+                // compute its cores.
+                let r = guarded(&path, || snapshot(&shared.pool, &tree, true, false));
                 drop(tree);
                 let stage = start.elapsed();
                 match r {

@@ -1,0 +1,992 @@
+//! The main job: how much slower does training get when it checkpoints this often?
+//!
+//! A real training loop (an MLP trained with AdamW in tch, on CPU) checkpoints its model and
+//! optimizer state every K steps. The same loop runs, from the same seed, with: no checkpoint;
+//! a synchronous `TorchCheckpointIo`; `AsyncCheckpointIo` Eager; `AsyncCheckpointIo` Deferred
+//! (the copy overlaps forward/backward, the loop waits on `staged()` just before the optimizer
+//! step). Then the same loop in Python from the project's `.venv`: `torch.save` in the loop,
+//! Lightning's `AsyncCheckpointIO`, and `torch.distributed.checkpoint.async_save`.
+//! Every ckptio checkpoint is reloaded and compared bit for bit with the parameters at the step
+//! it claims (from a deterministic re-run).
+//!
+//! ```text
+//! ./dev.sh main                       # 256 MiB checkpoints, a few minutes
+//! ./dev.sh main --quick               # under a minute
+//! ./dev.sh main --size-mib 1024       # bigger
+//! ```
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ckptio::runtime::Builder;
+use ckptio::{
+    CheckpointIo, Dict, HostTensor, LoadOptions, SaveHandle, SaveOptions, SnapshotMode,
+    TorchCheckpointIo, Value,
+};
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use tch::nn::{Module, VarStore};
+use tch::{nn, Device, Kind, Tensor};
+
+#[derive(Parser, Clone)]
+#[command(about = "Overlap of compute and checkpoint writes, side by side with peers")]
+struct Args {
+    /// Checkpoint size to aim for (model + AdamW state), MiB.
+    #[arg(long, default_value_t = 256)]
+    size_mib: usize,
+    /// Width of each layer.
+    #[arg(long)]
+    hidden: Option<i64>,
+    /// Batch size (sets the compute per step).
+    #[arg(long, default_value_t = 256)]
+    batch: i64,
+    /// Training steps per mode.
+    #[arg(long, default_value_t = 40)]
+    steps: usize,
+    /// Checkpoint every K steps.
+    #[arg(long, default_value_t = 4)]
+    every: usize,
+    /// Threads for compute (the other core is left to the writer, for every contender).
+    #[arg(long, default_value_t = 1)]
+    threads: i32,
+    /// Small and fast: a smoke test in well under a minute.
+    #[arg(long)]
+    quick: bool,
+    /// Skip the Python peers.
+    #[arg(long)]
+    no_peers: bool,
+    /// Where checkpoints are written (default target/overlap-tmp).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Where results (JSON, Markdown, PNG) go.
+    #[arg(long, default_value = "results/overlap")]
+    out: PathBuf,
+    /// Seed for model and data.
+    #[arg(long, default_value_t = 7)]
+    seed: i64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Baseline,
+    Sync,
+    Eager,
+    Deferred,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Baseline => "ckptio: no checkpoint (baseline)",
+            Mode::Sync => "ckptio: TorchCheckpointIo (sync)",
+            Mode::Eager => "ckptio: AsyncCheckpointIo Eager",
+            Mode::Deferred => "ckptio: AsyncCheckpointIo Deferred",
+        }
+    }
+    fn dir(self) -> &'static str {
+        match self {
+            Mode::Baseline => "baseline",
+            Mode::Sync => "sync",
+            Mode::Eager => "eager",
+            Mode::Deferred => "deferred",
+        }
+    }
+}
+
+/// One mode's measurements, ckptio's or a peer's.
+#[derive(Clone, Debug, Default)]
+struct Run {
+    name: String,
+    group: String,
+    durability: String,
+    wall_s: f64,
+    step_ms: Vec<f64>,
+    stall_ms: Vec<f64>,
+    /// Per step: a write was in flight at its end.
+    in_flight: Vec<bool>,
+    save_steps: Vec<usize>,
+    durable_s: Vec<f64>,
+    bytes: u64,
+    peak_rss_extra_mib: f64,
+    verified: Option<bool>,
+    verify_note: String,
+    error: Option<String>,
+}
+
+// ----------------------------------------------------------------------------------------------
+// The model and its optimizer (AdamW with visible state, as torch.optim.AdamW computes it)
+
+struct Trainer {
+    _vs: VarStore,
+    layers: Vec<nn::Linear>,
+    names: Vec<String>,
+    params: Vec<Tensor>,
+    exp_avg: Vec<Tensor>,
+    exp_avg_sq: Vec<Tensor>,
+    step: i64,
+    hidden: i64,
+    batch: i64,
+    seed: i64,
+}
+
+const LR: f64 = 1e-3;
+const BETAS: (f64, f64) = (0.9, 0.999);
+const EPS: f64 = 1e-8;
+const WD: f64 = 0.01;
+
+impl Trainer {
+    fn new(layers: usize, hidden: i64, batch: i64, seed: i64) -> Trainer {
+        tch::manual_seed(seed);
+        let vs = VarStore::new(Device::Cpu);
+        let mut ls = Vec::new();
+        for i in 0..layers {
+            ls.push(nn::linear(
+                vs.root() / format!("{i}"),
+                hidden,
+                hidden,
+                Default::default(),
+            ));
+        }
+        let vars = vs.variables();
+        let mut names: Vec<String> = vars.keys().cloned().collect();
+        names.sort();
+        let params: Vec<Tensor> = names.iter().map(|n| vars[n].shallow_clone()).collect();
+        let exp_avg = params.iter().map(Tensor::zeros_like).collect();
+        let exp_avg_sq = params.iter().map(Tensor::zeros_like).collect();
+        Trainer {
+            _vs: vs,
+            layers: ls,
+            names,
+            params,
+            exp_avg,
+            exp_avg_sq,
+            step: 0,
+            hidden,
+            batch,
+            seed,
+        }
+    }
+
+    fn forward_backward(&mut self) {
+        // Data depends only on the seed and the step, so every mode sees the same batches.
+        tch::manual_seed(self.seed * 100_003 + self.step + 1);
+        let x = Tensor::randn([self.batch, self.hidden], (Kind::Float, Device::Cpu));
+        let y = Tensor::randn([self.batch, self.hidden], (Kind::Float, Device::Cpu));
+        let mut h = x;
+        let n = self.layers.len();
+        for (i, l) in self.layers.iter().enumerate() {
+            h = l.forward(&h);
+            if i + 1 < n {
+                h = h.relu();
+            }
+        }
+        let loss = h.mse_loss(&y, tch::Reduction::Mean);
+        for p in &mut self.params {
+            p.zero_grad();
+        }
+        loss.backward();
+    }
+
+    fn optimizer_step(&mut self) {
+        self.step += 1;
+        let t = self.step as f64;
+        let bc1 = 1.0 - BETAS.0.powf(t);
+        let bc2 = 1.0 - BETAS.1.powf(t);
+        tch::no_grad(|| {
+            for i in 0..self.params.len() {
+                let g = self.params[i].grad();
+                let p = &mut self.params[i];
+                let _ = p.g_mul_scalar_(1.0 - LR * WD);
+                let m = &mut self.exp_avg[i];
+                let _ = m.g_mul_scalar_(BETAS.0);
+                let _ = m.g_add_(&(&g * (1.0 - BETAS.0)));
+                let v = &mut self.exp_avg_sq[i];
+                let _ = v.g_mul_scalar_(BETAS.1);
+                let _ = v.g_add_(&(&g * &g * (1.0 - BETAS.1)));
+                let denom = (&*v / bc2).sqrt() + EPS;
+                let upd = (&*m / &denom) * (LR / bc1);
+                let _ = self.params[i].g_sub_(&upd);
+            }
+        });
+    }
+
+    /// The checkpoint in PyTorch's layout, tensors live (copied by the save).
+    fn checkpoint(&self) -> Value {
+        let mut model = Dict::ordered();
+        for (n, p) in self.names.iter().zip(&self.params) {
+            model.insert(n.as_str(), ckptio::tch::live(p).expect("float32"));
+        }
+        let mut state = Dict::new();
+        for i in 0..self.params.len() {
+            let mut s = Dict::new();
+            s.insert("step", HostTensor::scalar(self.step as f32));
+            s.insert(
+                "exp_avg",
+                ckptio::tch::live(&self.exp_avg[i]).expect("float32"),
+            );
+            s.insert(
+                "exp_avg_sq",
+                ckptio::tch::live(&self.exp_avg_sq[i]).expect("float32"),
+            );
+            state.insert(i as i64, s);
+        }
+        let mut group = Dict::new();
+        group.insert("lr", LR);
+        group.insert("betas", Value::Tuple(vec![BETAS.0.into(), BETAS.1.into()]));
+        group.insert("eps", EPS);
+        group.insert("weight_decay", WD);
+        group.insert("amsgrad", false);
+        group.insert(
+            "params",
+            Value::List((0..self.params.len() as i64).map(Value::Int).collect()),
+        );
+        let mut opt = Dict::new();
+        opt.insert("state", state);
+        opt.insert("param_groups", Value::List(vec![Value::Dict(group)]));
+        let mut ck = Dict::new();
+        ck.insert("model", model);
+        ck.insert("optimizer", opt);
+        ck.insert("step", self.step);
+        Value::Dict(ck)
+    }
+
+    /// Digest of every saved tensor, keyed like the checkpoint.
+    fn digests(&self) -> HashMap<String, String> {
+        let mut out = HashMap::new();
+        for (i, n) in self.names.iter().enumerate() {
+            let d =
+                |t: &Tensor| ckptio::json::tensor_digest(&ckptio::tch::to_host(t).expect("host"));
+            out.insert(format!("model.{n}"), d(&self.params[i]));
+            out.insert(format!("optimizer.state.{i}.exp_avg"), d(&self.exp_avg[i]));
+            out.insert(
+                format!("optimizer.state.{i}.exp_avg_sq"),
+                d(&self.exp_avg_sq[i]),
+            );
+        }
+        out
+    }
+
+    fn nbytes(&self) -> usize {
+        self.params.iter().map(|p| p.numel() * 4 * 3).sum()
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Measurement helpers
+
+fn rss_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    s.split_whitespace()
+        .nth(1)
+        .and_then(|x| x.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 4096
+}
+
+struct RssPeak {
+    stop: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+    base: u64,
+    t: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RssPeak {
+    fn start() -> RssPeak {
+        let base = rss_bytes();
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicU64::new(base));
+        let (s, p) = (stop.clone(), peak.clone());
+        let t = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                p.fetch_max(rss_bytes(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        RssPeak {
+            stop,
+            peak,
+            base,
+            t: Some(t),
+        }
+    }
+    fn extra_mib(mut self) -> f64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.t.take() {
+            let _ = t.join();
+        }
+        (self
+            .peak
+            .load(Ordering::Relaxed)
+            .max(rss_bytes())
+            .saturating_sub(self.base)) as f64
+            / (1 << 20) as f64
+    }
+}
+
+fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let i = ((s.len() - 1) as f64 * p).round() as usize;
+    s[i]
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// One ckptio mode
+
+fn run_mode(mode: Mode, a: &Args, layers: usize, hidden: i64, dir: &Path, pb: &ProgressBar) -> Run {
+    let mdir = dir.join(mode.dir());
+    let _ = std::fs::remove_dir_all(&mdir);
+    std::fs::create_dir_all(&mdir).expect("create mode dir");
+    let mut tr = Trainer::new(layers, hidden, a.batch, a.seed);
+    let sync_io = TorchCheckpointIo::new();
+    let aio = match mode {
+        Mode::Eager => Some(
+            Builder::default()
+                .snapshot_mode(SnapshotMode::Eager)
+                .build(TorchCheckpointIo::new()),
+        ),
+        Mode::Deferred => Some(
+            Builder::default()
+                .snapshot_mode(SnapshotMode::Deferred)
+                .build(TorchCheckpointIo::new()),
+        ),
+        _ => None,
+    };
+    let mut run = Run {
+        name: mode.name().into(),
+        group: "ckptio".into(),
+        durability: match mode {
+            Mode::Baseline => "-".into(),
+            _ => "fsync file + rename + fsync dir (atomic, durable)".into(),
+        },
+        ..Run::default()
+    };
+    let rss = RssPeak::start();
+    let mut handles: Vec<(usize, Instant, SaveHandle)> = Vec::new();
+    let mut pending_deferred: Option<SaveHandle> = None;
+    let t0 = Instant::now();
+    for s in 1..=a.steps {
+        let st = Instant::now();
+        let mut stall = Duration::ZERO;
+        // Deferred: the save of the previous step's state starts now and overlaps fwd/bwd.
+        if mode == Mode::Deferred && s > 1 && (s - 1) % a.every == 0 {
+            let ss = Instant::now();
+            let h = aio
+                .as_ref()
+                .expect("async")
+                .save(&tr.checkpoint(), mdir.join(format!("step-{}.pt", s - 1)))
+                .expect("save");
+            stall += ss.elapsed();
+            pending_deferred = Some(h);
+        }
+        tr.forward_backward();
+        if let Some(h) = pending_deferred.take() {
+            let ss = Instant::now();
+            h.wait_staged().expect("staged");
+            stall += ss.elapsed();
+            handles.push((s - 1, Instant::now(), h));
+        }
+        tr.optimizer_step();
+        if s % a.every == 0 && mode != Mode::Baseline && mode != Mode::Deferred {
+            let path = mdir.join(format!("step-{s}.pt"));
+            let ss = Instant::now();
+            match mode {
+                Mode::Sync => {
+                    sync_io
+                        .save_checkpoint(&tr.checkpoint(), &path, &SaveOptions::default())
+                        .expect("save");
+                    run.durable_s.push(ss.elapsed().as_secs_f64());
+                }
+                _ => {
+                    let h = aio
+                        .as_ref()
+                        .expect("async")
+                        .save(&tr.checkpoint(), &path)
+                        .expect("save");
+                    handles.push((s, ss, h));
+                }
+            }
+            stall += ss.elapsed();
+        }
+        if (mode == Mode::Deferred && s > 1 && (s - 1) % a.every == 0)
+            || (mode != Mode::Deferred && mode != Mode::Baseline && s % a.every == 0)
+        {
+            run.stall_ms.push(stall.as_secs_f64() * 1e3);
+            run.save_steps.push(s);
+        }
+        run.step_ms.push(st.elapsed().as_secs_f64() * 1e3);
+        run.in_flight
+            .push(handles.iter().any(|(_, _, h)| !h.is_finished()));
+        pb.inc(1);
+    }
+    // The last checkpoint of Deferred mode starts after the loop.
+    if mode == Mode::Deferred && a.steps % a.every == 0 {
+        let ss = Instant::now();
+        let h = aio
+            .as_ref()
+            .expect("async")
+            .save(&tr.checkpoint(), mdir.join(format!("step-{}.pt", a.steps)))
+            .expect("save");
+        h.wait_staged().expect("staged");
+        run.stall_ms.push(ss.elapsed().as_secs_f64() * 1e3);
+        run.save_steps.push(a.steps);
+        handles.push((a.steps, ss, h));
+    }
+    for (_, _, h) in &handles {
+        let r = h.wait().expect("write");
+        run.durable_s
+            .push((r.stage + r.queue_wait + r.write).as_secs_f64());
+        run.bytes = r.bytes;
+    }
+    if let Some(aio) = &aio {
+        aio.teardown().expect("teardown");
+    }
+    run.wall_s = t0.elapsed().as_secs_f64();
+    run.peak_rss_extra_mib = rss.extra_mib();
+    if mode == Mode::Sync {
+        run.bytes = tr.nbytes() as u64;
+    }
+    run
+}
+
+/// Re-runs training from the seed and checks each mode's files bit for bit.
+fn verify(runs: &mut [Run], modes: &[Mode], a: &Args, layers: usize, hidden: i64, dir: &Path) {
+    let mut tr = Trainer::new(layers, hidden, a.batch, a.seed);
+    let mut expected: HashMap<usize, HashMap<String, String>> = HashMap::new();
+    for s in 1..=a.steps {
+        tr.forward_backward();
+        tr.optimizer_step();
+        if s % a.every == 0 {
+            expected.insert(s, tr.digests());
+        }
+    }
+    for (run, mode) in runs.iter_mut().zip(modes) {
+        if *mode == Mode::Baseline {
+            continue;
+        }
+        let mut bad = Vec::new();
+        let mut checked = 0;
+        for (&s, want) in &expected {
+            let path = dir.join(mode.dir()).join(format!("step-{s}.pt"));
+            match ckptio::torch::load(&path, &LoadOptions::default()) {
+                Err(e) => bad.push(format!("step {s}: {e}")),
+                Ok(v) => {
+                    if v.get("step").and_then(Value::as_int) != Some(s as i64) {
+                        bad.push(format!("step {s}: file claims step {:?}", v.get("step")));
+                    }
+                    let got: HashMap<String, String> = v
+                        .named_tensors()
+                        .into_iter()
+                        .filter(|(k, _)| want.contains_key(k))
+                        .map(|(k, t)| (k, ckptio::json::tensor_digest(t)))
+                        .collect();
+                    for (k, d) in want {
+                        checked += 1;
+                        if got.get(k) != Some(d) {
+                            bad.push(format!("step {s}: {k} differs (torn or late snapshot)"));
+                        }
+                    }
+                }
+            }
+        }
+        run.verified = Some(bad.is_empty());
+        run.verify_note = if bad.is_empty() {
+            format!(
+                "{} checkpoints, {checked} tensors bit-exact",
+                expected.len()
+            )
+        } else {
+            format!(
+                "{} MISMATCHES: {}",
+                bad.len(),
+                bad.iter().take(3).cloned().collect::<Vec<_>>().join("; ")
+            )
+        };
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Peers (Python)
+
+fn python() -> PathBuf {
+    std::env::var_os("CKPTIO_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"))
+}
+
+fn run_peers(a: &Args, layers: usize, hidden: i64, dir: &Path) -> Vec<Run> {
+    let out = dir.join("peers.json");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/py/overlap_peer.py");
+    let status = std::process::Command::new(python())
+        .arg(&script)
+        .args([
+            "--layers",
+            &layers.to_string(),
+            "--hidden",
+            &hidden.to_string(),
+        ])
+        .args([
+            "--batch",
+            &a.batch.to_string(),
+            "--steps",
+            &a.steps.to_string(),
+        ])
+        .args([
+            "--every",
+            &a.every.to_string(),
+            "--seed",
+            &a.seed.to_string(),
+        ])
+        .args(["--threads", &a.threads.to_string()])
+        .arg("--dir")
+        .arg(dir.join("peers"))
+        .arg("--out")
+        .arg(&out)
+        .status();
+    let fail = |msg: String| {
+        vec![Run {
+            name: "python peers".into(),
+            group: "peer".into(),
+            error: Some(msg),
+            ..Run::default()
+        }]
+    };
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => return fail(format!("peer script exited with {s}")),
+        Err(e) => return fail(format!("cannot run {}: {e}", python().display())),
+    }
+    let text = match std::fs::read_to_string(&out) {
+        Ok(t) => t,
+        Err(e) => return fail(format!("no peer results: {e}")),
+    };
+    let doc: serde_json::Value = match serde_json::from_str(&text) {
+        Ok(d) => d,
+        Err(e) => return fail(format!("bad peer JSON: {e}")),
+    };
+    let f64s = |v: &serde_json::Value| -> Vec<f64> {
+        v.as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+            .unwrap_or_default()
+    };
+    let mut runs = Vec::new();
+    for m in doc["modes"].as_array().cloned().unwrap_or_default() {
+        let name = format!("python: {}", m["name"].as_str().unwrap_or("?"));
+        if let Some(e) = m["error"].as_str() {
+            runs.push(Run {
+                name,
+                group: "peer".into(),
+                error: Some(e.into()),
+                ..Run::default()
+            });
+            continue;
+        }
+        runs.push(Run {
+            name,
+            group: "peer".into(),
+            durability: m["durability"].as_str().unwrap_or("").into(),
+            wall_s: m["wall_s"].as_f64().unwrap_or(f64::NAN),
+            step_ms: f64s(&m["step_ms"]),
+            stall_ms: f64s(&m["stalls_ms"]),
+            in_flight: m["in_flight"]
+                .as_array()
+                .map(|a| a.iter().map(|x| x.as_bool().unwrap_or(false)).collect())
+                .unwrap_or_default(),
+            save_steps: m["save_steps"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_u64().map(|u| u as usize))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            durable_s: f64s(&m["durable_s"]),
+            bytes: m["bytes"].as_u64().unwrap_or(0),
+            peak_rss_extra_mib: m["peak_rss_extra_mib"].as_f64().unwrap_or(f64::NAN),
+            verified: m["verified"].as_bool(),
+            verify_note: m["verify_note"].as_str().unwrap_or("").into(),
+            error: None,
+        });
+    }
+    runs
+}
+
+// ----------------------------------------------------------------------------------------------
+// Machine limits
+
+fn limits(bytes: usize, dir: &Path) -> (f64, f64) {
+    let src = vec![3u8; bytes];
+    let mut dst = vec![1u8; bytes];
+    dst.copy_from_slice(&src);
+    let t = Instant::now();
+    dst.copy_from_slice(&src);
+    std::hint::black_box(&dst);
+    let m0 = t.elapsed().as_secs_f64();
+    drop(dst);
+    let p = dir.join("raw-write.bin");
+    let t = Instant::now();
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&p).expect("create raw file");
+        for chunk in src.chunks(64 << 20) {
+            f.write_all(chunk).expect("write raw file");
+        }
+        f.sync_all().expect("fsync raw file");
+    }
+    let d0 = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&p);
+    (m0, d0)
+}
+
+// ----------------------------------------------------------------------------------------------
+// Report
+
+struct Derived {
+    overhead_pct: f64,
+    median_ms: f64,
+    p99_ms: f64,
+    stall_mean_ms: f64,
+    stall_max_ms: f64,
+    interference: f64,
+    durable_mean_s: f64,
+    write_gbps: f64,
+}
+
+fn derive(r: &Run, baseline: Option<&Run>) -> Derived {
+    // Step time minus the stall inside it, for the interference figure.
+    let mut busy = Vec::new();
+    let mut idle = Vec::new();
+    for (i, &ms) in r.step_ms.iter().enumerate() {
+        if r.save_steps.contains(&(i + 1)) {
+            continue; // steps that took a save carry its stall
+        }
+        if r.in_flight.get(i).copied().unwrap_or(false) {
+            busy.push(ms);
+        } else {
+            idle.push(ms);
+        }
+    }
+    let interference = if busy.is_empty() || idle.is_empty() {
+        f64::NAN
+    } else {
+        percentile(&busy, 0.5) / percentile(&idle, 0.5)
+    };
+    let durable_mean_s = mean(&r.durable_s);
+    Derived {
+        overhead_pct: baseline.map_or(f64::NAN, |b| (r.wall_s / b.wall_s - 1.0) * 100.0),
+        median_ms: percentile(&r.step_ms, 0.5),
+        p99_ms: percentile(&r.step_ms, 0.99),
+        stall_mean_ms: mean(&r.stall_ms),
+        stall_max_ms: r.stall_ms.iter().copied().fold(f64::NAN, f64::max),
+        interference,
+        durable_mean_s,
+        write_gbps: if durable_mean_s > 0.0 {
+            r.bytes as f64 / 1e9 / durable_mean_s
+        } else {
+            f64::NAN
+        },
+    }
+}
+
+fn fmt(x: f64, prec: usize) -> String {
+    if x.is_finite() {
+        format!("{x:.prec$}")
+    } else {
+        "n/a".into()
+    }
+}
+
+fn plot(runs: &[Run], baselines: &HashMap<String, Run>, out: &Path) -> Result<(), String> {
+    use plotters::prelude::*;
+    let font = [
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    ]
+    .iter()
+    .find_map(|p| std::fs::read(p).ok())
+    .ok_or("no DejaVuSans.ttf font found for plot labels")?;
+    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
+        .map_err(|_| "bad font")?;
+
+    let path = out.join("step_times.png");
+    let root = BitMapBackend::new(&path, (1400, 800)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let ok: Vec<&Run> = runs
+        .iter()
+        .filter(|r| r.error.is_none() && !r.step_ms.is_empty())
+        .collect();
+    let steps = ok.iter().map(|r| r.step_ms.len()).max().unwrap_or(1);
+    let ymax = ok
+        .iter()
+        .flat_map(|r| r.step_ms.iter().copied())
+        .fold(1.0, f64::max)
+        * 1.05;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Step time per step (circles: a checkpoint was taken in that step)",
+            ("sans-serif", 24),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(1f64..steps as f64, 0f64..ymax)
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("step time (ms)")
+        .draw()
+        .map_err(|e| e.to_string())?;
+    for (i, r) in ok.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let pts: Vec<(f64, f64)> = r
+            .step_ms
+            .iter()
+            .enumerate()
+            .map(|(j, &m)| ((j + 1) as f64, m))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label(r.name.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+            });
+        chart
+            .draw_series(
+                r.save_steps
+                    .iter()
+                    .filter_map(|&s| pts.get(s - 1))
+                    .map(|&p| Circle::new(p, 5, color.filled())),
+            )
+            .map_err(|e| e.to_string())?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())?;
+
+    let path = out.join("overhead.png");
+    let root = BitMapBackend::new(&path, (1400, 700)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let bars: Vec<(String, f64)> = ok
+        .iter()
+        .filter(|r| !r.name.contains("baseline"))
+        .map(|r| {
+            (
+                r.name.clone(),
+                derive(r, baselines.get(&r.group)).overhead_pct,
+            )
+        })
+        .collect();
+    let top = bars.iter().map(|b| b.1).fold(5.0, f64::max) * 1.15;
+    let bottom = bars.iter().map(|b| b.1).fold(0.0, f64::min).min(0.0) * 1.15;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Training slowdown vs. its own no-checkpoint baseline (%)",
+            ("sans-serif", 24),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(330)
+        .build_cartesian_2d(bottom..top, 0f64..bars.len() as f64)
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .y_labels(0)
+        .x_desc("overhead %")
+        .draw()
+        .map_err(|e| e.to_string())?;
+    for (i, (name, v)) in bars.iter().enumerate() {
+        let y0 = i as f64 + 0.15;
+        let y1 = i as f64 + 0.85;
+        let color = if name.starts_with("ckptio") {
+            BLUE.mix(0.7)
+        } else {
+            RED.mix(0.6)
+        };
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [(0.0, y0), (*v, y1)],
+                color.filled(),
+            )))
+            .map_err(|e| e.to_string())?;
+        root.draw(&Text::new(
+            format!("{name}: {v:.1}%"),
+            (10, chart.backend_coord(&(bottom, i as f64 + 0.5)).1 - 8),
+            ("sans-serif", 16),
+        ))
+        .map_err(|e| e.to_string())?;
+    }
+    root.present().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn main() {
+    let mut a = Args::parse();
+    if a.quick {
+        a.size_mib = a.size_mib.min(48);
+        a.steps = a.steps.min(16);
+        a.every = a.every.min(4);
+        a.batch = a.batch.min(128);
+    }
+    tch::set_num_threads(a.threads);
+    tch::set_num_interop_threads(1);
+    let hidden = a
+        .hidden
+        .unwrap_or(if a.size_mib <= 64 { 1024 } else { 2048 });
+    let per_layer = 12 * (hidden * hidden + hidden) as usize;
+    let layers = ((a.size_mib << 20) / per_layer).max(1);
+    let dir = a
+        .dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("target/overlap-tmp"));
+    std::fs::create_dir_all(&dir).expect("create checkpoint dir");
+    std::fs::create_dir_all(&a.out).expect("create results dir");
+    let ckpt_bytes = layers * per_layer;
+    eprintln!(
+        "model: {layers} x Linear({hidden}, {hidden}) + AdamW = {:.0} MiB checkpoint, batch {}, {} steps, checkpoint every {}, {} compute thread(s)",
+        ckpt_bytes as f64 / (1 << 20) as f64,
+        a.batch,
+        a.steps,
+        a.every,
+        a.threads
+    );
+    let (m0, d0) = limits(ckpt_bytes, &dir);
+
+    let modes = [Mode::Baseline, Mode::Sync, Mode::Eager, Mode::Deferred];
+    let pb = ProgressBar::new((a.steps * modes.len()) as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:>38} [{bar:40}] {pos}/{len} steps {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut runs = Vec::new();
+    for &m in &modes {
+        pb.set_prefix(m.name());
+        runs.push(run_mode(m, &a, layers, hidden, &dir, &pb));
+    }
+    pb.set_prefix("verifying checkpoints");
+    verify(&mut runs, &modes, &a, layers, hidden, &dir);
+    pb.finish_and_clear();
+    if !a.no_peers {
+        eprintln!("running the Python peers (torch.save, Lightning AsyncCheckpointIO, DCP async_save) ...");
+        runs.extend(run_peers(&a, layers, hidden, &dir));
+    }
+
+    let mut baselines: HashMap<String, Run> = HashMap::new();
+    for r in &runs {
+        if r.name.contains("baseline") && r.error.is_none() {
+            baselines.insert(r.group.clone(), r.clone());
+        }
+    }
+    let gb = ckpt_bytes as f64 / 1e9;
+    let mut md = format!(
+        "Checkpoint {:.0} MiB ({layers} x Linear({hidden},{hidden}) + AdamW state), every {} steps, {} steps, batch {}, {} compute thread(s).\n\
+         Machine limits in this run: memcpy M0 = {:.1} ms ({:.2} GB/s), write+fsync D0 = {:.0} ms ({:.2} GB/s).\n\n\
+         | mode | wall s | overhead % | step median / p99 ms | stall mean / max ms (stall / M0) | interference | time to durable s | write GB/s (/D0) | peak extra RSS MiB | bit-exact | durability |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        ckpt_bytes as f64 / (1 << 20) as f64, a.every, a.steps, a.batch, a.threads, m0 * 1e3, gb / m0, d0 * 1e3, gb / d0
+    );
+    let mut json_modes = Vec::new();
+    for r in &runs {
+        if let Some(e) = &r.error {
+            md.push_str(&format!(
+                "| {} | failed: {} | | | | | | | | | |\n",
+                r.name,
+                e.replace('|', "/")
+            ));
+            json_modes.push(json!({"name": r.name, "error": e}));
+            continue;
+        }
+        let d = derive(r, baselines.get(&r.group));
+        let verified = match r.verified {
+            Some(true) => format!("yes ({})", r.verify_note),
+            Some(false) => format!("**NO: {}**", r.verify_note),
+            None => {
+                if r.name.contains("baseline") {
+                    "-".into()
+                } else {
+                    "not checked".into()
+                }
+            }
+        };
+        md.push_str(&format!(
+            "| {} | {} | {} | {} / {} | {} / {} ({}) | {} | {} | {} ({}) | {} | {} | {} |\n",
+            r.name,
+            fmt(r.wall_s, 2),
+            fmt(d.overhead_pct, 1),
+            fmt(d.median_ms, 0),
+            fmt(d.p99_ms, 0),
+            fmt(d.stall_mean_ms, 1),
+            fmt(d.stall_max_ms, 1),
+            fmt(d.stall_mean_ms / 1e3 / m0, 2),
+            fmt(d.interference, 3),
+            fmt(d.durable_mean_s, 2),
+            fmt(d.write_gbps, 2),
+            fmt(d.write_gbps / (gb / d0), 2),
+            fmt(r.peak_rss_extra_mib, 0),
+            verified,
+            r.durability
+        ));
+        json_modes.push(json!({
+            "name": r.name, "group": r.group, "durability": r.durability, "wall_s": r.wall_s,
+            "overhead_pct": d.overhead_pct, "step_median_ms": d.median_ms, "step_p99_ms": d.p99_ms,
+            "stall_mean_ms": d.stall_mean_ms, "stall_max_ms": d.stall_max_ms, "interference": d.interference,
+            "durable_mean_s": d.durable_mean_s, "write_gbps": d.write_gbps, "peak_rss_extra_mib": r.peak_rss_extra_mib,
+            "verified": r.verified, "verify_note": r.verify_note, "step_ms": r.step_ms, "stall_ms": r.stall_ms,
+            "save_steps": r.save_steps, "in_flight": r.in_flight, "durable_s": r.durable_s, "bytes": r.bytes,
+        }));
+    }
+    println!("{md}");
+    let doc = json!({
+        "config": {"size_mib": a.size_mib, "checkpoint_bytes": ckpt_bytes, "layers": layers, "hidden": hidden,
+                   "batch": a.batch, "steps": a.steps, "every": a.every, "threads": a.threads, "seed": a.seed},
+        "limits": {"m0_s": m0, "d0_s": d0},
+        "modes": json_modes,
+    });
+    std::fs::write(
+        a.out.join("results.json"),
+        serde_json::to_string_pretty(&doc).unwrap_or_default(),
+    )
+    .expect("write results.json");
+    std::fs::write(a.out.join("results.md"), &md).expect("write results.md");
+    match plot(&runs, &baselines, &a.out) {
+        Ok(()) => eprintln!(
+            "wrote {}/{{results.md,results.json,step_times.png,overhead.png}}",
+            a.out.display()
+        ),
+        Err(e) => eprintln!(
+            "wrote {}/results.{{md,json}}; plot skipped: {e}",
+            a.out.display()
+        ),
+    }
+    if runs
+        .iter()
+        .any(|r| r.group == "ckptio" && r.verified == Some(false))
+    {
+        eprintln!("FAILED: a ckptio checkpoint did not match the parameters at its step");
+        std::process::exit(1);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
