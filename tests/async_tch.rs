@@ -68,7 +68,7 @@ fn varstore_round_trips_through_the_async_wrapper_and_restore() {
     ck.insert("state_dict", live_state_dict(&vs).unwrap());
     ck.insert("epoch", 3i64);
     let path = dir.path().join("vs.ckpt");
-    io.save(&Value::Dict(ck), &path).unwrap();
+    drop(io.save(&Value::Dict(ck), &path).unwrap());
     let mut vs2 = tch::nn::VarStore::new(Device::Cpu);
     let _l2 = tch::nn::linear(vs2.root() / "fc", 8, 4, Default::default());
     let mut target = StateDictRestore::new(&mut vs2)
