@@ -282,8 +282,9 @@ pub(crate) fn read_directory(data: &[u8]) -> Result<Vec<ZipEntry>, String> {
         .find(|&i| data[i..i + 4] == EOCD_SIG.to_le_bytes())
         .ok_or("no end-of-central-directory record (truncated file?)")?;
     let r = |at: usize, n: usize| -> Result<u64, String> {
+        let end = at.checked_add(n).ok_or("record offset overflows")?;
         let b = data
-            .get(at..at + n)
+            .get(at..end)
             .ok_or("record runs past the end of the file")?;
         let mut a = [0u8; 8];
         a[..n].copy_from_slice(b);
@@ -381,7 +382,10 @@ pub(crate) fn read_directory(data: &[u8]) -> Result<Vec<ZipEntry>, String> {
         if r(lp, 4)? != LOCAL_SIG as u64 {
             return Err(format!("entry {name}: no local header at offset {local}"));
         }
-        let lname = r(lp + 26, 2)?;
+        let lname = r(
+            lp.checked_add(26).ok_or("local header offset overflows")?,
+            2,
+        )?;
         let lextra = r(lp + 28, 2)?;
         let data_offset = local + 30 + lname + lextra;
         let end = data_offset

@@ -29,18 +29,20 @@ use crate::value::{Dict, DictKind, FloatKey, Key, Object, ObjectKind, Value};
 /// Limits on what one pickle stream may make the reader do.
 #[derive(Clone, Debug)]
 pub struct Limits {
-    /// Deepest nesting of containers accepted (Python's own recursion limit is 1000).
+    /// Deepest nesting of containers accepted (default 256; real checkpoints nest a few levels,
+    /// and `torch.load` itself crashes near 900).
     pub max_depth: usize,
-    /// Largest tree, in approximate bytes of memory, that one stream may expand into; the
-    /// effective cap is `max(max_output_bytes, 64 * stream length)`.
+    /// Largest tree, in bytes of memory, that one stream may expand into (default 64 MiB); the
+    /// effective cap is `max(max_output_bytes, 64 * stream length)`. Tensor data is not counted:
+    /// it is sliced from the file, never copied.
     pub max_output_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_depth: 1000,
-            max_output_bytes: 256 << 20,
+            max_depth: 256,
+            max_output_bytes: 64 << 20,
         }
     }
 }
@@ -292,6 +294,11 @@ fn weights_only_allows(module: &str, name: &str) -> bool {
                         | "per_channel_affine"
                         | "per_channel_symmetric"
                         | "per_channel_affine_float_qparams"
+                        | "quint8"
+                        | "qint8"
+                        | "qint32"
+                        | "quint4x2"
+                        | "quint2x4"
                         | "QUInt8Storage"
                         | "QInt8Storage"
                         | "QInt32Storage"
@@ -337,6 +344,7 @@ pub(crate) struct Machine<'a, S: StorageSource> {
     memo: HashMap<u32, Py>,
     storages: &'a mut S,
     storage_cache: HashMap<String, Storage>,
+    call_depth: usize,
 }
 
 impl<S: StorageSource> Drop for Machine<'_, S> {
@@ -368,6 +376,7 @@ pub(crate) fn read_pickle<S: StorageSource>(
         memo: HashMap::new(),
         storages,
         storage_cache: HashMap::new(),
+        call_depth: 0,
     };
     let root = m.run()?;
     let budget = limits.max_output_bytes.max(data.len().saturating_mul(64));
@@ -1122,7 +1131,13 @@ impl<'a, S: StorageSource> Machine<'a, S> {
                     (Some(f), Some(ty), Some(Py::Tuple(a))) => (f.clone(), ty.clone(), a.0.clone()),
                     _ => return self.bad("bad _rebuild_from_type_v2 arguments"),
                 };
-                let inner = self.call(f, a, ObjectKind::Reduce)?;
+                if self.call_depth >= 16 {
+                    return self.bad("_rebuild_from_type_v2 nested too deeply");
+                }
+                self.call_depth += 1;
+                let inner = self.call(f, a, ObjectKind::Reduce);
+                self.call_depth -= 1;
+                let inner = inner?;
                 match (&inner, &ty) {
                     (Py::Tensor(t), Py::Global(tg)) if tg.0 == "torch.nn.parameter" => {
                         Py::Tensor(Rc::new((**t).clone().with_parameter(true)))
@@ -1258,8 +1273,11 @@ impl<'a, S: StorageSource> Machine<'a, S> {
         };
         let t = HostTensor::from_parts(storage, dtype, shape, strides, offset).map_err(|e| {
             ReadError::Tensor {
-                what: "tensor".into(),
-                reason: e.to_string(),
+                what: format!("{which} argument"),
+                reason: match e {
+                    crate::error::Error::Tensor { reason, .. } => reason,
+                    other => other.to_string(),
+                },
             }
         })?;
         Ok(Py::Tensor(Rc::new(t.with_requires_grad(requires_grad))))
@@ -1276,6 +1294,19 @@ struct Converter {
 }
 
 impl Converter {
+    fn global_value(&mut self, g: &(String, String)) -> R<Value> {
+        self.charge(g.0.len() + g.1.len())?;
+        Ok(Value::Object(Box::new(Object {
+            module: g.0.clone(),
+            name: g.1.clone(),
+            kind: ObjectKind::Global,
+            args: vec![],
+            state: None,
+            list_items: vec![],
+            dict_items: vec![],
+        })))
+    }
+
     fn charge(&mut self, bytes: usize) -> R<()> {
         let cost = bytes.saturating_add(48);
         if cost > self.budget {
@@ -1303,7 +1334,7 @@ impl Converter {
     }
 
     fn seq(&mut self, items: &[Py], depth: usize) -> R<Vec<Value>> {
-        self.charge(items.len() * 8)?;
+        self.charge(items.len().saturating_mul(std::mem::size_of::<Value>()))?;
         items.iter().map(|p| self.value(p, depth + 1)).collect()
     }
 
@@ -1326,7 +1357,11 @@ impl Converter {
                 let d = d.borrow();
                 let mut out = Dict::new();
                 out.set_kind(d.kind);
-                self.charge(d.items.len() * 16)?;
+                self.charge(
+                    d.items
+                        .len()
+                        .saturating_mul(std::mem::size_of::<(Key, Value)>() + 16),
+                )?;
                 for (k, v) in &d.items {
                     let key = self.key(k, depth + 1)?;
                     let v = self.value(v, depth + 1)?;
@@ -1337,15 +1372,7 @@ impl Converter {
                 }
                 Value::Dict(out)
             }
-            Py::Global(g) => Value::Object(Box::new(Object {
-                module: g.0.clone(),
-                name: g.1.clone(),
-                kind: ObjectKind::Global,
-                args: vec![],
-                state: None,
-                list_items: vec![],
-                dict_items: vec![],
-            })),
+            Py::Global(g) => self.global_value(g)?,
             // A storage outside a tensor (e.g. `torch.save(t.untyped_storage())`): a 1-D tensor.
             Py::Storage(s) => {
                 let dtype = s.1.unwrap_or(DType::UInt8);
@@ -1364,6 +1391,7 @@ impl Converter {
             }
             Py::Object(o) => {
                 let o = o.borrow();
+                self.charge(o.module.len() + o.name.len())?;
                 let args = self.seq(&o.args, depth)?;
                 let state = match &o.state {
                     Some(s) => Some(self.value(s, depth + 1)?),
@@ -1398,7 +1426,10 @@ impl Converter {
             Py::Bool(b) => Key::Bool(*b),
             Py::None => Key::None,
             Py::Float(f) => Key::Float(FloatKey(*f)),
-            Py::Bytes(b) => Key::Bytes(b.to_vec()),
+            Py::Bytes(b) => {
+                self.charge(b.len())?;
+                Key::Bytes(b.to_vec())
+            }
             Py::Tuple(t) => {
                 let mut out = Vec::with_capacity(t.0.len());
                 for x in &t.0 {

@@ -164,8 +164,8 @@ impl<'a> PickleWriter<'a> {
 
     fn value(&mut self, v: &Value) -> Result<(), WriteError> {
         self.depth += 1;
-        if self.depth > 1000 {
-            return Err("the tree nests deeper than 1000 levels".into());
+        if self.depth > 256 {
+            return Err("the tree nests deeper than 256 levels (the reader's limit)".into());
         }
         match v {
             Value::None => self.out.push(op::NONE),
@@ -239,10 +239,13 @@ impl<'a> PickleWriter<'a> {
             }
         }
         if let Some(attrs) = d.attrs() {
-            if d.kind() == DictKind::Ordered {
-                self.value(attrs)?;
-                self.out.push(op::BUILD);
+            if d.kind() != DictKind::Ordered {
+                return Err(
+                    "a plain dict cannot carry attributes (only an OrderedDict can)".into(),
+                );
             }
+            self.value(attrs)?;
+            self.out.push(op::BUILD);
         }
         Ok(())
     }
@@ -250,7 +253,19 @@ impl<'a> PickleWriter<'a> {
     fn object(&mut self, o: &Object) -> Result<(), WriteError> {
         self.global(&o.module, &o.name);
         match o.kind {
-            ObjectKind::Global => return Ok(()),
+            ObjectKind::Global => {
+                if !o.args.is_empty()
+                    || o.state.is_some()
+                    || !o.list_items.is_empty()
+                    || !o.dict_items.is_empty()
+                {
+                    return Err(format!(
+                        "{}: a bare global cannot carry arguments, state or items",
+                        o.class_name()
+                    ));
+                }
+                return Ok(());
+            }
             ObjectKind::Reduce => {
                 self.tuple_of(&o.args)?;
                 self.out.push(op::REDUCE);
