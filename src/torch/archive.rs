@@ -81,22 +81,25 @@ fn serialization_id() -> String {
 }
 
 /// What a reader needs besides the bytes.
-pub(crate) struct ReadSettings<'a> {
+pub(crate) struct ReadSettings<'a, F> {
     pub(crate) weights_only: bool,
     pub(crate) verify_crc: bool,
     pub(crate) map_location: &'a MapLocation,
     pub(crate) limits: &'a Limits,
+    /// CRC-32 of `data[start..start + len]` when already computed (while reading the file).
+    pub(crate) crc_of: Option<F>,
 }
 
-struct Records<'a> {
+struct Records<'a, F> {
     data: &'a Bytes,
     prefix: String,
     by_name: HashMap<&'a str, &'a ZipEntry>,
     verify_crc: bool,
     map_location: &'a MapLocation,
+    crc_of: Option<&'a F>,
 }
 
-impl Records<'_> {
+impl<F: Fn(usize, usize) -> u32> Records<'_, F> {
     fn record(&self, name: &str) -> std::result::Result<Bytes, String> {
         let full = format!("{}/{}", self.prefix, name);
         let e = self
@@ -105,7 +108,11 @@ impl Records<'_> {
             .ok_or_else(|| format!("no record {full}"))?;
         let start = e.data_offset as usize;
         let b = self.data.slice(start..start + e.size as usize);
-        if self.verify_crc && crc32fast::hash(&b) != e.crc {
+        let crc = |b: &[u8]| match self.crc_of {
+            Some(f) => f(start, b.len()),
+            None => crc32fast::hash(b),
+        };
+        if self.verify_crc && crc(&b) != e.crc {
             return Err(format!(
                 "record {full} fails its CRC-32 check (corrupt file)"
             ));
@@ -114,7 +121,7 @@ impl Records<'_> {
     }
 }
 
-impl StorageSource for Records<'_> {
+impl<F: Fn(usize, usize) -> u32> StorageSource for Records<'_, F> {
     fn storage(
         &mut self,
         key: &str,
@@ -133,7 +140,11 @@ impl StorageSource for Records<'_> {
 }
 
 /// Reads a `torch.save` archive held in `data` (read into memory or memory-mapped).
-pub(crate) fn read_archive(data: &Bytes, path: &Path, s: &ReadSettings<'_>) -> Result<Value> {
+pub(crate) fn read_archive<F: Fn(usize, usize) -> u32>(
+    data: &Bytes,
+    path: &Path,
+    s: &ReadSettings<'_, F>,
+) -> Result<Value> {
     let entries = read_directory(data).map_err(|r| Error::format(path, r))?;
     let first = entries
         .first()
@@ -159,6 +170,7 @@ pub(crate) fn read_archive(data: &Bytes, path: &Path, s: &ReadSettings<'_>) -> R
         by_name,
         verify_crc: s.verify_crc,
         map_location: s.map_location,
+        crc_of: s.crc_of.as_ref(),
     };
     let has = |n: &str| {
         records

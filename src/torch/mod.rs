@@ -16,6 +16,7 @@
 
 mod archive;
 pub(crate) mod pickle;
+mod read;
 pub(crate) mod zip;
 
 use std::io::Write;
@@ -85,16 +86,31 @@ impl TorchCheckpointIo {
 
     /// Loads `path` into a tree.
     pub fn load(&self, path: &Path, options: &LoadOptions) -> Result<Value> {
-        let data = if options.mmap {
+        if options.mmap {
             let file = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
-            map_file(&file, path)?
-        } else {
-            Bytes::from(std::fs::read(path).map_err(|e| Error::io("read", path, e))?)
-        };
-        self.load_bytes(&data, path, options)
+            let data = map_file(&file, path)?;
+            return self.load_with(&data, path, options, None);
+        }
+        if options.verify_crc {
+            // CRCs are computed while the file is read, on a second thread.
+            let f = read::CheckedFile::read(path)?;
+            return self.load_with(&f.data, path, options, Some(&f));
+        }
+        let data = Bytes::from(std::fs::read(path).map_err(|e| Error::io("read", path, e))?);
+        self.load_with(&data, path, options, None)
     }
 
     fn load_bytes(&self, data: &Bytes, path: &Path, options: &LoadOptions) -> Result<Value> {
+        self.load_with(data, path, options, None)
+    }
+
+    fn load_with(
+        &self,
+        data: &Bytes,
+        path: &Path,
+        options: &LoadOptions,
+        precomputed: Option<&read::CheckedFile>,
+    ) -> Result<Value> {
         let _span = tracing::debug_span!("torch_load", path = %path.display(), bytes = data.len())
             .entered();
         archive::read_archive(
@@ -105,6 +121,7 @@ impl TorchCheckpointIo {
                 verify_crc: options.verify_crc && !options.mmap,
                 map_location: &options.map_location,
                 limits: &self.limits,
+                crc_of: precomputed.map(|f| move |start: usize, len: usize| f.crc(start, len)),
             },
         )
     }
@@ -149,5 +166,33 @@ impl CheckpointIo for TorchCheckpointIo {
 
     fn remove_checkpoint(&self, path: &Path) -> Result<()> {
         remove_path(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Dict, HostTensor};
+
+    #[test]
+    fn a_corrupt_byte_in_a_file_fails_its_crc_unless_unchecked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.pt");
+        let data: Vec<f32> = (0..3_000_000).map(|i| i as f32).collect();
+        let mut d = Dict::new();
+        d.insert("w", HostTensor::from_slice(&data, &[data.len()]).unwrap());
+        save(&Value::Dict(d), &p).unwrap();
+        let good = load(&p, &LoadOptions::default()).unwrap();
+        let mut bytes = std::fs::read(&p).unwrap();
+        let at = bytes.len() / 2; // inside the 12 MB storage, past the first CRC block
+        bytes[at] ^= 0x40;
+        std::fs::write(&p, &bytes).unwrap();
+        let err = load(&p, &LoadOptions::default()).unwrap_err();
+        assert!(
+            matches!(&err, Error::Format { reason, .. } if reason.contains("CRC")),
+            "{err}"
+        );
+        let unchecked = load(&p, &LoadOptions::default().verify_crc(false)).unwrap();
+        assert_ne!(unchecked, good);
     }
 }
