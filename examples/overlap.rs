@@ -65,6 +65,9 @@ struct Args {
     /// Where results (JSON, Markdown, PNG) go.
     #[arg(long, default_value = "results/overlap")]
     out: PathBuf,
+    /// Rounds of all modes, interleaved (figures aggregate over rounds).
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
     /// Seed for model and data.
     #[arg(long, default_value_t = 7)]
     seed: i64,
@@ -383,6 +386,7 @@ fn run_mode(mode: Mode, a: &Args, layers: usize, hidden: i64, dir: &Path, pb: &P
     for s in 1..=a.steps {
         let st = Instant::now();
         let mut stall = Duration::ZERO;
+        let writing_at_start = handles.iter().any(|(_, _, h)| !h.is_finished());
         // Deferred: the save of the previous step's state starts now and overlaps fwd/bwd.
         if mode == Mode::Deferred && s > 1 && (s - 1) % a.every == 0 {
             let ss = Instant::now();
@@ -431,7 +435,7 @@ fn run_mode(mode: Mode, a: &Args, layers: usize, hidden: i64, dir: &Path, pb: &P
         }
         run.step_ms.push(st.elapsed().as_secs_f64() * 1e3);
         run.in_flight
-            .push(handles.iter().any(|(_, _, h)| !h.is_finished()));
+            .push(writing_at_start || handles.iter().any(|(_, _, h)| !h.is_finished()));
         pb.inc(1);
     }
     // The last checkpoint of Deferred mode starts after the loop.
@@ -462,6 +466,21 @@ fn run_mode(mode: Mode, a: &Args, layers: usize, hidden: i64, dir: &Path, pb: &P
         run.bytes = tr.nbytes() as u64;
     }
     run
+}
+
+/// Adds another round of the same mode: wall times add up, per-step series are appended
+/// (save steps shifted by `offset`), the verification of the last round is kept.
+fn merge(acc: &mut Run, r: Run, offset: usize) {
+    acc.wall_s += r.wall_s;
+    acc.step_ms.extend(r.step_ms);
+    acc.stall_ms.extend(r.stall_ms);
+    acc.in_flight.extend(r.in_flight);
+    acc.save_steps
+        .extend(r.save_steps.into_iter().map(|s| s + offset));
+    acc.durable_s.extend(r.durable_s);
+    acc.peak_rss_extra_mib = acc.peak_rss_extra_mib.max(r.peak_rss_extra_mib);
+    acc.verified = r.verified;
+    acc.verify_note = r.verify_note;
 }
 
 /// Re-runs training from the seed and checks each mode's files bit for bit.
@@ -875,20 +894,36 @@ fn main() {
     );
     let (m0, d0) = limits(ckpt_bytes, &dir);
 
+    // Rounds of every mode, interleaved, so slow drift of a shared machine spreads evenly over
+    // the modes instead of favouring whichever ran in a quiet moment.
     let modes = [Mode::Baseline, Mode::Sync, Mode::Eager, Mode::Deferred];
-    let pb = ProgressBar::new((a.steps * modes.len()) as u64);
+    let rounds = a.rounds.max(1);
+    let pb = ProgressBar::new((a.steps * modes.len() * rounds) as u64);
     pb.set_style(
         ProgressStyle::with_template("{prefix:>38} [{bar:40}] {pos}/{len} steps {elapsed}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    let mut runs = Vec::new();
-    for &m in &modes {
-        pb.set_prefix(m.name());
-        runs.push(run_mode(m, &a, layers, hidden, &dir, &pb));
+    let mut runs: Vec<Run> = Vec::new();
+    for round in 0..rounds {
+        let mut this_round = Vec::new();
+        for &m in &modes {
+            pb.set_prefix(format!("round {}/{rounds}: {}", round + 1, m.name()));
+            this_round.push(run_mode(m, &a, layers, hidden, &dir, &pb));
+        }
+        if round + 1 == rounds {
+            // The files of the last round are checked against a deterministic re-run.
+            pb.set_prefix("verifying checkpoints");
+            verify(&mut this_round, &modes, &a, layers, hidden, &dir);
+        }
+        if runs.is_empty() {
+            runs = this_round;
+        } else {
+            for (acc, r) in runs.iter_mut().zip(this_round) {
+                merge(acc, r, round * a.steps);
+            }
+        }
     }
-    pb.set_prefix("verifying checkpoints");
-    verify(&mut runs, &modes, &a, layers, hidden, &dir);
     pb.finish_and_clear();
     if !a.no_peers {
         eprintln!("running the Python peers (torch.save, Lightning AsyncCheckpointIO, DCP async_save) ...");
@@ -904,9 +939,10 @@ fn main() {
     let gb = ckpt_bytes as f64 / 1e9;
     let mut md = format!(
         "Checkpoint {:.0} MiB ({layers} x Linear({hidden},{hidden}) + AdamW state), every {} steps, {} steps, batch {}, {} compute thread(s).\n\
+         {} interleaved rounds of the ckptio modes (wall times summed over rounds); peers run once.\n\
          Machine limits in this run: memcpy M0 = {:.1} ms ({:.2} GB/s), write+fsync D0 = {:.0} ms ({:.2} GB/s).\n\n\
          | mode | wall s | overhead % | step median / p99 ms | stall mean / max ms (stall / M0) | interference | time to durable s | write GB/s (/D0) | peak extra RSS MiB | bit-exact | durability |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
-        ckpt_bytes as f64 / (1 << 20) as f64, a.every, a.steps, a.batch, a.threads, m0 * 1e3, gb / m0, d0 * 1e3, gb / d0
+        ckpt_bytes as f64 / (1 << 20) as f64, a.every, a.steps, a.batch, a.threads, rounds, m0 * 1e3, gb / m0, d0 * 1e3, gb / d0
     );
     let mut json_modes = Vec::new();
     for r in &runs {

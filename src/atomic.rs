@@ -89,11 +89,21 @@ where
     Ok(())
 }
 
-/// Bytes written between two writeback requests.
-const WRITEBACK_EVERY: u64 = 32 << 20;
+/// Bytes written between two writeback requests: 32 MiB, or `CKPTIO_WRITEBACK_MIB` from the
+/// environment (0 turns early writeback off; read once per process).
+fn writeback_every() -> u64 {
+    static EVERY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *EVERY.get_or_init(|| {
+        std::env::var("CKPTIO_WRITEBACK_MIB")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(32)
+            << 20
+    })
+}
 
 /// A file that, when the save is durable, asks the kernel to start writing back each
-/// [`WRITEBACK_EVERY`] bytes as soon as they are written (`sync_file_range`, Linux), so the
+/// 32 MiB (see `CKPTIO_WRITEBACK_MIB`) as soon as they are written (`sync_file_range`, Linux), so the
 /// disk works while the rest is still being written and the final fsync has little left to do.
 pub struct WritebackFile {
     file: File,
@@ -145,7 +155,7 @@ impl Write for WritebackFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.file.write(buf)?;
         self.written += n as u64;
-        if self.enabled && self.written - self.requested >= WRITEBACK_EVERY {
+        if self.enabled && self.written - self.requested >= writeback_every() {
             self.start_writeback();
         }
         Ok(n)
