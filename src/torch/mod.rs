@@ -91,13 +91,10 @@ impl TorchCheckpointIo {
             let data = map_file(&file, path)?;
             return self.load_with(&data, path, options, None);
         }
-        if options.verify_crc {
-            // CRCs are computed while the file is read, on a second thread.
-            let f = read::CheckedFile::read(path)?;
-            return self.load_with(&f.data, path, options, Some(&f));
-        }
-        let data = Bytes::from(std::fs::read(path).map_err(|e| Error::io("read", path, e))?);
-        self.load_with(&data, path, options, None)
+        // Read on two threads; CRCs (when checked) computed on a third as blocks arrive.
+        let f = read::CheckedFile::read(path, options.verify_crc)?;
+        let crcs = options.verify_crc.then_some(&f);
+        self.load_with(&f.data, path, options, crcs)
     }
 
     fn load_bytes(&self, data: &Bytes, path: &Path, options: &LoadOptions) -> Result<Value> {

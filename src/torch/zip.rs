@@ -20,6 +20,8 @@ const EOCD64_SIG: u32 = 0x0606_4b50;
 const EOCD64_LOCATOR_SIG: u32 = 0x0706_4b50;
 const FLAGS: u16 = 0x0808;
 const U32_MAX: u64 = 0xffff_ffff;
+/// Entries at least this large get their CRC-32 computed on a second thread while written.
+const PARALLEL_CRC_MIN: u64 = 8 << 20;
 
 struct CentralEntry {
     name: String,
@@ -105,13 +107,31 @@ impl<W: Write> ZipWriter<W> {
         self.put(&h)?;
         debug_assert_eq!(self.pos % ALIGNMENT, 0);
 
-        let mut crc = crc32fast::Hasher::new();
-        let mut written = 0u64;
-        for part in parts {
-            crc.update(part);
-            self.put(part)?;
-            written += part.len() as u64;
-        }
+        let parts: Vec<&[u8]> = parts.into_iter().collect();
+        let written: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        let crc = if written >= PARALLEL_CRC_MIN {
+            // A large entry: its CRC-32 is computed on a second thread while the data is
+            // written (the data descriptor that carries it comes after the data).
+            std::thread::scope(|scope| -> io::Result<crc32fast::Hasher> {
+                let hasher = scope.spawn(|| {
+                    let mut h = crc32fast::Hasher::new();
+                    parts.iter().for_each(|p| h.update(p));
+                    h
+                });
+                let wrote = parts.iter().try_for_each(|p| self.put(p));
+                let h = hasher
+                    .join()
+                    .map_err(|_| io::Error::other("CRC thread panicked"))?;
+                wrote.map(|()| h)
+            })?
+        } else {
+            let mut h = crc32fast::Hasher::new();
+            for part in &parts {
+                h.update(part);
+                self.put(part)?;
+            }
+            h
+        };
         if written != size {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
