@@ -187,54 +187,36 @@ pub fn finish_load(
     }
 }
 
-impl<T: CheckpointIo + ?Sized> CheckpointIo for Box<T> {
-    fn save_checkpoint(&self, c: &Value, p: &Path, o: &SaveOptions) -> Result<()> {
-        (**self).save_checkpoint(c, p, o)
-    }
-    fn load_checkpoint(
-        &self,
-        p: &Path,
-        o: &LoadOptions,
-        s: Option<&mut dyn Restore>,
-    ) -> Result<Option<Value>> {
-        (**self).load_checkpoint(p, o, s)
-    }
-    fn remove_checkpoint(&self, p: &Path) -> Result<()> {
-        (**self).remove_checkpoint(p)
-    }
-    fn teardown(&self) -> Result<()> {
-        (**self).teardown()
-    }
-    fn restore_after_setup(&self) -> bool {
-        (**self).restore_after_setup()
-    }
-    fn requires_state_on_load(&self) -> bool {
-        (**self).requires_state_on_load()
-    }
+/// Forwards every method to the pointee, so `Box<dyn CheckpointIo>` and `Arc<I>` are backends.
+macro_rules! forward_checkpoint_io {
+    ($($ptr:ident),*) => {$(
+        impl<T: CheckpointIo + ?Sized> CheckpointIo for $ptr<T> {
+            fn save_checkpoint(&self, c: &Value, p: &Path, o: &SaveOptions) -> Result<()> {
+                (**self).save_checkpoint(c, p, o)
+            }
+            fn load_checkpoint(
+                &self,
+                p: &Path,
+                o: &LoadOptions,
+                s: Option<&mut dyn Restore>,
+            ) -> Result<Option<Value>> {
+                (**self).load_checkpoint(p, o, s)
+            }
+            fn remove_checkpoint(&self, p: &Path) -> Result<()> {
+                (**self).remove_checkpoint(p)
+            }
+            fn teardown(&self) -> Result<()> {
+                (**self).teardown()
+            }
+            fn restore_after_setup(&self) -> bool {
+                (**self).restore_after_setup()
+            }
+            fn requires_state_on_load(&self) -> bool {
+                (**self).requires_state_on_load()
+            }
+        }
+    )*};
 }
 
-impl<T: CheckpointIo + ?Sized> CheckpointIo for std::sync::Arc<T> {
-    fn save_checkpoint(&self, c: &Value, p: &Path, o: &SaveOptions) -> Result<()> {
-        (**self).save_checkpoint(c, p, o)
-    }
-    fn load_checkpoint(
-        &self,
-        p: &Path,
-        o: &LoadOptions,
-        s: Option<&mut dyn Restore>,
-    ) -> Result<Option<Value>> {
-        (**self).load_checkpoint(p, o, s)
-    }
-    fn remove_checkpoint(&self, p: &Path) -> Result<()> {
-        (**self).remove_checkpoint(p)
-    }
-    fn teardown(&self) -> Result<()> {
-        (**self).teardown()
-    }
-    fn restore_after_setup(&self) -> bool {
-        (**self).restore_after_setup()
-    }
-    fn requires_state_on_load(&self) -> bool {
-        (**self).requires_state_on_load()
-    }
-}
+use std::sync::Arc;
+forward_checkpoint_io!(Box, Arc);

@@ -613,32 +613,11 @@ impl Value {
 
     /// Calls `f` on every tensor, mutably (to move or rewrite tensors in place).
     pub fn for_each_tensor_mut(&mut self, f: &mut impl FnMut(&mut HostTensor)) {
-        match self {
-            Value::Tensor(t) => f(t),
-            Value::List(items) | Value::Tuple(items) => {
-                items.iter_mut().for_each(|v| v.for_each_tensor_mut(f))
+        self.for_each_node_mut(&mut |v| {
+            if let Value::Tensor(t) = v {
+                f(t)
             }
-            Value::Dict(d) => {
-                d.iter_mut().for_each(|(_, v)| v.for_each_tensor_mut(f));
-                if let Some(a) = d.attrs.as_deref_mut() {
-                    a.for_each_tensor_mut(f);
-                }
-            }
-            Value::Object(o) => {
-                o.args.iter_mut().for_each(|v| v.for_each_tensor_mut(f));
-                if let Some(s) = &mut o.state {
-                    s.for_each_tensor_mut(f);
-                }
-                o.list_items
-                    .iter_mut()
-                    .for_each(|v| v.for_each_tensor_mut(f));
-                o.dict_items.iter_mut().for_each(|(k, v)| {
-                    k.for_each_tensor_mut(f);
-                    v.for_each_tensor_mut(f);
-                });
-            }
-            _ => {}
-        }
+        });
     }
 }
 

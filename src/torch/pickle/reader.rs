@@ -13,9 +13,6 @@
 //! - graph containers drop iteratively, and reference cycles are broken before the graph is
 //!   released, so no input can overflow the stack or leak.
 
-// Guards with side effects (`seen.insert`) read worse than the nested `if`.
-#![allow(clippy::collapsible_match)]
-
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
@@ -107,6 +104,30 @@ struct PyObject {
     dict_items: Vec<(Py, Py)>,
 }
 
+impl PyDict {
+    /// Moves every value it holds into `work`, leaving it empty.
+    fn empty_into(&mut self, work: &mut Vec<Py>) {
+        for (k, x) in self.items.drain(..) {
+            work.push(k);
+            work.push(x);
+        }
+        work.extend(self.attrs.take());
+    }
+}
+
+impl PyObject {
+    /// Moves every value it holds into `work`, leaving it empty.
+    fn empty_into(&mut self, work: &mut Vec<Py>) {
+        work.append(&mut self.args);
+        work.extend(self.state.take());
+        work.append(&mut self.list_items);
+        for (k, x) in self.dict_items.drain(..) {
+            work.push(k);
+            work.push(x);
+        }
+    }
+}
+
 impl Drop for Seq {
     fn drop(&mut self) {
         drain(std::mem::take(&mut self.0));
@@ -114,25 +135,26 @@ impl Drop for Seq {
 }
 impl Drop for PyDict {
     fn drop(&mut self) {
-        let mut v: Vec<Py> = Vec::with_capacity(self.items.len() * 2 + 1);
-        for (k, x) in self.items.drain(..) {
-            v.push(k);
-            v.push(x);
-        }
-        v.extend(self.attrs.take());
+        let mut v = Vec::new();
+        self.empty_into(&mut v);
         drain(v);
     }
 }
 impl Drop for PyObject {
     fn drop(&mut self) {
-        let mut v = std::mem::take(&mut self.args);
-        v.extend(self.state.take());
-        v.append(&mut self.list_items);
-        for (k, x) in self.dict_items.drain(..) {
-            v.push(k);
-            v.push(x);
-        }
+        let mut v = Vec::new();
+        self.empty_into(&mut v);
         drain(v);
+    }
+}
+
+/// Moves the contents of a mutable container into `work` (tuples are immutable: untouched).
+fn empty_into(p: &Py, work: &mut Vec<Py>) {
+    match p {
+        Py::List(l) => work.append(&mut l.borrow_mut().0),
+        Py::Dict(d) => d.borrow_mut().empty_into(work),
+        Py::Object(o) => o.borrow_mut().empty_into(work),
+        _ => {}
     }
 }
 
@@ -146,33 +168,9 @@ fn drain(mut work: Vec<Py>) {
                     work.append(&mut seq.0);
                 }
             }
-            Py::List(l) => {
-                if Rc::strong_count(&l) == 1 {
-                    work.append(&mut l.borrow_mut().0);
-                }
-            }
-            Py::Dict(d) => {
-                if Rc::strong_count(&d) == 1 {
-                    let mut d = d.borrow_mut();
-                    for (k, x) in d.items.drain(..) {
-                        work.push(k);
-                        work.push(x);
-                    }
-                    work.extend(d.attrs.take());
-                }
-            }
-            Py::Object(o) => {
-                if Rc::strong_count(&o) == 1 {
-                    let mut o = o.borrow_mut();
-                    work.append(&mut o.args);
-                    work.extend(o.state.take());
-                    work.append(&mut o.list_items);
-                    for (k, x) in o.dict_items.drain(..) {
-                        work.push(k);
-                        work.push(x);
-                    }
-                }
-            }
+            Py::List(ref l) if Rc::strong_count(l) == 1 => empty_into(&p, &mut work),
+            Py::Dict(ref d) if Rc::strong_count(d) == 1 => empty_into(&p, &mut work),
+            Py::Object(ref o) if Rc::strong_count(o) == 1 => empty_into(&p, &mut work),
             _ => {}
         }
     }
@@ -184,41 +182,18 @@ fn break_cycles(roots: &[Py]) {
     let mut seen: HashSet<usize> = HashSet::new();
     let mut work: Vec<Py> = roots.to_vec();
     while let Some(p) = work.pop() {
-        match &p {
-            Py::Tuple(t) => {
-                if seen.insert(Rc::as_ptr(t) as usize) {
-                    work.extend(t.0.iter().cloned());
-                }
+        let id = match &p {
+            Py::Tuple(t) => Rc::as_ptr(t) as usize,
+            Py::List(l) => Rc::as_ptr(l) as *const u8 as usize,
+            Py::Dict(d) => Rc::as_ptr(d) as *const u8 as usize,
+            Py::Object(o) => Rc::as_ptr(o) as *const u8 as usize,
+            _ => continue,
+        };
+        if seen.insert(id) {
+            match &p {
+                Py::Tuple(t) => work.extend(t.0.iter().cloned()),
+                other => empty_into(other, &mut work),
             }
-            Py::List(l) => {
-                if seen.insert(Rc::as_ptr(l) as *const u8 as usize) {
-                    let taken = std::mem::take(&mut l.borrow_mut().0);
-                    work.extend(taken);
-                }
-            }
-            Py::Dict(d) => {
-                if seen.insert(Rc::as_ptr(d) as *const u8 as usize) {
-                    let mut d = d.borrow_mut();
-                    for (k, x) in d.items.drain(..) {
-                        work.push(k);
-                        work.push(x);
-                    }
-                    work.extend(d.attrs.take());
-                }
-            }
-            Py::Object(o) => {
-                if seen.insert(Rc::as_ptr(o) as *const u8 as usize) {
-                    let mut o = o.borrow_mut();
-                    work.append(&mut o.args);
-                    work.extend(o.state.take());
-                    work.append(&mut o.list_items);
-                    for (k, x) in o.dict_items.drain(..) {
-                        work.push(k);
-                        work.push(x);
-                    }
-                }
-            }
-            _ => {}
         }
         // `p` is dropped here; any container in it was emptied above or is still referenced.
         drain(vec![p]);
