@@ -35,6 +35,26 @@ pub fn is_temp_file(name: &str) -> bool {
     name.starts_with('.') && name.contains(TEMP_MARKER)
 }
 
+/// Removes ckptio's temporary files left in `dir` by a crash (see [`is_temp_file`]); returns
+/// how many were removed. Call it when a run starts, before any save into `dir` is in flight
+/// (a temporary file of a running save would be removed too). Final paths are never touched.
+pub fn clean_temp_files(dir: &Path) -> Result<usize> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io("list directory", dir, e)),
+    };
+    let mut n = 0;
+    for e in entries {
+        let e = e.map_err(|e| Error::io("list directory", dir, e))?;
+        if is_temp_file(&e.file_name().to_string_lossy()) {
+            remove_path(&e.path())?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// Writes `path` atomically with `write`, creating parent directories.
 ///
 /// With `durable`, the file and its directory are fsynced before this returns.
