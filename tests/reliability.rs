@@ -23,7 +23,7 @@ fn ckpt(step: i64, elems: usize) -> Value {
         "w",
         HostTensor::from_slice(&vec![step as f32; elems], &[elems]).unwrap(),
     );
-    d.insert("id", HostTensor::from_slice(&vec![step; 7], &[7]).unwrap());
+    d.insert("id", HostTensor::from_slice(&[step; 7], &[7]).unwrap());
     Value::Dict(d)
 }
 
@@ -329,10 +329,7 @@ fn soak_thousands_of_saves_and_removes_lose_and_reorder_nothing() {
                 let mut d = Dict::new();
                 d.insert("step", n as i64);
                 d.insert("w", ckptio::LiveTensor::new(Const(n as f32, elems)));
-                d.insert(
-                    "id",
-                    HostTensor::from_slice(&vec![n as i64; 7], &[7]).unwrap(),
-                );
+                d.insert("id", HostTensor::from_slice(&[n as i64; 7], &[7]).unwrap());
                 let h = io.save(&Value::Dict(d), &path).unwrap();
                 ops.push((path, Some(n as i64), Some(h)));
             }
