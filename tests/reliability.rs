@@ -417,3 +417,88 @@ fn rss() -> u64 {
         .unwrap_or(0)
         * 4096
 }
+
+/// A small tmpfs mounted for one test and unmounted when dropped.
+struct Tmpfs(PathBuf);
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+    fn remount(&self, opts: &str) {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,{opts}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+}
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn disk_full_and_read_only_filesystems_fail_cleanly_and_recover() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = Tmpfs::mount(dir.path(), "4m") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let io = AsyncCheckpointIo::new(TorchCheckpointIo::new());
+    let path = dir.path().join("run/x.pt");
+    io.save(&ckpt(1, 10_000), &path).unwrap().wait().unwrap();
+
+    // Disk full: 6 MB does not fit in 4 MiB.
+    let err = io
+        .save(&ckpt(2, 1_500_000), &path)
+        .unwrap()
+        .wait()
+        .unwrap_err();
+    let msg = format!(
+        "{err} / {:?}",
+        std::error::Error::source(&err).map(ToString::to_string)
+    );
+    assert!(
+        msg.contains("x.pt") && msg.contains("No space left"),
+        "{msg}"
+    );
+    assert_eq!(check_whole(&path).unwrap(), 1, "previous checkpoint intact");
+    assert_eq!(io.status().pool.in_use, 0, "staging memory returned");
+    let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names.len(),
+        1,
+        "the failed save left its temporary file: {names:?}"
+    );
+    // Space is back (the failed temporary file was removed): a save that fits succeeds.
+    io.save(&ckpt(3, 200_000), &path).unwrap().wait().unwrap();
+    assert_eq!(check_whole(&path).unwrap(), 3);
+
+    // Read-only: the write fails with the cause; the previous file is intact.
+    fs.remount("ro");
+    let err = io.save(&ckpt(4, 1000), &path).unwrap().wait().unwrap_err();
+    let msg = format!(
+        "{err} / {:?}",
+        std::error::Error::source(&err).map(ToString::to_string)
+    );
+    assert!(msg.contains("Read-only file system"), "{msg}");
+    fs.remount("rw");
+    assert_eq!(check_whole(&path).unwrap(), 3);
+
+    // The directory vanishes between saves: the next save creates it again.
+    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    io.save(&ckpt(5, 1000), &path).unwrap().wait().unwrap();
+    assert_eq!(check_whole(&path).unwrap(), 5);
+    io.teardown().unwrap();
+}
