@@ -2,7 +2,8 @@
 # ckptio's one entry point for people and CI. Sets everything up on first use, quick afterwards.
 #
 #   ./dev.sh main     the main job: the demo / benchmark (see README)
-#   ./dev.sh test     every test: Rust unit, integration, doc tests, PyTorch interop, clippy, fmt
+#   ./dev.sh test     every test: Rust unit, integration, doc tests, PyTorch interop, clippy, fmt,
+#                     and a short fuzz run
 #   ./dev.sh env      print the exports that let plain `cargo` commands build against the venv
 #   ./dev.sh cargo …  run any cargo command with the environment set
 set -euo pipefail
@@ -53,6 +54,8 @@ case "$cmd" in
     log "all tests (with tch and PyTorch interop)"
     cargo test --all-targets "$@"
     cargo test --doc
+    log "fuzz smoke run (coverage-guided, libFuzzer on stable; fuzz/run.sh SECONDS for longer)"
+    fuzz/run.sh "${CKPTIO_FUZZ_SECONDS:-15}"
     ;;
   env)
     setup_venv; export_env

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Coverage-guided fuzzing of ckptio's loader on the stable toolchain: libFuzzer (libfuzzer-sys)
+# with LLVM's SanitizerCoverage enabled through stable `-C` codegen flags (no nightly, no -Z).
+#
+#   fuzz/run.sh SECONDS [TARGET...]     (targets: load_archive load_pickle; default both)
+#
+# Seeds: files written by the venv's real torch.save (tests/python/corpus.py) and their data.pkl
+# records. Crashes land in fuzz/artifacts/TARGET/; turn each into a test in tests/bad_files.rs.
+set -euo pipefail
+cd "$(dirname "$0")"
+secs=${1:-60}; shift || true
+targets=("$@"); [[ ${#targets[@]} -gt 0 ]] || targets=(load_archive load_pickle)
+PY=${CKPTIO_PYTHON:-../.venv/bin/python}
+TRIPLE=$(rustc -vV | sed -n 's/^host: //p')
+export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
+ -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
+ -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks"
+cargo build --quiet --release --target "$TRIPLE" --target-dir ../target/fuzz
+if [[ ! -d corpus/load_archive ]]; then
+  mkdir -p corpus/load_archive corpus/load_pickle seeds
+  "$PY" ../tests/python/corpus.py seeds 1 >/dev/null
+  "$PY" - <<'PY'
+import os, zipfile, hashlib
+for root, _, files in os.walk("seeds"):
+    for f in files:
+        p = os.path.join(root, f)
+        if os.path.getsize(p) > 256 * 1024 or not zipfile.is_zipfile(p):
+            continue
+        data = open(p, "rb").read()
+        open(os.path.join("corpus/load_archive", hashlib.sha1(data).hexdigest()), "wb").write(data)
+        z = zipfile.ZipFile(p)
+        for n in z.namelist():
+            if n.endswith("/data.pkl"):
+                pk = z.read(n)
+                open(os.path.join("corpus/load_pickle", hashlib.sha1(pk).hexdigest()), "wb").write(pk)
+PY
+  rm -rf seeds
+fi
+status=0
+for t in "${targets[@]}"; do
+  mkdir -p "artifacts/$t"
+  echo "fuzzing $t for ${secs}s" >&2
+  "../target/fuzz/$TRIPLE/release/$t" "corpus/$t" -max_total_time="$secs" -max_len=65536 \
+    -rss_limit_mb=2048 -timeout=10 -artifact_prefix="artifacts/$t/" -print_final_stats=1 2>&1 \
+    | grep -E "^(#[0-9]+.*(DONE|pulse)|stat::|INFO: (Loaded|seed)|==[0-9]+==|SUMMARY|artifact)" || status=$?
+  if compgen -G "artifacts/$t/crash-*" >/dev/null || compgen -G "artifacts/$t/oom-*" >/dev/null || compgen -G "artifacts/$t/timeout-*" >/dev/null; then
+    echo "FUZZ FINDING in $t: $(ls artifacts/$t)" >&2
+    exit 1
+  fi
+done
