@@ -7,6 +7,10 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let bytes = bytes::Bytes::copy_from_slice(data);
     for wo in [true, false] {
-        let _ = ckptio::torch::load_from_bytes(bytes.clone(), "fuzz.pt", &LoadOptions::default().weights_only(wo));
+        let _ = ckptio::torch::load_from_bytes(
+            bytes.clone(),
+            "fuzz.pt",
+            &LoadOptions::default().weights_only(wo),
+        );
     }
 });

@@ -9,7 +9,10 @@ fn archive_with_pickle(pkl: &[u8]) -> Vec<u8> {
     // Two real storages (data/0, data/1) for the fuzzed pickle to point at, plus the input as
     // an inert object's bytes argument (which must round-trip).
     let mut d = Dict::new();
-    d.insert("a", HostTensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0], &[2, 2]).unwrap());
+    d.insert(
+        "a",
+        HostTensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0], &[2, 2]).unwrap(),
+    );
     d.insert("b", HostTensor::from_slice(&[7i64; 3], &[3]).unwrap());
     d.insert(
         "raw",
@@ -37,8 +40,12 @@ fuzz_target!(|data: &[u8]| {
     }
     // 2. The input carried as bytes inside a valid pickle: must round-trip.
     let z = archive_with_pickle(data);
-    let v = ckptio::torch::load_from_bytes(bytes::Bytes::from(z), "ok.pt", &LoadOptions::default().weights_only(false))
-        .expect("a file ckptio wrote must load");
+    let v = ckptio::torch::load_from_bytes(
+        bytes::Bytes::from(z),
+        "ok.pt",
+        &LoadOptions::default().weights_only(false),
+    )
+    .expect("a file ckptio wrote must load");
     assert!(v.get("raw").is_some());
 });
 
@@ -49,7 +56,11 @@ fn ckptio_fuzz_replace_pickle(archive: &[u8], pkl: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     let mut central = Vec::new();
     for (name, data) in entries {
-        let data: &[u8] = if name.ends_with("/data.pkl") { pkl } else { &archive[data.0..data.1] };
+        let data: &[u8] = if name.ends_with("/data.pkl") {
+            pkl
+        } else {
+            &archive[data.0..data.1]
+        };
         let off = out.len() as u32;
         let crc = crc32(data);
         out.extend_from_slice(&0x04034b50u32.to_le_bytes());
@@ -86,7 +97,10 @@ fn ckptio_fuzz_replace_pickle(archive: &[u8], pkl: &[u8]) -> Option<Vec<u8>> {
 }
 
 fn count_entries(central: &[u8]) -> usize {
-    central.windows(4).filter(|w| *w == 0x02014b50u32.to_le_bytes()).count()
+    central
+        .windows(4)
+        .filter(|w| *w == 0x02014b50u32.to_le_bytes())
+        .count()
 }
 
 fn crc32(data: &[u8]) -> u32 {
@@ -94,7 +108,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         c ^= b as u32;
         for _ in 0..8 {
-            c = if c & 1 != 0 { (c >> 1) ^ 0xEDB8_8320 } else { c >> 1 };
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xEDB8_8320
+            } else {
+                c >> 1
+            };
         }
     }
     !c
