@@ -502,3 +502,71 @@ fn disk_full_and_read_only_filesystems_fail_cleanly_and_recover() {
     assert_eq!(check_whole(&path).unwrap(), 5);
     io.teardown().unwrap();
 }
+
+/// Child: drops root, then saves into a directory only root may write.
+fn perm_child(dir: &Path) {
+    #[allow(unsafe_code)]
+    // SAFETY: plain libc calls changing this (child) process's own credentials.
+    unsafe {
+        assert_eq!(libc::setgid(65534), 0);
+        assert_eq!(libc::setuid(65534), 0);
+    }
+    let io = AsyncCheckpointIo::new(TorchCheckpointIo::new());
+    let path = dir.join("x.pt");
+    let err = io.save(&ckpt(2, 1000), &path).unwrap().wait().unwrap_err();
+    println!("error: {err}");
+    println!(
+        "source: {:?}",
+        std::error::Error::source(&err).map(|s| s.to_string())
+    );
+    println!("pool in use: {}", io.status().pool.in_use);
+    // The error was taken from the handle: teardown has nothing left to report.
+    io.teardown().unwrap();
+    println!("teardown ok");
+}
+
+#[test]
+fn permission_denied_fails_with_the_path_and_keeps_the_previous_checkpoint() {
+    if let Ok(spec) = std::env::var("CKPTIO_CHILD") {
+        if let Some(dir) = spec.strip_prefix("perm:") {
+            perm_child(Path::new(dir));
+        }
+        return;
+    }
+    // SAFETY: reads this process's effective user id.
+    #[allow(unsafe_code)]
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: needs root to drop privileges in a child");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.pt");
+    ckptio::torch::save(&ckpt(1, 1000), &path).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "permission_denied_fails_with_the_path_and_keeps_the_previous_checkpoint",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("CKPTIO_CHILD", format!("perm:{}", dir.path().display()))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("x.pt") && text.contains("Permission denied"),
+        "{text}"
+    );
+    assert!(
+        text.contains("pool in use: 0") && text.contains("teardown ok"),
+        "{text}"
+    );
+    assert_eq!(check_whole(&path).unwrap(), 1, "previous checkpoint intact");
+}
