@@ -354,6 +354,14 @@ fn teardown_forwards_and_the_wrapper_works_again_afterwards() {
     io.teardown().unwrap();
     assert_eq!(io.inner().teardowns.load(Ordering::SeqCst), 2);
     assert_eq!(io.inner().files.lock().unwrap().len(), 2);
+    // Dropping after an explicit teardown does not tear the inner backend down again.
+    let inner = Arc::new(MemIo::default());
+    {
+        let io = Builder::default().build(inner.clone());
+        drop(io.save(&tree_of(&p, 3), "c").unwrap());
+        io.teardown().unwrap();
+    }
+    assert_eq!(inner.teardowns.load(Ordering::SeqCst), 1);
 }
 
 #[test]

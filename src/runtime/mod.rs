@@ -669,7 +669,14 @@ fn stopped(path: &Path) -> Error {
 
 impl<I: CheckpointIo + 'static> Drop for AsyncCheckpointIo<I> {
     fn drop(&mut self) {
-        if let Err(e) = self.teardown() {
+        // After an explicit teardown (and no use since) the inner backend was torn down already:
+        // only errors nobody heard of are left to log.
+        let r = if lock(&self.workers).is_none() {
+            self.check_errors()
+        } else {
+            self.teardown()
+        };
+        if let Err(e) = r {
             tracing::error!(error = %e, "checkpoint errors at drop (call teardown() to handle them)");
         }
     }
