@@ -220,6 +220,23 @@ fn sigkill_at_random_moments_never_tears_or_loses_a_durable_checkpoint() {
     );
 }
 
+/// Runs this test binary again as a child that runs only `test` with `CKPTIO_CHILD=spec`;
+/// returns its standard output once it succeeded.
+fn run_child(test: &str, spec: &str) -> String {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env("CKPTIO_CHILD", spec)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "child failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 /// Child: a file-size limit makes the big save fail; prints what happened.
 fn fsize_child(dir: &Path) {
     #[allow(unsafe_code)]
@@ -262,21 +279,9 @@ fn a_write_past_the_file_size_limit_fails_cleanly_and_keeps_the_previous_checkpo
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "a_write_past_the_file_size_limit_fails_cleanly_and_keeps_the_previous_checkpoint",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("CKPTIO_CHILD", format!("fsize:{}", dir.path().display()))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "child failed: {text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let text = run_child(
+        "a_write_past_the_file_size_limit_fails_cleanly_and_keeps_the_previous_checkpoint",
+        &format!("fsize:{}", dir.path().display()),
     );
     assert!(text.contains("x.pt"), "error names the path: {text}");
     assert!(
@@ -544,21 +549,9 @@ fn permission_denied_fails_with_the_path_and_keeps_the_previous_checkpoint() {
     ckptio::torch::save(&ckpt(1, 1000), &path).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "permission_denied_fails_with_the_path_and_keeps_the_previous_checkpoint",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("CKPTIO_CHILD", format!("perm:{}", dir.path().display()))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "child failed: {text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let text = run_child(
+        "permission_denied_fails_with_the_path_and_keeps_the_previous_checkpoint",
+        &format!("perm:{}", dir.path().display()),
     );
     assert!(
         text.contains("x.pt") && text.contains("Permission denied"),
