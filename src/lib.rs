@@ -37,6 +37,8 @@ pub mod torch;
 mod value;
 
 #[cfg(feature = "tch")]
+pub mod optim;
+#[cfg(feature = "tch")]
 pub mod tch;
 
 pub use crate::error::{Error, Result};
