@@ -32,6 +32,7 @@ mod error;
 mod io;
 pub mod json;
 pub mod runtime;
+pub mod state;
 mod tensor;
 pub mod torch;
 mod value;

@@ -1,0 +1,177 @@
+//! Training state, Fabric style: save "the model, the optimizer and where I am" under names, and
+//! restore it in place (feature `tch` for models and optimizers; plain values always).
+//!
+//! ```no_run
+//! use ckptio::state::{load, save, Stateful};
+//! use ckptio::optim::Adam;
+//! use ckptio::TorchCheckpointIo;
+//! use tch::{nn, Device};
+//! # fn main() -> ckptio::Result<()> {
+//! let io = TorchCheckpointIo::new();
+//! let mut vs = nn::VarStore::new(Device::Cpu);
+//! let _fc = nn::linear(vs.root() / "fc", 4, 2, Default::default());
+//! let mut opt = Adam::adamw(vs.trainable_variables(), 1e-3, 0.01);
+//! let mut step = 0i64;
+//! save(&io, "ckpt.pt".as_ref(), &[("model", &vs), ("optimizer", &opt), ("step", &step)])?;
+//! let rest = load(&io, "ckpt.pt".as_ref(), &mut [("model", &mut vs), ("optimizer", &mut opt), ("step", &mut step)], true)?;
+//! assert!(rest.is_none()); // everything in the file was restored
+//! # Ok(()) }
+//! ```
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::io::{CheckpointIo, LoadOptions, SaveOptions};
+use crate::value::{Dict, Key, Value};
+
+/// Something whose state can be saved and restored in place.
+pub trait Stateful {
+    /// The state as a tree (tensors may be live: they are copied when saved).
+    fn state_dict(&self) -> Result<Value>;
+    /// Restores the state in place.
+    fn load_state_dict(&mut self, state: &Value) -> Result<()>;
+}
+
+macro_rules! plain {
+    ($t:ty, $get:expr, $what:literal) => {
+        impl Stateful for $t {
+            fn state_dict(&self) -> Result<Value> {
+                Ok(Value::from(self.clone()))
+            }
+            fn load_state_dict(&mut self, state: &Value) -> Result<()> {
+                #[allow(clippy::redundant_closure_call)]
+                let v: Option<$t> = ($get)(state);
+                *self = v.ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        concat!("expected ", $what, ", got {}"),
+                        state.type_name()
+                    ))
+                })?;
+                Ok(())
+            }
+        }
+    };
+}
+plain!(i64, |v: &Value| v.as_int(), "an int");
+plain!(f64, |v: &Value| v.as_float(), "a float");
+plain!(
+    bool,
+    |v: &Value| match v {
+        Value::Bool(b) => Some(*b),
+        _ => None,
+    },
+    "a bool"
+);
+plain!(String, |v: &Value| v.as_str().map(str::to_owned), "a str");
+
+/// Any tree (e.g. hyper-parameters or metadata) is its own state.
+impl Stateful for Value {
+    fn state_dict(&self) -> Result<Value> {
+        Ok(self.clone())
+    }
+    fn load_state_dict(&mut self, state: &Value) -> Result<()> {
+        *self = state.clone();
+        Ok(())
+    }
+}
+
+#[cfg(feature = "tch")]
+impl Stateful for tch::nn::VarStore {
+    /// Live tensors: an async save copies them once, at snapshot time.
+    fn state_dict(&self) -> Result<Value> {
+        crate::tch::live_state_dict(self)
+    }
+    /// Strict: every variable must be in the state, and nothing else.
+    fn load_state_dict(&mut self, state: &Value) -> Result<()> {
+        crate::tch::load_state_dict(self, state, true).map(drop)
+    }
+}
+
+#[cfg(feature = "tch")]
+macro_rules! optimizer_state {
+    ($t:ty) => {
+        impl Stateful for $t {
+            fn state_dict(&self) -> Result<Value> {
+                crate::optim::Optimizer::state_dict(self)
+            }
+            fn load_state_dict(&mut self, state: &Value) -> Result<()> {
+                crate::optim::Optimizer::load_state_dict(self, state)
+            }
+        }
+    };
+}
+#[cfg(feature = "tch")]
+optimizer_state!(crate::optim::Sgd);
+#[cfg(feature = "tch")]
+optimizer_state!(crate::optim::Adam);
+
+/// The checkpoint for named state: `{name: state_dict(), ...}`.
+pub fn checkpoint(state: &[(&str, &dyn Stateful)]) -> Result<Value> {
+    let mut d = Dict::new();
+    for (name, s) in state {
+        d.insert(*name, s.state_dict()?);
+    }
+    Ok(Value::Dict(d))
+}
+
+/// Saves named state to `path` through any backend (an `AsyncCheckpointIo` returns after the
+/// snapshot).
+pub fn save(io: &dyn CheckpointIo, path: &Path, state: &[(&str, &dyn Stateful)]) -> Result<()> {
+    io.save_checkpoint(&checkpoint(state)?, path, &SaveOptions::default())
+}
+
+/// Restores named state in place from the checkpoint at `path`; returns what the file held that
+/// the state did not ask for (`None` when nothing is left, as Fabric's `load`). In `strict` mode
+/// a name missing from the file is an error ([`Error::KeyMismatch`]) and nothing is restored.
+pub fn load(
+    io: &dyn CheckpointIo,
+    path: &Path,
+    state: &mut [(&str, &mut dyn Stateful)],
+    strict: bool,
+) -> Result<Option<Value>> {
+    let tree = io
+        .load_checkpoint(path, &LoadOptions::default(), None)?
+        .ok_or_else(|| Error::format(path, "the backend returned no checkpoint"))?;
+    restore(tree, path, state, strict)
+}
+
+/// [`load`] on a tree already in memory.
+pub fn restore(
+    tree: Value,
+    path: &Path,
+    state: &mut [(&str, &mut dyn Stateful)],
+    strict: bool,
+) -> Result<Option<Value>> {
+    let mut top = match tree {
+        Value::Dict(d) => d,
+        other => {
+            return Err(Error::format(
+                path,
+                format!("checkpoint is a {}, expected a dict", other.type_name()),
+            ))
+        }
+    };
+    let missing: Vec<String> = state
+        .iter()
+        .filter(|(n, _)| top.get(*n).is_none())
+        .map(|(n, _)| (*n).to_owned())
+        .collect();
+    if strict && !missing.is_empty() {
+        let unexpected = top
+            .keys()
+            .filter(|k| !state.iter().any(|(n, _)| k.as_str() == Some(*n)))
+            .map(ToString::to_string)
+            .collect();
+        return Err(Error::KeyMismatch {
+            path: path.to_path_buf(),
+            missing,
+            unexpected,
+        });
+    }
+    for (name, s) in state.iter_mut() {
+        if let Some(v) = top.remove(&Key::Str((*name).to_owned())) {
+            s.load_state_dict(&v)?;
+        }
+    }
+    Ok((!top.is_empty()).then_some(Value::Dict(top)))
+}
