@@ -31,6 +31,7 @@ pub mod atomic;
 mod error;
 mod io;
 pub mod json;
+pub mod manager;
 pub mod runtime;
 pub mod state;
 mod tensor;

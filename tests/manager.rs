@@ -1,0 +1,118 @@
+//! The checkpoint manager: schedule, top-k, `last`, deletions only after durability, resume.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ckptio::manager::{CheckpointManager, ManagerConfig, Monitor, LAST};
+use ckptio::{
+    AsyncCheckpointIo, CheckpointIo, LoadOptions, Restore, SaveOptions, TorchCheckpointIo, Value,
+};
+
+/// TorchCheckpointIo with slow saves, so bookkeeping must wait for durability.
+struct Slow(TorchCheckpointIo);
+impl CheckpointIo for Slow {
+    fn save_checkpoint(&self, c: &Value, p: &Path, o: &SaveOptions) -> ckptio::Result<()> {
+        std::thread::sleep(Duration::from_millis(15));
+        self.0.save_checkpoint(c, p, o)
+    }
+    fn load_checkpoint(
+        &self,
+        p: &Path,
+        o: &LoadOptions,
+        s: Option<&mut dyn Restore>,
+    ) -> ckptio::Result<Option<Value>> {
+        self.0.load_checkpoint(p, o, s)
+    }
+    fn remove_checkpoint(&self, p: &Path) -> ckptio::Result<()> {
+        self.0.remove_checkpoint(p)
+    }
+}
+
+fn files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != LAST)
+        .collect();
+    v.sort();
+    v
+}
+
+fn step_of(path: &Path) -> i64 {
+    ckptio::torch::load(path, &LoadOptions::default())
+        .unwrap()
+        .get("ckptio_step")
+        .and_then(Value::as_int)
+        .unwrap()
+}
+
+#[test]
+fn keeps_top_k_and_last_and_never_points_last_at_a_missing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("ckpt");
+    let io = ckptio::runtime::Builder::default()
+        .capacity(4)
+        .build(Slow(TorchCheckpointIo::new()));
+    let cfg = ManagerConfig::new(&d)
+        .every_n_steps(2)
+        .top_k(2, Monitor::Min)
+        .filename("s{step}-m{metric:.2}.ckpt");
+    let mut mgr = CheckpointManager::new(io, cfg);
+    // Metric per step: best at steps 6 and 14; the newest (20) is not among the best.
+    let metric = |s: u64| match s {
+        6 => 0.1,
+        14 => 0.2,
+        _ => 1.0 + s as f64 / 100.0,
+    };
+    for s in 1..=20u64 {
+        let state = s as i64;
+        mgr.step(s, 0, Some(metric(s)), &[("state", &state)])
+            .unwrap();
+        let link = d.join(LAST);
+        if let Ok(target) = std::fs::read_link(&link) {
+            let p = d.join(target);
+            assert!(
+                p.exists(),
+                "step {s}: last.ckpt names {} which is not there",
+                p.display()
+            );
+            step_of(&p);
+        }
+    }
+    mgr.finish().unwrap();
+    assert_eq!(
+        files(&d),
+        vec!["s14-m0.20.ckpt", "s20-m1.20.ckpt", "s6-m0.10.ckpt"]
+    );
+    assert_eq!(
+        std::fs::read_link(d.join(LAST)).unwrap(),
+        PathBuf::from("s20-m1.20.ckpt")
+    );
+    assert_eq!(step_of(&d.join(LAST)), 20);
+}
+
+#[test]
+fn resume_finds_the_newest_complete_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let mut mgr = CheckpointManager::new(
+        AsyncCheckpointIo::new(TorchCheckpointIo::new()),
+        ManagerConfig::new(&d).every_n_steps(1),
+    );
+    for s in 1..=3u64 {
+        let state = s as i64;
+        mgr.step(s, 0, None, &[("state", &state)]).unwrap();
+        mgr.finish().unwrap();
+        std::thread::sleep(Duration::from_millis(20)); // distinct modification times
+    }
+    type M = CheckpointManager<TorchCheckpointIo>;
+    assert_eq!(step_of(&M::resume_path(&d).unwrap().unwrap()), 3);
+    std::fs::remove_file(d.join(LAST)).unwrap();
+    assert_eq!(step_of(&M::resume_path(&d).unwrap().unwrap()), 3);
+    // A torn newest file (as a crash without ckptio's atomic rename would leave) is skipped.
+    let newest = d.join("step=3.ckpt");
+    let bytes = std::fs::read(&newest).unwrap();
+    std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+    assert_eq!(step_of(&M::resume_path(&d).unwrap().unwrap()), 2);
+    assert_eq!(M::resume_path(&d.join("nope")).unwrap(), None);
+}
