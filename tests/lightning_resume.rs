@@ -40,7 +40,7 @@ fn a_lightning_checkpoint_resumes_training_in_rust() {
 
     // PyTorch's parameter order (model.parameters()): weight, then bias.
     let vars = vs.variables();
-    let params = vec![
+    let params = [
         vars["layer.weight"].shallow_clone(),
         vars["layer.bias"].shallow_clone(),
     ];
