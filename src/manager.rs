@@ -173,15 +173,48 @@ fn render(template: &str, step: u64, epoch: u64, metric: Option<f64>) -> Result<
 }
 
 impl<I: CheckpointIo + 'static> CheckpointManager<I> {
-    /// A manager saving through `io` as `cfg` says.
+    /// A manager saving through `io` as `cfg` says. Checkpoints it wrote into `cfg.dir` before
+    /// (a resumed run) are adopted, so top-k and `last` continue across restarts; files that
+    /// are not whole ckptio checkpoints are left alone.
     pub fn new(io: AsyncCheckpointIo<I>, cfg: ManagerConfig) -> Self {
-        CheckpointManager {
+        let mut m = CheckpointManager {
             io,
             cfg,
             last_time: None,
             pending: Vec::new(),
             kept: Vec::new(),
             newest: None,
+        };
+        m.adopt_existing();
+        m
+    }
+
+    fn adopt_existing(&mut self) {
+        let Ok(entries) = std::fs::read_dir(&self.cfg.dir) else {
+            return;
+        };
+        let opts = crate::io::LoadOptions::default().mmap(true);
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == LAST || is_temp_file(&name) || !e.path().is_file() {
+                continue;
+            }
+            let Ok(v) = crate::torch::load(e.path(), &opts) else {
+                continue;
+            };
+            let Some(step) = v.get("ckptio_step").and_then(crate::Value::as_int) else {
+                continue;
+            };
+            let metric = v.get("ckptio_metric").and_then(crate::Value::as_float);
+            let k = Kept {
+                path: e.path(),
+                step: step as u64,
+                metric,
+            };
+            if self.newest.as_ref().is_none_or(|n| k.step > n.step) {
+                self.newest = Some(k.clone());
+            }
+            self.kept.push(k);
         }
     }
 

@@ -116,3 +116,32 @@ fn resume_finds_the_newest_complete_checkpoint() {
     assert_eq!(step_of(&M::resume_path(&d).unwrap().unwrap()), 2);
     assert_eq!(M::resume_path(&d.join("nope")).unwrap(), None);
 }
+
+#[test]
+fn a_restarted_manager_adopts_earlier_checkpoints_into_top_k() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let cfg = || {
+        ManagerConfig::new(&d)
+            .every_n_steps(1)
+            .top_k(2, Monitor::Max)
+            .filename("s{step}.ckpt")
+    };
+    let run = |steps: std::ops::RangeInclusive<u64>, metric: fn(u64) -> f64| {
+        let mut mgr =
+            CheckpointManager::new(AsyncCheckpointIo::new(TorchCheckpointIo::new()), cfg());
+        for s in steps {
+            let state = s as i64;
+            mgr.step(s, 0, Some(metric(s)), &[("state", &state)])
+                .unwrap();
+        }
+        mgr.finish().unwrap();
+    };
+    run(1..=3, |s| s as f64); // best so far: 3, 2
+    run(4..=5, |s| 10.0 - s as f64); // 6.0 and 5.0 beat 3 and 2; 5 is also the newest
+    assert_eq!(files(&d), vec!["s4.ckpt", "s5.ckpt"]);
+    assert_eq!(
+        std::fs::read_link(d.join(LAST)).unwrap(),
+        PathBuf::from("s5.ckpt")
+    );
+}
