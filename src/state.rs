@@ -75,6 +75,93 @@ impl Stateful for Value {
     }
 }
 
+/// Serde-able metadata: `serde_json::to_value(&my_config)` gives a value that saves as a plain
+/// tree (objects as string-keyed dicts, arrays as lists) and loads back.
+impl Stateful for serde_json::Value {
+    fn state_dict(&self) -> Result<Value> {
+        fn conv(j: &serde_json::Value) -> Value {
+            match j {
+                serde_json::Value::Null => Value::None,
+                serde_json::Value::Bool(b) => Value::Bool(*b),
+                serde_json::Value::Number(n) => match n.as_i64() {
+                    Some(i) => Value::Int(i),
+                    None => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+                },
+                serde_json::Value::String(s) => Value::Str(s.clone()),
+                serde_json::Value::Array(a) => Value::List(a.iter().map(conv).collect()),
+                serde_json::Value::Object(o) => {
+                    Value::Dict(o.iter().map(|(k, v)| (k.as_str(), conv(v))).collect())
+                }
+            }
+        }
+        Ok(conv(self))
+    }
+    fn load_state_dict(&mut self, state: &Value) -> Result<()> {
+        fn conv(v: &Value) -> Result<serde_json::Value> {
+            Ok(match v {
+                Value::None => serde_json::Value::Null,
+                Value::Bool(b) => serde_json::Value::Bool(*b),
+                Value::Int(i) => serde_json::Value::from(*i),
+                Value::Float(f) => serde_json::Number::from_f64(*f)
+                    .map(serde_json::Value::Number)
+                    .ok_or_else(|| Error::InvalidArgument(format!("{f} has no JSON form")))?,
+                Value::Str(s) => serde_json::Value::String(s.clone()),
+                Value::List(items) | Value::Tuple(items) => {
+                    serde_json::Value::Array(items.iter().map(conv).collect::<Result<_>>()?)
+                }
+                Value::Dict(d) => {
+                    let mut m = serde_json::Map::new();
+                    for (k, v) in d.iter() {
+                        let k = k.as_str().ok_or_else(|| {
+                            Error::InvalidArgument(format!("key {k} is not a string"))
+                        })?;
+                        m.insert(k.to_owned(), conv(v)?);
+                    }
+                    serde_json::Value::Object(m)
+                }
+                other => {
+                    return Err(Error::InvalidArgument(format!(
+                        "a {} is not metadata",
+                        other.type_name()
+                    )))
+                }
+            })
+        }
+        *self = conv(state)?;
+        Ok(())
+    }
+}
+
+/// libtorch's global RNG, as far as tch allows: tch can seed it but not read its state, so the
+/// checkpoint records a seed and loading re-seeds with it. Reseed with [`RngSeed::reseed`] at a
+/// point that is the same in the saved and the resumed run (e.g. per step, from the step).
+#[cfg(feature = "tch")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RngSeed(pub i64);
+
+#[cfg(feature = "tch")]
+impl RngSeed {
+    /// Seeds libtorch's global RNG with `seed` and remembers it.
+    pub fn reseed(&mut self, seed: i64) {
+        self.0 = seed;
+        tch::manual_seed(seed);
+    }
+}
+
+#[cfg(feature = "tch")]
+impl Stateful for RngSeed {
+    fn state_dict(&self) -> Result<Value> {
+        Ok(Value::Int(self.0))
+    }
+    fn load_state_dict(&mut self, state: &Value) -> Result<()> {
+        let seed = state
+            .as_int()
+            .ok_or_else(|| Error::InvalidArgument("an RNG seed must be an int".into()))?;
+        self.reseed(seed);
+        Ok(())
+    }
+}
+
 #[cfg(feature = "tch")]
 impl Stateful for tch::nn::VarStore {
     /// Live tensors: an async save copies them once, at snapshot time.

@@ -9,6 +9,9 @@ use ckptio::{CheckpointIo, SnapshotMode, TorchCheckpointIo};
 use tch::nn::{Module, VarStore};
 use tch::{nn, Device, Kind, Tensor};
 
+/// libtorch's RNG is global: the tests of this file take turns with it.
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 const N: i64 = 12;
 const K: i64 = 5;
 
@@ -88,6 +91,7 @@ fn same(a: &Run, b: &Run, what: &str) {
 
 #[test]
 fn resume_is_bit_identical_for_every_optimizer_and_save_path() {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     for which in ["sgd", "adam", "adamw"] {
         let mut straight = new_run(which, 1);
@@ -179,5 +183,36 @@ fn strict_load_reports_missing_names_and_restores_nothing() {
     assert_eq!(
         rest.unwrap().get("step").and_then(ckptio::Value::as_int),
         Some(7)
+    );
+}
+
+#[test]
+fn serde_metadata_and_the_rng_seed_round_trip() {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    use ckptio::state::RngSeed;
+    let dir = tempfile::tempdir().unwrap();
+    let io = TorchCheckpointIo::new();
+    let path = dir.path().join("meta.pt");
+    let meta =
+        serde_json::json!({"run": "a", "lr": 0.001, "layers": [64, 32], "tags": {"x": true}});
+    let mut seed = RngSeed(0);
+    seed.reseed(1234);
+    let after_seed = Tensor::randn([4], (Kind::Float, Device::Cpu));
+    save(&io, &path, &[("meta", &meta), ("rng", &seed)]).unwrap();
+    let mut meta2 = serde_json::Value::Null;
+    let mut seed2 = RngSeed(0);
+    tch::manual_seed(999);
+    load(
+        &io,
+        &path,
+        &mut [("meta", &mut meta2), ("rng", &mut seed2)],
+        true,
+    )
+    .unwrap();
+    assert_eq!(meta2, meta);
+    assert_eq!(seed2, RngSeed(1234));
+    assert!(
+        Tensor::randn([4], (Kind::Float, Device::Cpu)).equal(&after_seed),
+        "re-seeded on load"
     );
 }
