@@ -180,7 +180,8 @@ impl<I: CheckpointIo + 'static> CheckpointManager<I> {
         let mut m = CheckpointManager {
             io,
             cfg,
-            last_time: None,
+            // The time interval counts from the start, as Lightning's `train_time_interval`.
+            last_time: Some(Instant::now()),
             pending: Vec::new(),
             kept: Vec::new(),
             newest: None,

@@ -145,3 +145,29 @@ fn a_restarted_manager_adopts_earlier_checkpoints_into_top_k() {
         PathBuf::from("s5.ckpt")
     );
 }
+
+#[test]
+fn saves_by_wall_time_when_the_interval_has_passed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let cfg = ManagerConfig::new(&d).every(Duration::from_millis(300));
+    let mut mgr = CheckpointManager::new(AsyncCheckpointIo::new(TorchCheckpointIo::new()), cfg);
+    let x = 1i64;
+    assert_eq!(
+        mgr.step(1, 0, None, &[("x", &x)]).unwrap(),
+        None,
+        "the interval counts from the start"
+    );
+    std::thread::sleep(Duration::from_millis(350));
+    assert!(
+        mgr.step(2, 0, None, &[("x", &x)]).unwrap().is_some(),
+        "the interval has passed"
+    );
+    assert_eq!(
+        mgr.step(3, 0, None, &[("x", &x)]).unwrap(),
+        None,
+        "it starts again after a save"
+    );
+    mgr.finish().unwrap();
+    assert_eq!(files(&d), vec!["step=2.ckpt"]);
+}
