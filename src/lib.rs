@@ -51,3 +51,8 @@ pub use crate::tensor::{
 };
 pub use crate::torch::TorchCheckpointIo;
 pub use crate::value::{Dict, DictKind, FloatKey, Key, KeyRef, Object, ObjectKind, Value};
+
+/// The README's examples, compiled as doc tests so the README stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
