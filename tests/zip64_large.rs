@@ -7,6 +7,8 @@ use std::process::Command;
 
 use ckptio::{DType, Dict, HostTensor, LoadOptions, Value};
 
+mod common;
+
 fn free_bytes(dir: &Path) -> u64 {
     let out = Command::new("df")
         .args(["--output=avail", "-B1"])
@@ -16,12 +18,6 @@ fn free_bytes(dir: &Path) -> u64 {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .and_then(|s| s.lines().nth(1).and_then(|l| l.trim().parse().ok()))
         .unwrap_or(0)
-}
-
-fn python() -> std::path::PathBuf {
-    std::env::var_os("CKPTIO_PYTHON")
-        .map(Into::into)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"))
 }
 
 #[test]
@@ -75,7 +71,7 @@ assert int(b[-1]) == (n - 1) % 251
 assert d['after'].tolist() == [1.5, 2.5]
 print("ok", n)
 "#;
-    let out = Command::new(python())
+    let out = Command::new(common::python())
         .arg("-c")
         .arg(script)
         .arg(&path)
