@@ -154,10 +154,8 @@ impl Trainer {
                 Default::default(),
             ));
         }
-        let vars = vs.variables();
-        let mut names: Vec<String> = vars.keys().cloned().collect();
-        names.sort();
-        let params: Vec<Tensor> = names.iter().map(|n| vars[n].shallow_clone()).collect();
+        let (names, params): (Vec<String>, Vec<Tensor>) =
+            ckptio::tch::named_variables(&vs).into_iter().unzip();
         let exp_avg = params.iter().map(Tensor::zeros_like).collect();
         let exp_avg_sq = params.iter().map(Tensor::zeros_like).collect();
         Trainer {

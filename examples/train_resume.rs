@@ -36,15 +36,10 @@ fn main() -> ckptio::Result<()> {
         .add(nn::linear(vs.root() / "l1", 32, 64, Default::default()))
         .add_fn(|x| x.relu())
         .add(nn::linear(vs.root() / "l2", 64, 1, Default::default()));
-    let params = {
-        let vars = vs.variables();
-        let mut names: Vec<_> = vars.keys().cloned().collect();
-        names.sort();
-        names
-            .iter()
-            .map(|n| vars[n].shallow_clone())
-            .collect::<Vec<_>>()
-    };
+    let params: Vec<Tensor> = ckptio::tch::named_variables(&vs)
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
     let mut opt = Adam::adamw(params, 1e-3, 0.01);
     let mut step = 0i64;
 

@@ -64,6 +64,13 @@ fn bad(msg: impl Into<String>) -> Error {
     Error::InvalidArgument(msg.into())
 }
 
+fn check_grads(grads: &[Option<Tensor>], n: usize) -> Result<()> {
+    if grads.len() != n {
+        return Err(bad(format!("{} gradients for {n} parameters", grads.len())));
+    }
+    Ok(())
+}
+
 fn float(d: &Dict, k: &str) -> Result<f64> {
     d.get(k)
         .and_then(Value::as_float)
@@ -199,13 +206,7 @@ impl Optimizer for Sgd {
     }
 
     fn step_with(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
-        if grads.len() != self.params.len() {
-            return Err(bad(format!(
-                "{} gradients for {} parameters",
-                grads.len(),
-                self.params.len()
-            )));
-        }
+        check_grads(grads, self.params.len())?;
         tch::no_grad(|| {
             for (i, g) in grads.iter().enumerate() {
                 let Some(g) = g else { continue };
@@ -363,13 +364,7 @@ impl Optimizer for Adam {
     }
 
     fn step_with(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
-        if grads.len() != self.params.len() {
-            return Err(bad(format!(
-                "{} gradients for {} parameters",
-                grads.len(),
-                self.params.len()
-            )));
-        }
+        check_grads(grads, self.params.len())?;
         let (b1, b2) = self.betas;
         tch::no_grad(|| {
             for (i, g) in grads.iter().enumerate() {

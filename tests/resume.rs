@@ -33,15 +33,10 @@ fn new_run(which: &str, init_seed: i64) -> Run {
         .add(nn::linear(vs.root() / "l1", 6, 16, Default::default()))
         .add_fn(|x| x.tanh())
         .add(nn::linear(vs.root() / "l2", 16, 3, Default::default()));
-    let params = {
-        let vars = vs.variables();
-        let mut names: Vec<_> = vars.keys().cloned().collect();
-        names.sort();
-        names
-            .iter()
-            .map(|n| vars[n].shallow_clone())
-            .collect::<Vec<_>>()
-    };
+    let params: Vec<Tensor> = ckptio::tch::named_variables(&vs)
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
     let opt: Box<dyn OptState> = match which {
         "sgd" => Box::new(
             Sgd::new(params, 0.05)

@@ -229,16 +229,21 @@ pub fn live(t: &Tensor) -> Result<LiveTensor> {
     }))
 }
 
+/// The variables of a VarStore sorted by name (shallow clones sharing their memory): the one
+/// order ckptio's state dicts and optimizers use.
+pub fn named_variables(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
 /// The state dict of a VarStore as live tensors: an `OrderedDict` of name -> [`LiveTensor`],
 /// names sorted. Saving it through [`AsyncCheckpointIo`](crate::AsyncCheckpointIo) copies each
 /// variable once into a staging buffer.
 pub fn live_state_dict(vs: &tch::nn::VarStore) -> Result<Value> {
-    let vars = vs.variables();
-    let mut names: Vec<&String> = vars.keys().collect();
-    names.sort();
     let mut d = Dict::ordered();
-    for name in names {
-        d.insert(name.as_str(), live(&vars[name])?);
+    for (name, t) in named_variables(vs) {
+        d.insert(name, live(&t)?);
     }
     Ok(Value::Dict(d))
 }
@@ -246,13 +251,9 @@ pub fn live_state_dict(vs: &tch::nn::VarStore) -> Result<Value> {
 /// The state dict of a VarStore: an `OrderedDict` of name -> tensor, names sorted (what
 /// `torch.load` gives back as `model.state_dict()`-like).
 pub fn state_dict(vs: &tch::nn::VarStore) -> Result<Value> {
-    let vars = vs.variables();
-    let mut names: Vec<&String> = vars.keys().collect();
-    names.sort();
     let mut d = Dict::ordered();
-    for name in names {
-        let t = to_host(&vars[name])?.with_requires_grad(false);
-        d.insert(name.as_str(), t);
+    for (name, t) in named_variables(vs) {
+        d.insert(name, to_host(&t)?.with_requires_grad(false));
     }
     Ok(Value::Dict(d))
 }
@@ -276,15 +277,13 @@ pub fn load_state_dict(vs: &mut tch::nn::VarStore, sd: &Value, strict: bool) -> 
             sd.type_name()
         ))
     })?;
-    let vars = vs.variables();
+    let vars = named_variables(vs);
     let mut report = LoadReport::default();
     let mut pairs = Vec::new();
-    let mut names: Vec<&String> = vars.keys().collect();
-    names.sort();
-    for name in names {
+    for (name, var) in &vars {
         match d.get(name.as_str()) {
             Some(Value::Tensor(h)) => {
-                let want: Vec<usize> = vars[name].size().iter().map(|&x| x as usize).collect();
+                let want: Vec<usize> = var.size().iter().map(|&x| x as usize).collect();
                 if h.shape() != want.as_slice() {
                     return Err(Error::tensor(
                         "",
@@ -296,7 +295,7 @@ pub fn load_state_dict(vs: &mut tch::nn::VarStore, sd: &Value, strict: bool) -> 
                         ),
                     ));
                 }
-                pairs.push((name.clone(), h));
+                pairs.push((var.shallow_clone(), h));
             }
             Some(other) => {
                 return Err(Error::tensor(
@@ -309,7 +308,7 @@ pub fn load_state_dict(vs: &mut tch::nn::VarStore, sd: &Value, strict: bool) -> 
         }
     }
     for k in d.keys() {
-        let known = k.as_str().is_some_and(|s| vars.contains_key(s));
+        let known = k.as_str().is_some_and(|s| vars.iter().any(|(n, _)| n == s));
         if !known {
             report.unexpected.push(k.to_string());
         }
@@ -322,8 +321,7 @@ pub fn load_state_dict(vs: &mut tch::nn::VarStore, sd: &Value, strict: bool) -> 
         });
     }
     tch::no_grad(|| -> Result<()> {
-        for (name, h) in pairs {
-            let mut var = vars[&name].shallow_clone();
+        for (mut var, h) in pairs {
             let src = to_tch(&h.clone().with_requires_grad(false), Device::Cpu)?;
             var.f_copy_(&src).map_err(torch_err)?;
         }
