@@ -27,12 +27,14 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
+mod aligned;
 pub mod atomic;
 mod error;
 mod io;
 pub mod json;
 pub mod manager;
 pub mod runtime;
+pub mod sink;
 pub mod state;
 mod tensor;
 pub mod torch;

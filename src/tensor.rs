@@ -601,6 +601,21 @@ pub trait TensorSource: Send + Sync {
     }
     /// Copies the elements, row-major, little-endian, into `dst` (exactly `nbytes` long).
     fn copy_to(&self, dst: &mut [u8]) -> Result<()>;
+
+    /// The elements in place, with no copy, when they already are row-major little-endian host
+    /// memory (`None`, the default, otherwise: the caller copies with
+    /// [`TensorSource::copy_to`]). A synchronous save writes them straight from there, as
+    /// `torch.save` does.
+    ///
+    /// # Safety
+    ///
+    /// The bytes alias the tensor's memory, which its owner may write again later. The caller
+    /// must drop them, and every clone of them, before the tensor can be written: in ckptio
+    /// they live only inside one synchronous save call.
+    #[allow(unsafe_code)]
+    unsafe fn borrow_bytes(&self) -> Option<Bytes> {
+        None
+    }
 }
 
 /// A shared handle to a [`TensorSource`]: a tensor to be snapshotted when saved.
@@ -638,6 +653,23 @@ impl LiveTensor {
             HostTensor::from_parts(storage, self.0.dtype(), shape, strides, 0)?
                 .with_requires_grad(self.0.requires_grad()),
         )
+    }
+    /// The tensor in place (see [`TensorSource::borrow_bytes`]), or a copy when it cannot be
+    /// borrowed.
+    ///
+    /// # Safety
+    ///
+    /// As [`TensorSource::borrow_bytes`]: the result must be dropped before the tensor can be
+    /// written again.
+    #[allow(unsafe_code)]
+    pub(crate) unsafe fn borrow_host(&self) -> Result<HostTensor> {
+        // SAFETY: the caller takes on the contract of `borrow_bytes`.
+        match unsafe { self.0.borrow_bytes() } {
+            Some(b) if b.len() == self.nbytes() => {
+                self.host_view(Storage::with_location(b, self.0.location()))
+            }
+            _ => self.to_host(),
+        }
     }
     /// A snapshot into newly allocated memory.
     pub fn to_host(&self) -> Result<HostTensor> {

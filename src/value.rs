@@ -584,6 +584,25 @@ impl Value {
         }
     }
 
+    /// The tree with live tensors borrowed in place where they can be (host memory, row-major),
+    /// copied otherwise: what a synchronous save writes from.
+    ///
+    /// # Safety
+    ///
+    /// The result aliases the live tensors' memory: it must be dropped before any of them can be
+    /// written again (see [`TensorSource::borrow_bytes`](crate::TensorSource::borrow_bytes)).
+    #[allow(unsafe_code)]
+    pub(crate) unsafe fn materialize_borrowed(&self) -> Result<std::borrow::Cow<'_, Value>> {
+        if self.has_live() {
+            Ok(std::borrow::Cow::Owned(self.replace_live(&mut |l| {
+                // SAFETY: the caller drops the tree before the tensors can be written.
+                unsafe { l.borrow_host() }
+            })?))
+        } else {
+            Ok(std::borrow::Cow::Borrowed(self))
+        }
+    }
+
     fn for_each_node_mut(&mut self, f: &mut impl FnMut(&mut Value)) {
         f(self);
         match self {

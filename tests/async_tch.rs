@@ -84,3 +84,37 @@ fn varstore_round_trips_through_the_async_wrapper_and_restore() {
         assert!(v.equal(&b[&k]), "{k}");
     }
 }
+
+#[test]
+fn a_synchronous_save_writes_live_tensors_exactly_in_place_or_copied() {
+    use ckptio::CheckpointIo;
+    let dir = tempfile::tempdir().unwrap();
+    let big = Tensor::randn([1024, 700], (Kind::Float, Device::Cpu)); // 2.8 MB: placed
+    let cases: Vec<(&str, Tensor)> = vec![
+        ("contiguous", big.shallow_clone()),
+        ("transposed", big.transpose(0, 1)), // not contiguous: copied
+        ("row_view", big.narrow(0, 3, 500)), // contiguous view at an offset: borrowed
+        ("ints", Tensor::arange(300_000, (Kind::Int64, Device::Cpu))),
+        (
+            "flags",
+            Tensor::randn([5000], (Kind::Float, Device::Cpu)).gt(0.0),
+        ),
+        ("half", Tensor::randn([400_000], (Kind::Half, Device::Cpu))),
+        ("empty", Tensor::zeros([0, 4], (Kind::Float, Device::Cpu))),
+    ];
+    let mut d = Dict::ordered();
+    for (k, t) in &cases {
+        d.insert(*k, ckptio::tch::live(t).unwrap());
+    }
+    let path = dir.path().join("sync.pt");
+    TorchCheckpointIo::new()
+        .save_checkpoint(&Value::Dict(d), &path, &ckptio::SaveOptions::default())
+        .unwrap();
+    let back = ckptio::torch::load(&path, &LoadOptions::default()).unwrap();
+    for (k, t) in &cases {
+        let want = ckptio::tch::to_host(t).unwrap();
+        let got = back.get(k).unwrap().as_tensor().unwrap();
+        assert!(got.data_eq(&want), "{k}");
+        assert_eq!(got.shape(), want.shape(), "{k}");
+    }
+}

@@ -550,6 +550,39 @@ fn training_tree(rng: &mut StdRng) -> Value {
     Value::from(ckpt)
 }
 
+/// Storages of 1 MiB and more, at every kind of memory offset (64-byte aligned or not) and
+/// with ragged sizes: durable saves place them for direct I/O, with padding up to 4 KiB.
+fn large_tree(rng: &mut StdRng) -> Value {
+    let mut raw = vec![0u8; 24 << 20];
+    rng.fill(&mut raw[..]);
+    let raw = bytes::Bytes::from(raw);
+    let mut d = Dict::ordered();
+    let mut at = 0usize;
+    for (i, (shift, numel)) in [
+        (0usize, 262_144usize),
+        (64, 300_001),
+        (4032, 1_048_576),
+        (3, 400_000),
+        (128, 262_145),
+        (0, 1_000_003),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        at += shift;
+        let storage = ckptio::Storage::new(raw.slice(at..at + numel * 4));
+        at += numel * 4;
+        let t = HostTensor::from_parts(storage, DType::Float32, vec![numel], vec![1], 0).unwrap();
+        d.insert(format!("big{i}").as_str(), t);
+    }
+    // A view into the middle of a large shared storage, and the whole of it.
+    let whole = floats(rng, &[700, 1024]);
+    d.insert("shared.whole", whole.clone());
+    d.insert("shared.rows", whole.narrow(0, 100, 300).unwrap());
+    d.insert("small", floats(rng, &[3, 3]));
+    Value::from(d)
+}
+
 fn rust_trees(rng: &mut StdRng) -> Vec<(&'static str, Value)> {
     let simple = {
         let mut d = Dict::new();
@@ -564,6 +597,7 @@ fn rust_trees(rng: &mut StdRng) -> Vec<(&'static str, Value)> {
         ("nested.pt", nested_tree(rng)),
         ("parameters.pt", parameters_tree(rng)),
         ("training.ckpt", training_tree(rng)),
+        ("large.pt", large_tree(rng)),
         (
             "root_tensor.pt",
             Value::from(floats(rng, &[3, 5]).transpose(0, 1).unwrap()),

@@ -19,6 +19,7 @@
 
 use std::sync::{Arc, Condvar, Mutex};
 
+use crate::aligned::AlignedBuf;
 use bytes::Bytes;
 
 /// Counters a user can read.
@@ -39,7 +40,7 @@ pub struct PoolStats {
 }
 
 enum Mem {
-    Heap(Vec<u8>),
+    Heap(AlignedBuf),
     #[cfg(feature = "tch")]
     Pinned(PinnedBuf),
 }
@@ -54,14 +55,14 @@ impl Mem {
     }
     fn as_slice(&self) -> &[u8] {
         match self {
-            Mem::Heap(v) => v,
+            Mem::Heap(v) => v.as_slice(),
             #[cfg(feature = "tch")]
             Mem::Pinned(p) => p.as_slice(),
         }
     }
     fn as_mut_slice(&mut self) -> &mut [u8] {
         match self {
-            Mem::Heap(v) => v,
+            Mem::Heap(v) => v.as_mut_slice(),
             #[cfg(feature = "tch")]
             Mem::Pinned(p) => p.as_mut_slice(),
         }
@@ -248,9 +249,10 @@ fn alloc(len: usize, pinned: bool) -> Mem {
         }
     }
     let _ = pinned;
-    // vec![1; n] writes every page (unlike a zeroed allocation, which the kernel maps lazily),
-    // so the first snapshot into it does not pay for page faults.
-    Mem::Heap(vec![1u8; len])
+    // Page-aligned, so storages copied into it can be written with direct I/O and no second
+    // copy; every page is written now (unlike a zeroed allocation, which the kernel maps
+    // lazily), so the first snapshot into it does not pay for page faults.
+    Mem::Heap(AlignedBuf::filled(len, 1))
 }
 
 /// Whether CUDA is available (feature `tch`); `false` otherwise.

@@ -215,7 +215,57 @@ impl TensorSource for TchSource {
         let t = self.tensor.lock().unwrap_or_else(|e| e.into_inner());
         copy_into(&t, dst)
     }
+
+    #[allow(unsafe_code)]
+    unsafe fn borrow_bytes(&self) -> Option<bytes::Bytes> {
+        let t = self.tensor.lock().unwrap_or_else(|e| e.into_inner());
+        let len = self.shape.iter().product::<usize>() * self.dtype.size();
+        let plain = t.device() == Device::Cpu
+            && !t.is_sparse()
+            && !t.is_mkldnn()
+            && t.is_contiguous()
+            && !t.is_conj()
+            && !t.is_neg()
+            && t.f_kind().ok().and_then(dtype_of) == Some(self.dtype)
+            && t.numel() * self.dtype.size() == len;
+        let ptr = t.data_ptr() as *const u8;
+        if !plain || len == 0 || ptr.is_null() {
+            return None;
+        }
+        Some(bytes::Bytes::from_owner(Borrowed {
+            _tensor: t.shallow_clone(),
+            ptr,
+            len,
+        }))
+    }
 }
+
+/// The memory of a CPU contiguous tch tensor, borrowed in place; the shallow clone keeps the
+/// storage alive.
+struct Borrowed {
+    _tensor: Tensor,
+    ptr: *const u8,
+    len: usize,
+}
+
+impl AsRef<[u8]> for Borrowed {
+    #[allow(unsafe_code)]
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `ptr` is the data pointer of the contiguous CPU tensor `_tensor`, whose
+        // `len` bytes stay allocated while this struct holds it. That nobody writes them
+        // meanwhile is the contract of `TensorSource::borrow_bytes`, whose caller drops these
+        // bytes before the tensor can be written.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+// SAFETY: the pointer is into memory owned by `_tensor` (libtorch tensors may move between
+// threads) and only read through `as_ref`.
+#[allow(unsafe_code)]
+unsafe impl Send for Borrowed {}
+// SAFETY: as above; shared access only reads.
+#[allow(unsafe_code)]
+unsafe impl Sync for Borrowed {}
 
 /// A [`LiveTensor`] over `t` (no copy now; the save snapshots it).
 pub fn live(t: &Tensor) -> Result<LiveTensor> {

@@ -1,14 +1,13 @@
 //! A checkpoint tree <-> a `torch.save` archive (`data.pkl` + one record per storage).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
 use bytes::Bytes;
 
 use super::pickle::reader::{read_pickle, Limits, ReadError, StorageSource};
 use super::pickle::writer::{PickleWriter, StorageTable};
-use super::zip::{read_directory, ZipEntry, ZipWriter};
+use super::zip::{read_directory, ZipEntry, ZipSink, ZipWriter};
 use crate::error::{Error, Result};
 use crate::io::MapLocation;
 use crate::tensor::Storage;
@@ -35,7 +34,7 @@ pub fn archive_prefix(path: &Path) -> String {
 /// Writes `value` as a `torch.save` archive with entries under `prefix/` to `sink`.
 ///
 /// Storage bytes go from the tensors' buffers straight into `sink`.
-pub(crate) fn write_archive<W: Write>(
+pub(crate) fn write_archive<W: ZipSink>(
     value: &Value,
     prefix: &str,
     sink: W,

@@ -39,12 +39,11 @@ pub fn save(value: &Value, path: impl AsRef<Path>) -> Result<()> {
 /// Writes `value` in the `torch.save` format to any writer, with entries under `prefix/`
 /// (`torch.save` to a buffer uses `"archive"`).
 pub fn save_to_writer<W: Write>(value: &Value, prefix: &str, writer: W) -> Result<W> {
-    archive::write_archive(
-        &*value.materialize()?,
-        prefix,
-        writer,
-        Path::new("<writer>"),
-    )
+    // SAFETY: the borrowed tree is dropped before this function returns, and the caller cannot
+    // write the live tensors while it runs (a synchronous save; see `save_checkpoint`).
+    #[allow(unsafe_code)]
+    let value = unsafe { value.materialize_borrowed()? };
+    archive::write_archive(&value, prefix, zip::Plain(writer), Path::new("<writer>")).map(|w| w.0)
 }
 
 /// Loads the `torch.save` file at `path`.
@@ -61,8 +60,12 @@ pub fn load_from_bytes(data: Bytes, name: &str, options: &LoadOptions) -> Result
 ///
 /// - **Save** is atomic and (by default) durable: a temporary file in the same directory,
 ///   fsync, rename, fsync of the directory. Parent directories are created. Storage bytes are
-///   written straight from the tensors' buffers; tensors that share a storage share it in the
-///   file.
+///   written straight from the tensors' buffers (with direct I/O for durable saves where the
+///   file system allows it; see [`crate::sink`]); tensors that share a storage share it in the
+///   file. Live tensors ([`crate::LiveTensor`]) in host memory are written in place, with no
+///   copy, as `torch.save` does: like there, they must not be written by another thread until
+///   the save returns (wrap the backend in [`crate::AsyncCheckpointIo`] to snapshot them
+///   instead).
 /// - **Load** reads the file into memory (or memory-maps it with [`LoadOptions::mmap`]) and
 ///   slices each storage out of it without further copies. `weights_only` (the default) refuses
 ///   anything PyTorch's weights-only unpickler refuses.
@@ -142,12 +145,22 @@ impl CheckpointIo for TorchCheckpointIo {
     ) -> Result<()> {
         let start = std::time::Instant::now();
         let prefix = archive_prefix(path);
-        let checkpoint = checkpoint.materialize()?;
-        write_atomic(path, options.durable, |w| {
+        // SAFETY: the borrowed tree is dropped before this returns; live tensors must not be
+        // written during a synchronous save (documented on `TorchCheckpointIo`).
+        #[allow(unsafe_code)]
+        let checkpoint = unsafe { checkpoint.materialize_borrowed()? };
+        let stats = write_atomic(path, options.durable, |w| {
             archive::write_archive(&checkpoint, &prefix, w, path)?;
             Ok(())
         })?;
-        tracing::debug!(path = %path.display(), elapsed_ms = start.elapsed().as_secs_f64() * 1e3, "torch save");
+        tracing::debug!(
+            path = %path.display(),
+            bytes = stats.bytes,
+            direct = stats.direct,
+            direct_in_place = stats.direct_in_place,
+            elapsed_ms = start.elapsed().as_secs_f64() * 1e3,
+            "torch save"
+        );
         Ok(())
     }
 

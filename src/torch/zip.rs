@@ -5,10 +5,15 @@
 //! offset reaches 4 GiB.
 //!
 //! The writer streams: entry data goes straight from the caller's buffers to the sink, with the
-//! CRC-32 computed on the way; nothing is staged in memory.
+//! CRC-32 computed on the way; nothing is staged in memory. A sink that can write data with no
+//! copy when it sits at a given offset (a [`FileSink`] with direct I/O) gets large entries
+//! placed there: their `FB` padding grows (up to 4 KiB, still a multiple of 64 bytes), which
+//! every zip reader, `torch.load` included, skips as it skips the usual padding.
 //! The reader validates every size and offset against the archive length before use.
 
 use std::io::{self, Write};
+
+use crate::sink::{FileSink, PLACEMENT_MIN};
 
 /// Alignment of entry data, as `torch.save` writes it (`.storage_alignment`).
 pub(crate) const ALIGNMENT: u64 = 64;
@@ -23,6 +28,43 @@ const U32_MAX: u64 = 0xffff_ffff;
 /// Entries at least this large get their CRC-32 computed on a second thread while written.
 const PARALLEL_CRC_MIN: u64 = 8 << 20;
 
+/// Where a [`ZipWriter`]'s bytes go: any [`Write`], and sinks that can write large entries
+/// with no copy when their data is placed as they ask.
+pub(crate) trait ZipSink: Write {
+    /// `(granule, residue)`: `data` is best written at a file offset equal to `residue` modulo
+    /// `granule` (a multiple of 64); `None` for the usual 64-byte alignment.
+    fn placement(&self, _data: &[u8]) -> Option<(u64, u64)> {
+        None
+    }
+    /// Writes entry data.
+    fn write_in_place(&mut self, data: &[u8]) -> io::Result<()> {
+        self.write_all(data)
+    }
+}
+
+impl ZipSink for &mut FileSink {
+    fn placement(&self, data: &[u8]) -> Option<(u64, u64)> {
+        FileSink::placement(self, data)
+    }
+    fn write_in_place(&mut self, data: &[u8]) -> io::Result<()> {
+        FileSink::write_in_place(self, data)
+    }
+}
+
+/// Any writer, with the usual 64-byte alignment.
+pub(crate) struct Plain<W>(pub(crate) W);
+
+impl<W: Write> Write for Plain<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl<W: Write> ZipSink for Plain<W> {}
+
 struct CentralEntry {
     name: String,
     crc: u32,
@@ -31,7 +73,7 @@ struct CentralEntry {
 }
 
 /// A streaming writer of a stored, 64-byte-aligned zip.
-pub(crate) struct ZipWriter<W: Write> {
+pub(crate) struct ZipWriter<W: ZipSink> {
     sink: W,
     pos: u64,
     entries: Vec<CentralEntry>,
@@ -39,7 +81,7 @@ pub(crate) struct ZipWriter<W: Write> {
     zip64_threshold: u64,
 }
 
-impl<W: Write> ZipWriter<W> {
+impl<W: ZipSink> ZipWriter<W> {
     pub(crate) fn new(sink: W) -> Self {
         ZipWriter {
             sink,
@@ -57,6 +99,12 @@ impl<W: Write> ZipWriter<W> {
 
     fn put(&mut self, b: &[u8]) -> io::Result<()> {
         self.sink.write_all(b)?;
+        self.pos += b.len() as u64;
+        Ok(())
+    }
+
+    fn put_data(&mut self, b: &[u8]) -> io::Result<()> {
+        self.sink.write_in_place(b)?;
         self.pos += b.len() as u64;
         Ok(())
     }
@@ -85,8 +133,17 @@ impl<W: Write> ZipWriter<W> {
             zip64.extend_from_slice(&(payload.len() as u16).to_le_bytes());
             zip64.extend_from_slice(&payload);
         }
+        let parts: Vec<&[u8]> = parts.into_iter().collect();
         let start = offset + 30 + name.len() as u64 + zip64.len() as u64 + 4;
-        let pad = (ALIGNMENT - start % ALIGNMENT) % ALIGNMENT;
+        let (granule, residue) = match parts.first() {
+            Some(first) if size >= PLACEMENT_MIN as u64 => self
+                .sink
+                .placement(first)
+                .filter(|&(g, r)| g % ALIGNMENT == 0 && r % ALIGNMENT == 0 && r < g)
+                .unwrap_or((ALIGNMENT, 0)),
+            _ => (ALIGNMENT, 0),
+        };
+        let pad = (residue + granule - start % granule) % granule;
         let mut h = Vec::with_capacity(30 + name.len() + zip64.len() + 4 + pad as usize);
         h.extend_from_slice(&LOCAL_SIG.to_le_bytes());
         h.extend_from_slice(&0u16.to_le_bytes()); // version needed (as torch writes it)
@@ -107,7 +164,6 @@ impl<W: Write> ZipWriter<W> {
         self.put(&h)?;
         debug_assert_eq!(self.pos % ALIGNMENT, 0);
 
-        let parts: Vec<&[u8]> = parts.into_iter().collect();
         let written: u64 = parts.iter().map(|p| p.len() as u64).sum();
         let crc = if written >= PARALLEL_CRC_MIN {
             // A large entry: its CRC-32 is computed on a second thread while the data is
@@ -118,7 +174,7 @@ impl<W: Write> ZipWriter<W> {
                     parts.iter().for_each(|p| h.update(p));
                     h
                 });
-                let wrote = parts.iter().try_for_each(|p| self.put(p));
+                let wrote = parts.iter().try_for_each(|p| self.put_data(p));
                 let h = hasher
                     .join()
                     .map_err(|_| io::Error::other("CRC thread panicked"))?;
@@ -128,7 +184,7 @@ impl<W: Write> ZipWriter<W> {
             let mut h = crc32fast::Hasher::new();
             for part in &parts {
                 h.update(part);
-                self.put(part)?;
+                self.put_data(part)?;
             }
             h
         };
@@ -433,10 +489,10 @@ mod tests {
     use super::*;
 
     fn build(threshold: u64) -> Vec<u8> {
-        let mut w = ZipWriter::new(Vec::new()).with_zip64_threshold(threshold);
+        let mut w = ZipWriter::new(Plain(Vec::new())).with_zip64_threshold(threshold);
         w.entry("a/data.pkl", 3, [&b"abc"[..]]).unwrap();
         w.entry("a/data/0", 7, [&b"xyz"[..], &b"1234"[..]]).unwrap();
-        w.finish().unwrap()
+        w.finish().unwrap().0
     }
 
     #[test]
