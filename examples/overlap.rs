@@ -111,6 +111,11 @@ struct Run {
     stall_ms: Vec<f64>,
     /// Per step: a write was in flight at its end.
     in_flight: Vec<bool>,
+    /// ckptio modes, per step: the stall inside it (ms), and whether a write ran during its
+    /// forward/backward/optimizer compute (in flight when the step began, or, in Deferred mode,
+    /// started at its beginning). Empty for the peers.
+    step_stall_ms: Vec<f64>,
+    overlap: Vec<bool>,
     save_steps: Vec<usize>,
     durable_s: Vec<f64>,
     bytes: u64,
@@ -434,6 +439,12 @@ fn run_mode(mode: Mode, a: &Args, layers: usize, hidden: i64, dir: &Path, pb: &P
         run.step_ms.push(st.elapsed().as_secs_f64() * 1e3);
         run.in_flight
             .push(writing_at_start || handles.iter().any(|(_, _, h)| !h.is_finished()));
+        run.step_stall_ms.push(stall.as_secs_f64() * 1e3);
+        run.overlap.push(
+            mode != Mode::Sync
+                && (writing_at_start
+                    || (mode == Mode::Deferred && s > 1 && (s - 1) % a.every == 0)),
+        );
         pb.inc(1);
     }
     // The last checkpoint of Deferred mode starts after the loop.
@@ -473,6 +484,8 @@ fn merge(acc: &mut Run, r: Run, offset: usize) {
     acc.step_ms.extend(r.step_ms);
     acc.stall_ms.extend(r.stall_ms);
     acc.in_flight.extend(r.in_flight);
+    acc.step_stall_ms.extend(r.step_stall_ms);
+    acc.overlap.extend(r.overlap);
     acc.save_steps
         .extend(r.save_steps.into_iter().map(|s| s + offset));
     acc.durable_s.extend(r.durable_s);
@@ -638,6 +651,7 @@ fn run_peers(a: &Args, layers: usize, hidden: i64, dir: &Path) -> Vec<Run> {
             verified: m["verified"].as_bool(),
             verify_note: m["verify_note"].as_str().unwrap_or("").into(),
             error: None,
+            ..Run::default()
         });
     }
     runs
@@ -709,17 +723,29 @@ struct Derived {
 }
 
 fn derive(r: &Run, baseline: Option<&Run>) -> Derived {
-    // Step time minus the stall inside it, for the interference figure.
+    // Interference: compute time of steps during which a write ran / of the other steps.
     let mut busy = Vec::new();
     let mut idle = Vec::new();
-    for (i, &ms) in r.step_ms.iter().enumerate() {
-        if r.save_steps.contains(&(i + 1)) {
-            continue; // steps that took a save carry its stall
+    if r.overlap.len() == r.step_ms.len() && r.step_stall_ms.len() == r.step_ms.len() {
+        // ckptio: every step, its stall taken out (a Deferred write runs during its save step).
+        for ((&ms, &stall), &over) in r.step_ms.iter().zip(&r.step_stall_ms).zip(&r.overlap) {
+            if over {
+                busy.push(ms - stall);
+            } else {
+                idle.push(ms - stall);
+            }
         }
-        if r.in_flight.get(i).copied().unwrap_or(false) {
-            busy.push(ms);
-        } else {
-            idle.push(ms);
+    } else {
+        // Peers: steps that took a save carry its stall and are left out.
+        for (i, &ms) in r.step_ms.iter().enumerate() {
+            if r.save_steps.contains(&(i + 1)) {
+                continue;
+            }
+            if r.in_flight.get(i).copied().unwrap_or(false) {
+                busy.push(ms);
+            } else {
+                idle.push(ms);
+            }
         }
     }
     let interference = if busy.is_empty() || idle.is_empty() {
@@ -1013,7 +1039,8 @@ fn main() {
             "stall_mean_ms": d.stall_mean_ms, "stall_max_ms": d.stall_max_ms, "interference": d.interference,
             "durable_mean_s": d.durable_mean_s, "write_gbps": d.write_gbps, "peak_rss_extra_mib": r.peak_rss_extra_mib,
             "verified": r.verified, "verify_note": r.verify_note, "step_ms": r.step_ms, "stall_ms": r.stall_ms,
-            "save_steps": r.save_steps, "in_flight": r.in_flight, "durable_s": r.durable_s, "bytes": r.bytes,
+            "save_steps": r.save_steps, "in_flight": r.in_flight,
+            "step_stall_ms": r.step_stall_ms, "overlap": r.overlap, "durable_s": r.durable_s, "bytes": r.bytes,
         }));
     }
     println!("{md}");

@@ -8,7 +8,9 @@
 //!   the data should start and pads the entry's header so the file offset and the memory address
 //!   fall on the same place within a 4096-byte block. Headers, small storages and the ragged
 //!   ends of large ones gather in a page-aligned 256 KiB buffer that is written block by block; the
-//!   last block is padded and the file then truncated to its length. Compared with buffered
+//!   last block is padded and the file then truncated to its length. Large data whose memory is
+//!   not 64-byte aligned cannot be placed; when it comes, the rest of the file is written
+//!   buffered. Compared with buffered
 //!   writes this saves the kernel's copy of every byte (the CPU a training loop would otherwise
 //!   lose to it), keeps a checkpoint's pages from pushing the training data out of the page
 //!   cache, and makes the final fsync cheap.
@@ -140,6 +142,15 @@ impl FileSink {
         let aligned_memory = (data.as_ptr() as usize + head) % PAGE == 0;
         let middle = (data.len() - head) / PAGE * PAGE;
         if !aligned_memory || middle == 0 {
+            if data.len() >= PLACEMENT_MIN {
+                // Large data that cannot go in place (memory not 64-byte aligned): copying it
+                // through the buffer in small direct requests is slower than the page cache,
+                // so the rest of the file is written buffered.
+                self.flush_buf(false)?;
+                set_direct(&self.file, false)?;
+                self.direct = false;
+                return self.write_in_place(data);
+            }
             return self.write_all(data);
         }
         self.write_all(&data[..head])?;
@@ -265,15 +276,16 @@ impl FileSink {
 
 impl Write for FileSink {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        if self.filled == BUFFER {
+        let cap = self.buf.len();
+        if self.filled == cap {
             self.flush_buf(false)?;
         }
-        if self.filled == 0 && data.len() >= BUFFER && !self.direct {
+        if self.filled == 0 && data.len() >= cap && !self.direct {
             // Large buffered writes skip the copy into the buffer.
             self.write_file(data)?;
             return Ok(data.len());
         }
-        let n = data.len().min(BUFFER - self.filled);
+        let n = data.len().min(cap - self.filled);
         self.buf.as_mut_slice()[self.filled..self.filled + n].copy_from_slice(&data[..n]);
         self.filled += n;
         Ok(n)
