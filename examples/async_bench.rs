@@ -15,17 +15,16 @@
 //! ./dev.sh cargo run --release --example async_bench -- --sizes-mib 64,1024 --reps 3
 //! ```
 
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ckptio::runtime::Builder;
 use ckptio::{CheckpointIo, Dict, SaveOptions, SnapshotMode, TorchCheckpointIo, Value};
 use clap::Parser;
 use tch::{Device, Kind, Tensor};
+
+mod common;
+use common::{median, raw_write, RawSource, RssPeak};
 
 #[derive(Parser)]
 struct Args {
@@ -41,53 +40,6 @@ struct Args {
     /// Where to write results.json and results.md.
     #[arg(long, default_value = "results/async_bench")]
     out: PathBuf,
-}
-
-fn rss_bytes() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = s
-        .split_whitespace()
-        .nth(1)
-        .and_then(|x| x.parse().ok())
-        .unwrap_or(0);
-    pages * 4096
-}
-
-/// Samples RSS every millisecond while alive; reports the peak.
-struct RssPeak {
-    stop: Arc<AtomicBool>,
-    peak: Arc<AtomicU64>,
-    t: Option<std::thread::JoinHandle<()>>,
-}
-impl RssPeak {
-    fn start() -> RssPeak {
-        let stop = Arc::new(AtomicBool::new(false));
-        let peak = Arc::new(AtomicU64::new(rss_bytes()));
-        let (s, p) = (stop.clone(), peak.clone());
-        let t = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                p.fetch_max(rss_bytes(), Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        });
-        RssPeak {
-            stop,
-            peak,
-            t: Some(t),
-        }
-    }
-    fn finish(mut self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.t.take() {
-            let _ = t.join();
-        }
-        self.peak.load(Ordering::Relaxed).max(rss_bytes())
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// A state dict of float32 tensors (a few large, many small) totalling `bytes`.
@@ -153,38 +105,14 @@ fn m0(state: &[(String, Tensor)], bytes: usize, reps: usize) -> f64 {
     )
 }
 
-/// One raw write of `bytes` from `buf` to a new file, then fsync: buffered (as most programs
-/// write), or with `O_DIRECT` (no page cache) in 64 MiB requests. Returns seconds.
-fn raw_write(dir: &Path, buf: &[u8], direct: bool) -> f64 {
-    use std::os::unix::fs::OpenOptionsExt;
-    let p = dir.join("raw.bin");
-    let t = Instant::now();
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).create(true).truncate(true);
-    if direct {
-        o.custom_flags(libc::O_DIRECT);
-    }
-    let mut f: File = o.open(&p).expect("create raw file");
-    for chunk in buf.chunks(64 << 20) {
-        f.write_all(chunk).expect("write raw file");
-    }
-    f.sync_all().expect("fsync raw file");
-    let s = t.elapsed().as_secs_f64();
-    let _ = std::fs::remove_file(&p);
-    s
-}
-
 /// D0 samples: `reps` raw buffered and `reps` raw direct writes of `bytes`, alternating, from a
 /// page-aligned buffer of the state's size (not a small hot buffer).
 fn d0(dir: &Path, bytes: usize, reps: usize) -> (Vec<f64>, Vec<f64>) {
-    let raw = vec![7u8; bytes + 4096];
-    let at = raw.as_ptr().align_offset(4096);
-    // O_DIRECT needs whole blocks: the size is rounded down to one.
-    let buf = &raw[at..at + bytes / 4096 * 4096];
+    let src = RawSource::new(bytes, 7);
     let (mut b, mut d) = (Vec::new(), Vec::new());
     for _ in 0..reps {
-        b.push(raw_write(dir, buf, false));
-        d.push(raw_write(dir, buf, true));
+        b.push(raw_write(dir, &src, false));
+        d.push(raw_write(dir, &src, true));
     }
     (b, d)
 }
@@ -239,8 +167,7 @@ fn run(args: &Args, dir: &Path, mib: usize) -> Row {
             .snapshot_mode(mode)
             .build(TorchCheckpointIo::new());
         // Peak RSS is measured from before the pool's first allocation.
-        let base = rss_bytes();
-        let peak = RssPeak::start();
+        let peak = RssPeak::start(Duration::from_millis(1));
         // Warm-up: the pool allocates its buffer once.
         aio.save(&live_tree(&state, -1), &path)
             .expect("save")
@@ -261,7 +188,7 @@ fn run(args: &Args, dir: &Path, mib: usize) -> Row {
             writes.push(rep.write.as_secs_f64());
             std::thread::sleep(gap);
         }
-        let extra = peak.finish().saturating_sub(base) as f64;
+        let extra = peak.extra_bytes() as f64;
         aio.teardown().expect("teardown");
         match mode {
             SnapshotMode::Eager => {

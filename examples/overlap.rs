@@ -17,8 +17,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ckptio::runtime::Builder;
@@ -31,6 +29,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tch::nn::{Module, VarStore};
 use tch::{nn, Device, Kind, Tensor};
+
+mod common;
+use common::{median, raw_write, RawSource, RssPeak};
 
 #[derive(Parser, Clone)]
 #[command(about = "Overlap of compute and checkpoint writes, side by side with peers")]
@@ -284,55 +285,6 @@ impl Trainer {
 // ----------------------------------------------------------------------------------------------
 // Measurement helpers
 
-fn rss_bytes() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    s.split_whitespace()
-        .nth(1)
-        .and_then(|x| x.parse::<u64>().ok())
-        .unwrap_or(0)
-        * 4096
-}
-
-struct RssPeak {
-    stop: Arc<AtomicBool>,
-    peak: Arc<AtomicU64>,
-    base: u64,
-    t: Option<std::thread::JoinHandle<()>>,
-}
-
-impl RssPeak {
-    fn start() -> RssPeak {
-        let base = rss_bytes();
-        let stop = Arc::new(AtomicBool::new(false));
-        let peak = Arc::new(AtomicU64::new(base));
-        let (s, p) = (stop.clone(), peak.clone());
-        let t = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                p.fetch_max(rss_bytes(), Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        });
-        RssPeak {
-            stop,
-            peak,
-            base,
-            t: Some(t),
-        }
-    }
-    fn extra_mib(mut self) -> f64 {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.t.take() {
-            let _ = t.join();
-        }
-        (self
-            .peak
-            .load(Ordering::Relaxed)
-            .max(rss_bytes())
-            .saturating_sub(self.base)) as f64
-            / (1 << 20) as f64
-    }
-}
-
 fn percentile(v: &[f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -382,7 +334,7 @@ fn run_mode(mode: Mode, a: &Args, layers: usize, hidden: i64, dir: &Path, pb: &P
         },
         ..Run::default()
     };
-    let rss = RssPeak::start();
+    let rss = RssPeak::start(Duration::from_millis(2));
     let mut handles: Vec<(usize, Instant, SaveHandle)> = Vec::new();
     let mut pending_deferred: Option<SaveHandle> = None;
     let t0 = Instant::now();
@@ -470,7 +422,7 @@ fn run_mode(mode: Mode, a: &Args, layers: usize, hidden: i64, dir: &Path, pb: &P
         aio.teardown().expect("teardown");
     }
     run.wall_s = t0.elapsed().as_secs_f64();
-    run.peak_rss_extra_mib = rss.extra_mib();
+    run.peak_rss_extra_mib = rss.extra_bytes() as f64 / (1 << 20) as f64;
     if mode == Mode::Sync {
         run.bytes = tr.nbytes() as u64;
     }
@@ -663,48 +615,23 @@ fn run_peers(a: &Args, layers: usize, hidden: i64, dir: &Path) -> Vec<Run> {
 /// M0: a memcpy of the checkpoint's size into a warm buffer; D0: a raw sequential write of it
 /// to a new file plus fsync, the faster of buffered and `O_DIRECT` writes. Medians of 3.
 fn limits(bytes: usize, dir: &Path) -> (f64, f64) {
-    fn median(mut v: Vec<f64>) -> f64 {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    }
-    let raw = vec![3u8; bytes + 4096];
-    let at = raw.as_ptr().align_offset(4096);
-    // Page-aligned and whole blocks, as O_DIRECT needs.
-    let src = &raw[at..at + bytes / 4096 * 4096];
-    let mut dst = vec![1u8; src.len()];
-    dst.copy_from_slice(src);
+    let src = RawSource::new(bytes, 3);
+    let src_bytes = src.bytes();
+    let mut dst = vec![1u8; src_bytes.len()];
+    dst.copy_from_slice(src_bytes);
     let m0 = median(
         (0..3)
             .map(|_| {
                 let t = Instant::now();
-                dst.copy_from_slice(src);
+                dst.copy_from_slice(src_bytes);
                 std::hint::black_box(&dst);
                 t.elapsed().as_secs_f64()
             })
             .collect(),
     );
     drop(dst);
-    let p = dir.join("raw-write.bin");
-    let write = |direct: bool| {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let t = Instant::now();
-        let mut o = std::fs::OpenOptions::new();
-        o.write(true).create(true).truncate(true);
-        if direct {
-            o.custom_flags(libc::O_DIRECT);
-        }
-        let mut f = o.open(&p).expect("create raw file");
-        for chunk in src.chunks(64 << 20) {
-            f.write_all(chunk).expect("write raw file");
-        }
-        f.sync_all().expect("fsync raw file");
-        let s = t.elapsed().as_secs_f64();
-        let _ = std::fs::remove_file(&p);
-        s
-    };
-    let buffered = median((0..3).map(|_| write(false)).collect());
-    let direct = median((0..3).map(|_| write(true)).collect());
+    let buffered = median((0..3).map(|_| raw_write(dir, &src, false)).collect());
+    let direct = median((0..3).map(|_| raw_write(dir, &src, true)).collect());
     (m0, buffered.min(direct))
 }
 

@@ -143,12 +143,11 @@ impl FileSink {
         let middle = (data.len() - head) / PAGE * PAGE;
         if !aligned_memory || middle == 0 {
             if data.len() >= PLACEMENT_MIN {
-                // Large data that cannot go in place (memory not 64-byte aligned): copying it
-                // through the buffer in small direct requests is slower than the page cache,
-                // so the rest of the file is written buffered.
+                // Large data that cannot go in place (not placed where `placement` asks, e.g.
+                // memory not 64-byte aligned): copying it through the buffer in small direct
+                // requests is slower than the page cache, so the rest of the file is buffered.
                 self.flush_buf(false)?;
-                set_direct(&self.file, false)?;
-                self.direct = false;
+                self.go_buffered()?;
                 return self.write_in_place(data);
             }
             return self.write_all(data);
@@ -225,20 +224,25 @@ impl FileSink {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {
                     tracing::debug!(error = %e, "direct write refused; writing buffered");
-                    set_direct(&self.file, false)?;
-                    self.direct = false;
+                    self.go_buffered()?;
                 }
                 Err(e) => return Err(e),
             }
             // A short direct write can leave the position off a block boundary.
             if self.direct && self.flushed % PAGE as u64 != 0 {
-                set_direct(&self.file, false)?;
-                self.direct = false;
+                self.go_buffered()?;
             }
         }
         if self.writeback && !self.direct {
             self.start_writeback();
         }
+        Ok(())
+    }
+
+    /// Writes the rest of the file buffered (turns `O_DIRECT` off).
+    fn go_buffered(&mut self) -> io::Result<()> {
+        clear_direct(&self.file)?;
+        self.direct = false;
         Ok(())
     }
 
@@ -325,10 +329,10 @@ fn open(path: &Path, _direct: bool) -> io::Result<(File, bool)> {
     ))
 }
 
-/// Turns `O_DIRECT` on or off for an open file.
+/// Turns `O_DIRECT` off for an open file.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-fn set_direct(file: &File, on: bool) -> io::Result<()> {
+fn clear_direct(file: &File) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let fd = file.as_raw_fd();
     // SAFETY: fcntl with F_GETFL/F_SETFL only reads and sets the status flags of a descriptor
@@ -338,12 +342,7 @@ fn set_direct(file: &File, on: bool) -> io::Result<()> {
         if flags < 0 {
             return Err(io::Error::last_os_error());
         }
-        let flags = if on {
-            flags | libc::O_DIRECT
-        } else {
-            flags & !libc::O_DIRECT
-        };
-        if libc::fcntl(fd, libc::F_SETFL, flags) < 0 {
+        if libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) < 0 {
             return Err(io::Error::last_os_error());
         }
     }
@@ -351,7 +350,7 @@ fn set_direct(file: &File, on: bool) -> io::Result<()> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn set_direct(_file: &File, _on: bool) -> io::Result<()> {
+fn clear_direct(_file: &File) -> io::Result<()> {
     Ok(())
 }
 
