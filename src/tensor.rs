@@ -191,14 +191,97 @@ impl Element for bool {
 /// Bytes of one storage, shared by every tensor that views it.
 ///
 /// Cloning is cheap (a reference count); [`Storage::ptr_eq`] tells whether two tensors share one.
+///
+/// # Storages still being filled
+/// The async runtime hands its writer a snapshot before the copy into it has finished, so the
+/// write can start on the first tensors while the last ones are still being copied. Such a
+/// storage knows its length at once; [`Storage::try_bytes`] (and [`Storage::bytes`]) wait until
+/// its bytes are in. Storages built from bytes are filled from the start and never wait.
 #[derive(Clone)]
 pub struct Storage {
     inner: Arc<StorageInner>,
 }
 
 struct StorageInner {
-    bytes: Bytes,
+    data: Data,
     location: String,
+}
+
+enum Data {
+    Ready(Bytes),
+    Pending(Pending),
+}
+
+/// The bytes of a storage that is being filled, once they are in (or why they never will be).
+struct Pending {
+    len: usize,
+    cell: std::sync::OnceLock<std::result::Result<Bytes, String>>,
+    lock: std::sync::Mutex<()>,
+    filled: std::sync::Condvar,
+}
+
+impl Pending {
+    fn wait(&self) -> &std::result::Result<Bytes, String> {
+        if let Some(r) = self.cell.get() {
+            return r;
+        }
+        let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(r) = self.cell.get() {
+                return r;
+            }
+            g = self.filled.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn set(&self, r: std::result::Result<Bytes, String>) {
+        let _ = self.cell.set(r);
+        // Taking the lock orders this notification after any waiter's check of the cell.
+        drop(self.lock.lock().unwrap_or_else(|e| e.into_inner()));
+        self.filled.notify_all();
+    }
+}
+
+/// Fills a storage made by [`Storage::pending`]. Dropping it unfilled fails the storage, so a
+/// reader never waits forever.
+pub(crate) struct StorageFiller {
+    inner: Arc<StorageInner>,
+}
+
+impl StorageFiller {
+    /// Publishes the bytes (which must be exactly the storage's length).
+    pub(crate) fn fill(self, bytes: Bytes) {
+        if let Data::Pending(p) = &self.inner.data {
+            if bytes.len() == p.len {
+                p.set(Ok(bytes));
+            } else {
+                p.set(Err(format!(
+                    "snapshot holds {} bytes, the storage {}",
+                    bytes.len(),
+                    p.len
+                )));
+            }
+        }
+    }
+
+    /// Marks the storage as never to be filled, with the reason.
+    pub(crate) fn fail(self, reason: impl Into<String>) {
+        if let Data::Pending(p) = &self.inner.data {
+            p.set(Err(reason.into()));
+        }
+    }
+}
+
+impl Drop for StorageFiller {
+    fn drop(&mut self) {
+        if let Data::Pending(p) = &self.inner.data {
+            if p.cell.get().is_none() {
+                p.set(Err(
+                    "the snapshot was abandoned before this storage was copied".into(),
+                ));
+            }
+        }
+    }
 }
 
 impl Storage {
@@ -211,25 +294,74 @@ impl Storage {
     pub fn with_location(bytes: impl Into<Bytes>, location: impl Into<String>) -> Storage {
         Storage {
             inner: Arc::new(StorageInner {
-                bytes: bytes.into(),
+                data: Data::Ready(bytes.into()),
                 location: location.into(),
             }),
         }
     }
 
-    /// The bytes.
-    pub fn bytes(&self) -> &Bytes {
-        &self.inner.bytes
+    /// A storage of `len` bytes that is not filled yet, and the filler that fills it.
+    pub(crate) fn pending(len: usize, location: impl Into<String>) -> (Storage, StorageFiller) {
+        let inner = Arc::new(StorageInner {
+            data: Data::Pending(Pending {
+                len,
+                cell: std::sync::OnceLock::new(),
+                lock: std::sync::Mutex::new(()),
+                filled: std::sync::Condvar::new(),
+            }),
+            location: location.into(),
+        });
+        (
+            Storage {
+                inner: inner.clone(),
+            },
+            StorageFiller { inner },
+        )
     }
 
-    /// Number of bytes.
+    /// The bytes, waiting for them if the storage is still being filled; an error
+    /// ([`Error::Tensor`]) if filling it failed (the snapshot's copy failed).
+    pub fn try_bytes(&self) -> Result<&Bytes> {
+        match &self.inner.data {
+            Data::Ready(b) => Ok(b),
+            Data::Pending(p) => p
+                .wait()
+                .as_ref()
+                .map_err(|reason| Error::tensor("", "storage", reason.clone())),
+        }
+    }
+
+    /// The bytes, waiting for them if the storage is still being filled.
+    ///
+    /// # Panics
+    /// If the storage was being filled by a snapshot whose copy failed; backends that may be
+    /// handed snapshots should use [`Storage::try_bytes`]. Storages built from bytes never panic.
+    pub fn bytes(&self) -> &Bytes {
+        match self.try_bytes() {
+            Ok(b) => b,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Whether the bytes are in (always true unless the storage is a snapshot being filled).
+    pub fn is_ready(&self) -> bool {
+        match &self.inner.data {
+            Data::Ready(_) => true,
+            Data::Pending(p) => p.cell.get().is_some(),
+        }
+    }
+
+    /// Number of bytes (known at once, even while the storage is being filled).
     pub fn len(&self) -> usize {
-        self.inner.bytes.len()
+        match &self.inner.data {
+            Data::Ready(b) => b.len(),
+            Data::Pending(p) => p.len,
+        }
     }
 
     /// Whether it holds no bytes.
     pub fn is_empty(&self) -> bool {
-        self.inner.bytes.is_empty()
+        self.len() == 0
     }
 
     /// The location tag (`"cpu"`, `"cuda:0"`, ...).
@@ -703,6 +835,43 @@ pub(crate) fn checked_numel(shape: &[usize]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pending_storage_knows_its_length_and_waits_for_its_bytes() {
+        let (s, filler) = Storage::pending(4, "cpu");
+        assert_eq!(s.len(), 4);
+        assert!(!s.is_ready());
+        let reader = {
+            let s = s.clone();
+            std::thread::spawn(move || s.try_bytes().map(|b| b.to_vec()))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!reader.is_finished());
+        filler.fill(Bytes::from_static(&[1, 2, 3, 4]));
+        assert_eq!(reader.join().unwrap().unwrap(), vec![1, 2, 3, 4]);
+        assert!(s.is_ready());
+        assert_eq!(&s.bytes()[..], &[1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_pending_storage_that_is_never_filled_is_an_error_not_a_hang() {
+        let (s, filler) = Storage::pending(4, "cpu");
+        drop(filler);
+        let e = s.try_bytes().unwrap_err().to_string();
+        assert!(e.contains("abandoned"), "{e}");
+
+        let (s, filler) = Storage::pending(4, "cpu");
+        filler.fill(Bytes::from_static(&[1, 2]));
+        let e = s.try_bytes().unwrap_err().to_string();
+        assert!(e.contains("snapshot holds 2 bytes"), "{e}");
+
+        let (s, filler) = Storage::pending(4, "cpu");
+        filler.fail("device lost");
+        let e = s.try_bytes().unwrap_err().to_string();
+        assert!(e.contains("device lost"), "{e}");
+        let p = std::panic::catch_unwind(|| s.bytes().len());
+        assert!(p.is_err());
+    }
 
     #[test]
     fn dtype_names_round_trip() {

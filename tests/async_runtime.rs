@@ -479,3 +479,175 @@ fn a_save_can_be_awaited_from_a_plain_thread_and_futures_executor() {
     let r = futures::executor::block_on(h2).unwrap();
     assert_eq!(r.bytes, 64);
 }
+
+/// A tensor whose copy waits (up to 5 s) for a signal, or fails, as the test directs.
+struct Gated {
+    n: usize,
+    x: f32,
+    open: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    fail_after_ms: Option<u64>,
+}
+
+impl TensorSource for Gated {
+    fn dtype(&self) -> DType {
+        DType::Float32
+    }
+    fn shape(&self) -> Vec<usize> {
+        vec![self.n]
+    }
+    fn copy_to(&self, dst: &mut [u8]) -> ckptio::Result<()> {
+        if let Some(ms) = self.fail_after_ms {
+            std::thread::sleep(Duration::from_millis(ms));
+            return Err(Error::InvalidArgument("sensor unplugged".into()));
+        }
+        if let Some(rx) = self.open.lock().unwrap().take() {
+            rx.recv_timeout(Duration::from_secs(5)).map_err(|_| {
+                Error::InvalidArgument("the writer never read the first tensor".into())
+            })?;
+        }
+        for c in dst.chunks_exact_mut(4) {
+            c.copy_from_slice(&self.x.to_le_bytes());
+        }
+        Ok(())
+    }
+}
+
+/// A backend that reads tensor "a", then lets the copy of tensor "b" go on, then reads "b".
+struct Pipelined {
+    go: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    got: Mutex<Vec<f32>>,
+}
+
+impl CheckpointIo for Pipelined {
+    fn save_checkpoint(&self, c: &Value, _p: &Path, _o: &SaveOptions) -> ckptio::Result<()> {
+        let a = c.get("a").and_then(Value::as_tensor).unwrap();
+        let b = c.get("b").and_then(Value::as_tensor).unwrap();
+        assert!(
+            !b.storage().is_ready(),
+            "b cannot be copied before a is read"
+        );
+        a.storage().try_bytes()?;
+        self.got.lock().unwrap().extend(a.to_vec::<f32>()?);
+        if let Some(go) = self.go.lock().unwrap().take() {
+            go.send(()).unwrap();
+        }
+        b.storage().try_bytes()?;
+        self.got.lock().unwrap().extend(b.to_vec::<f32>()?);
+        Ok(())
+    }
+    fn load_checkpoint(
+        &self,
+        _p: &Path,
+        _o: &LoadOptions,
+        _s: Option<&mut dyn Restore>,
+    ) -> ckptio::Result<Option<Value>> {
+        Ok(None)
+    }
+    fn remove_checkpoint(&self, _p: &Path) -> ckptio::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn the_write_starts_on_the_first_tensors_while_the_last_are_still_being_copied() {
+    for mode in [SnapshotMode::Eager, SnapshotMode::Deferred] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let io = Builder::default().snapshot_mode(mode).build(Pipelined {
+            go: Mutex::new(Some(tx)),
+            got: Mutex::new(Vec::new()),
+        });
+        let mut d = Dict::new();
+        let a = Gated {
+            n: 3,
+            x: 1.5,
+            open: Mutex::new(None),
+            fail_after_ms: None,
+        };
+        // The copy of "b" can only finish once the writer has read "a": without the overlap
+        // this save fails after 5 s.
+        let b = Gated {
+            n: 2,
+            x: -2.0,
+            open: Mutex::new(Some(rx)),
+            fail_after_ms: None,
+        };
+        d.insert("a", LiveTensor::new(a));
+        d.insert("b", LiveTensor::new(b));
+        let h = io.save(&Value::Dict(d), "p").unwrap();
+        h.wait().unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+        assert_eq!(
+            *io.inner().got.lock().unwrap(),
+            vec![1.5, 1.5, 1.5, -2.0, -2.0]
+        );
+        io.teardown().unwrap();
+    }
+}
+
+fn file_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_copy_that_fails_midway_fails_the_save_and_keeps_the_previous_checkpoint() {
+    for mode in [SnapshotMode::Eager, SnapshotMode::Deferred] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("last.pt");
+        let io = Builder::default()
+            .snapshot_mode(mode)
+            .build(TorchCheckpointIo::new());
+        let p = Param::new(1 << 16, 4.0);
+        let good = p.host();
+        io.save(&tree_of(&p, 1), &path).unwrap().wait().unwrap();
+
+        let mut d = Dict::new();
+        d.insert("w", LiveTensor::new(p.clone()));
+        // Fails after the writer has had time to start the file with "w".
+        let bad = Gated {
+            n: 8,
+            x: 0.0,
+            open: Mutex::new(None),
+            fail_after_ms: Some(200),
+        };
+        d.insert("z", LiveTensor::new(bad));
+        match mode {
+            SnapshotMode::Eager => {
+                let err = io.save(&Value::Dict(d), &path).unwrap_err();
+                assert!(err.to_string().contains("sensor unplugged"), "{err}");
+            }
+            _ => {
+                let h = io.save(&Value::Dict(d), &path).unwrap();
+                let err = h.wait().unwrap_err();
+                assert!(err.to_string().contains("sensor unplugged"), "{err}");
+                let err = h_staged_error(&io, &path);
+                assert!(err.is_none(), "reported twice: {err:?}");
+            }
+        }
+        // Reported once (above); the writer survived; the previous checkpoint is intact and no
+        // temporary file is left.
+        io.flush().unwrap();
+        let back = ckptio::torch::load(&path, &LoadOptions::default()).unwrap();
+        assert!(
+            back.get("w").unwrap().as_tensor().unwrap().data_eq(&good),
+            "{mode:?}"
+        );
+        assert_eq!(back.get("step").and_then(Value::as_int), Some(1));
+        assert_eq!(
+            file_names(dir.path()),
+            vec!["last.pt".to_owned()],
+            "{mode:?}"
+        );
+        assert_eq!(io.status().errors, 1, "{mode:?}");
+        io.save(&tree_of(&p, 2), &path).unwrap().wait().unwrap();
+        io.teardown().unwrap();
+    }
+}
+
+/// Whatever error a later call would still raise for `path` (none when each was told once).
+fn h_staged_error(io: &AsyncCheckpointIo<TorchCheckpointIo>, path: &Path) -> Option<Error> {
+    io.wait_path(path).err()
+}

@@ -89,6 +89,11 @@ impl Completion {
         w.into_iter().for_each(Waker::wake);
     }
 
+    /// Marks the error (if any) as told: the caller heard of it some other way.
+    pub(crate) fn mark_reported(&self) {
+        self.reported.store(true, Ordering::Release);
+    }
+
     pub(crate) fn is_done(&self) -> bool {
         lock(&self.state).done.is_some()
     }

@@ -71,7 +71,9 @@ use crossbeam_channel::{bounded, Sender, TrySendError};
 use self::handle::Completion;
 pub use self::handle::{SaveHandle, SaveReport, Staged};
 pub use self::staging::{cuda_available, PoolStats, StagingBuf, StagingPool};
-use self::writer::{fail_job, snapshot, stage_loop, storage_bytes, writer_loop, Job, StageJob};
+use self::writer::{
+    fail_job, prepare, stage_loop, storage_bytes, writer_loop, Job, StageJob, Staging,
+};
 use crate::error::{Error, Result};
 use crate::io::{CheckpointIo, LoadOptions, Restore, SaveOptions};
 use crate::value::Value;
@@ -411,29 +413,27 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                     return self.refuse(done, handle, &path);
                 }
                 let start = Instant::now();
-                let snap = snapshot(&self.shared.pool, tree, policy == Backpressure::Block, true)?;
-                let stage = start.elapsed();
-                let snap = match snap {
-                    Some(s) => s,
-                    None => return self.refuse(done, handle, &path),
+                let prepared = prepare(&self.shared.pool, tree, policy == Backpressure::Block)?;
+                let Some((snap, plan)) = prepared else {
+                    return self.refuse(done, handle, &path);
                 };
-                done.set_staged(Ok(()));
                 let bytes = storage_bytes(&snap);
-                tracing::debug!(
-                    bytes,
-                    stage_ms = stage.as_secs_f64() * 1e3,
-                    "snapshot taken"
-                );
                 self.shared
                     .bytes_in_flight
                     .fetch_add(bytes, Ordering::AcqRel);
+                let staging = match plan {
+                    Some(_) => Staging::new(),
+                    None => Staging::done(start.elapsed()),
+                };
+                // The job goes to the writer before the copy, so the write of the first
+                // storages overlaps the copy of the last ones (the writer waits for each).
                 let job = Job::Save {
                     path: path.clone(),
                     tree: snap,
                     options: options.clone(),
                     done: done.clone(),
                     enqueued: Instant::now(),
-                    stage,
+                    staging: staging.clone(),
                     bytes,
                 };
                 self.track(&done);
@@ -441,6 +441,7 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                     Backpressure::Block => {
                         if let Err(e) = writer.send(job) {
                             fail_job(e.0);
+                            return Ok(handle);
                         }
                     }
                     _ => match writer.try_send(job) {
@@ -454,9 +455,30 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                             drop(job);
                             return self.refuse(done, handle, &path);
                         }
-                        Err(TrySendError::Disconnected(job)) => fail_job(job),
+                        Err(TrySendError::Disconnected(job)) => {
+                            fail_job(job);
+                            return Ok(handle);
+                        }
                     },
                 }
+                if let Some(plan) = plan {
+                    if let Err(e) = plan.run(true) {
+                        // The caller hears of it now; the writer finishes the handle with it.
+                        done.mark_reported();
+                        staging.set(Err(Arc::new(Error::InvalidArgument(format!(
+                            "snapshot failed: {e}"
+                        )))));
+                        return Err(e);
+                    }
+                    staging.set(Ok(start.elapsed()));
+                }
+                let stage = start.elapsed();
+                done.set_staged(Ok(()));
+                tracing::debug!(
+                    bytes,
+                    stage_ms = stage.as_secs_f64() * 1e3,
+                    "snapshot taken"
+                );
             }
         }
         Ok(handle)

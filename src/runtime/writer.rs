@@ -3,19 +3,23 @@
 //! Each path is routed to one writer (by hash), so every operation on a path runs in the order
 //! it was submitted; different paths may run in parallel on several writers.
 
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use crossbeam_channel::{Receiver, Sender};
 
 use super::handle::{Completion, SaveReport};
-use super::staging::StagingPool;
+use super::staging::{StagingBuf, StagingPool};
 use super::Shared;
 use crate::error::{Error, Result};
 use crate::io::{CheckpointIo, SaveOptions};
-use crate::tensor::{HostTensor, LiveTensor, Storage};
+use crate::tensor::{HostTensor, LiveTensor, Storage, StorageFiller};
 use crate::value::Value;
 
 /// One operation for a writer.
@@ -26,7 +30,8 @@ pub(crate) enum Job {
         options: SaveOptions,
         done: Arc<Completion>,
         enqueued: Instant,
-        stage: Duration,
+        /// The snapshot's copy, which may still be running when the writer starts.
+        staging: Arc<Staging>,
         bytes: u64,
     },
     Remove {
@@ -81,24 +86,38 @@ pub(crate) fn writer_loop<I: CheckpointIo>(shared: Arc<Shared<I>>, rx: Receiver<
                 options,
                 done,
                 enqueued,
-                stage,
+                staging,
                 bytes,
             } => {
                 let queue_wait = enqueued.elapsed();
                 let span = tracing::info_span!("ckptio_write", path = %path.display(), bytes);
                 let _g = span.enter();
                 let start = Instant::now();
-                let r = guarded(&path, || {
-                    shared.inner.save_checkpoint(&tree, &path, &options)
-                });
+                // A snapshot whose copy already failed is not written at all; one that fails
+                // while being written makes the backend fail on that storage (before its
+                // rename, so the previous checkpoint stays).
+                let r = match staging.failed() {
+                    Some(e) => Err(Arc::clone(&e)),
+                    None => guarded(&path, || {
+                        shared.inner.save_checkpoint(&tree, &path, &options)
+                    })
+                    .map_err(Arc::new),
+                };
                 let write = start.elapsed();
+                let staged = staging.wait();
                 // Staging buffers go back to the pool before anyone hears the save is done.
                 drop(tree);
                 shared
                     .bytes_in_flight
                     .fetch_sub(bytes, std::sync::atomic::Ordering::AcqRel);
+                // The copy's own error explains a failure better than what the backend saw.
+                let r = match (staged, r) {
+                    (Err(e), _) => Err(e),
+                    (Ok(stage), Ok(())) => Ok(stage),
+                    (Ok(_), Err(e)) => Err(e),
+                };
                 match r {
-                    Ok(()) => {
+                    Ok(stage) => {
                         tracing::info!(
                             stage_ms = stage.as_secs_f64() * 1e3,
                             queue_ms = queue_wait.as_secs_f64() * 1e3,
@@ -120,7 +139,7 @@ pub(crate) fn writer_loop<I: CheckpointIo>(shared: Arc<Shared<I>>, rx: Receiver<
                     Err(e) => {
                         tracing::error!(error = %e, "checkpoint write failed");
                         shared.counters.failed();
-                        done.finish(Err(Arc::new(e)));
+                        done.finish(Err(e));
                     }
                 }
             }
@@ -158,20 +177,140 @@ pub(crate) fn storage_bytes(tree: &Value) -> u64 {
 /// Alignment of each snapshot inside the one staging buffer of a save.
 const SLICE_ALIGN: usize = 64;
 
-/// Copies every live tensor of `tree` into one staging buffer (one pool request per save, so a
+/// How the copy of one snapshot ended: shared by whoever copies (the training thread in Eager
+/// mode, the staging thread in Deferred mode) and the writer, which starts before it ends.
+pub(crate) struct Staging {
+    state: Mutex<Option<std::result::Result<Duration, Arc<Error>>>>,
+    cond: Condvar,
+}
+
+impl Staging {
+    pub(crate) fn new() -> Arc<Staging> {
+        Arc::new(Staging {
+            state: Mutex::new(None),
+            cond: Condvar::new(),
+        })
+    }
+
+    /// A snapshot with nothing left to copy.
+    pub(crate) fn done(took: Duration) -> Arc<Staging> {
+        let s = Staging::new();
+        s.set(Ok(took));
+        s
+    }
+
+    pub(crate) fn set(&self, r: std::result::Result<Duration, Arc<Error>>) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.is_none() {
+            *s = Some(r);
+        }
+        drop(s);
+        self.cond.notify_all();
+    }
+
+    /// The error, if the copy has already failed.
+    fn failed(&self) -> Option<Arc<Error>> {
+        match &*self.state.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(Err(e)) => Some(e.clone()),
+            _ => None,
+        }
+    }
+
+    /// Waits for the copy to end: how long it took, or why it failed.
+    fn wait(&self) -> std::result::Result<Duration, Arc<Error>> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(r) = &*s {
+                return r.clone();
+            }
+            s = self.cond.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// One save's staging buffer, written region by region through a raw pointer while the
+/// regions already copied are read (as [`Bytes`]) by the writer.
+struct Slab {
+    base: *mut u8,
+    len: usize,
+    /// Owns the memory; goes back to the pool when the last region is dropped.
+    _buf: StagingBuf,
+}
+
+// SAFETY: the slab only hands out disjoint regions: each is written by one thread through
+// `region_mut` before it is published, and only read afterwards (see `CopyPlan::run`); the
+// pool buffer itself may move between threads.
+#[allow(unsafe_code)]
+unsafe impl Send for Slab {}
+// SAFETY: as above.
+#[allow(unsafe_code)]
+unsafe impl Sync for Slab {}
+
+impl Slab {
+    fn new(mut buf: StagingBuf) -> Slab {
+        let s = buf.as_mut_slice();
+        Slab {
+            base: s.as_mut_ptr(),
+            len: s.len(),
+            _buf: buf,
+        }
+    }
+
+    /// # Safety
+    /// `off..off + len` must be in bounds, written by no other thread, and not yet published
+    /// as a [`Region`].
+    #[allow(unsafe_code, clippy::mut_from_ref)]
+    unsafe fn region_mut(&self, off: usize, len: usize) -> &mut [u8] {
+        debug_assert!(off + len <= self.len);
+        // SAFETY: in bounds and exclusive, per this function's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.base.add(off), len) }
+    }
+}
+
+/// A published (copied) region of a slab.
+struct Region {
+    slab: Arc<Slab>,
+    off: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for Region {
+    #[allow(unsafe_code)]
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: the region is in bounds, and it is published only after its one writer has
+        // finished with it; nobody writes it again while the slab lives.
+        unsafe { std::slice::from_raw_parts(self.slab.base.add(self.off), self.len) }
+    }
+}
+
+/// The copies a snapshot still has to make: each live tensor into its region of the slab,
+/// each published to its storage as soon as it is done.
+pub(crate) struct CopyPlan {
+    slab: Arc<Slab>,
+    items: Vec<CopyItem>,
+}
+
+struct CopyItem {
+    live: LiveTensor,
+    off: usize,
+    filler: Mutex<Option<StorageFiller>>,
+}
+
+/// Takes one staging buffer for every live tensor of `tree` (one pool request per save, so a
 /// save never holds part of the budget while waiting for the rest) and returns the tree over
-/// the snapshot. Host tensors are immutable and are kept as they are: no copy.
+/// storages that [`CopyPlan::run`] fills. Host tensors are immutable and are kept as they are:
+/// no copy. The tree can go to the writer before the copy starts: the writer waits for each
+/// storage's bytes only when it reaches that storage.
 ///
 /// `None` when `block` is false and the budget is exhausted.
-pub(crate) fn snapshot(
+pub(crate) fn prepare(
     pool: &StagingPool,
     tree: &Value,
     block: bool,
-    parallel: bool,
-) -> Result<Option<Value>> {
+) -> Result<Option<(Value, Option<CopyPlan>)>> {
     let live = tree.live_tensors();
     if live.is_empty() {
-        return Ok(Some(tree.clone()));
+        return Ok(Some((tree.clone(), None)));
     }
     let mut offsets = Vec::with_capacity(live.len());
     let mut total = 0usize;
@@ -179,7 +318,7 @@ pub(crate) fn snapshot(
         offsets.push(total);
         total += l.nbytes().div_ceil(SLICE_ALIGN) * SLICE_ALIGN;
     }
-    let mut buf = if block {
+    let buf = if block {
         pool.acquire(total)
     } else {
         match pool.try_acquire(total) {
@@ -187,13 +326,17 @@ pub(crate) fn snapshot(
             None => return Ok(None),
         }
     };
-    copy_parallel(&live, &offsets, buf.as_mut_slice(), parallel)?;
-    let bytes = buf.freeze();
-    let mut views: std::collections::HashMap<usize, HostTensor> = Default::default();
+    let slab = Arc::new(Slab::new(buf));
+    let mut views: HashMap<usize, HostTensor> = HashMap::with_capacity(live.len());
+    let mut items = Vec::with_capacity(live.len());
     for (l, &off) in live.iter().zip(&offsets) {
-        let storage =
-            Storage::with_location(bytes.slice(off..off + l.nbytes()), l.source().location());
+        let (storage, filler) = Storage::pending(l.nbytes(), l.source().location());
         views.insert(l.id(), l.host_view(storage)?);
+        items.push(CopyItem {
+            live: l.clone(),
+            off,
+            filler: Mutex::new(Some(filler)),
+        });
     }
     let out = tree.replace_live(&mut |l| {
         views
@@ -201,89 +344,87 @@ pub(crate) fn snapshot(
             .cloned()
             .ok_or_else(|| Error::InvalidArgument("live tensor vanished".into()))
     })?;
-    Ok(Some(out))
+    Ok(Some((out, Some(CopyPlan { slab, items }))))
 }
 
 /// Snapshots below this size are copied on the calling thread alone.
 const PARALLEL_COPY_MIN: usize = 16 << 20;
 
-/// Copies each live tensor to its offset in `dst`, splitting the tensors between up to four
-/// threads (by bytes) when the snapshot is large and `parallel` (Eager mode, where the training
-/// thread waits for the copy anyway): the copy is bound by memory bandwidth, which
-/// one core does not saturate.
-fn copy_parallel(
-    live: &[LiveTensor],
-    offsets: &[usize],
-    dst: &mut [u8],
-    parallel: bool,
-) -> Result<()> {
-    let total = dst.len();
-    let threads = if parallel {
-        std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(4)
-    } else {
-        1
-    };
-    if threads < 2 || total < PARALLEL_COPY_MIN || live.len() < 2 {
-        for (l, &off) in live.iter().zip(offsets) {
-            l.source().copy_to(&mut dst[off..off + l.nbytes()])?;
-        }
-        return Ok(());
-    }
-    // Cut the tensor list into `threads` groups of about equal bytes, and dst with it.
-    let mut groups: Vec<(usize, usize)> = Vec::new(); // tensor index ranges
-    let mut start = 0;
-    for g in 1..=threads {
-        let target = total * g / threads;
-        let mut end = start;
-        while end < live.len() && (end == start || offsets[end] < target) {
-            end += 1;
-        }
-        if g == threads {
-            end = live.len();
-        }
-        if end > start {
-            groups.push((start, end));
-        }
-        start = end;
-    }
-    std::thread::scope(|scope| {
-        let mut rest = dst;
-        let mut consumed = 0;
-        let mut joins = Vec::new();
-        for &(a, b) in &groups {
-            let end_byte = if b < live.len() {
-                offsets[b]
-            } else {
-                consumed + rest.len()
-            };
-            let (mine, tail) = rest.split_at_mut(end_byte - consumed);
-            let base = consumed;
-            consumed = end_byte;
-            rest = tail;
-            let part = &live[a..b];
-            let offs = &offsets[a..b];
-            joins.push(scope.spawn(move || -> Result<()> {
-                for (l, &off) in part.iter().zip(offs) {
-                    l.source()
-                        .copy_to(&mut mine[off - base..off - base + l.nbytes()])?;
+impl CopyPlan {
+    /// Copies every live tensor into its region and publishes it. With `parallel` (Eager mode,
+    /// where the training thread waits for the copy anyway) and a large snapshot, up to four
+    /// threads take the tensors in order, since the copy is bound by memory bandwidth, which
+    /// one core does not saturate. In order, so the writer (which writes them in order) can
+    /// start on the first while the last are copied.
+    ///
+    /// On failure every storage not yet filled fails with the reason, so the writer stops.
+    pub(crate) fn run(self, parallel: bool) -> Result<()> {
+        let threads = if parallel && self.slab.len >= PARALLEL_COPY_MIN && self.items.len() > 1 {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(4)
+                .min(self.items.len())
+        } else {
+            1
+        };
+        let next = AtomicUsize::new(0);
+        let work = || -> Result<()> {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(item) = self.items.get(i) else {
+                    return Ok(());
+                };
+                let filler = item.filler.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let Some(filler) = filler else { continue };
+                let len = item.live.nbytes();
+                // SAFETY: each item's region is disjoint from every other's (offsets are
+                // cumulative, rounded up), in bounds (the slab holds the total), taken by
+                // exactly one thread (the index is claimed once), and published only below.
+                #[allow(unsafe_code)]
+                let dst = unsafe { self.slab.region_mut(item.off, len) };
+                match item.live.source().copy_to(dst) {
+                    Ok(()) => filler.fill(Bytes::from_owner(Region {
+                        slab: self.slab.clone(),
+                        off: item.off,
+                        len,
+                    })),
+                    Err(e) => {
+                        filler.fail(e.to_string());
+                        return Err(e);
+                    }
                 }
-                Ok(())
-            }));
-        }
-        for j in joins {
-            match j.join() {
-                Ok(r) => r?,
-                Err(_) => {
-                    return Err(Error::InvalidArgument(
-                        "a snapshot copy thread panicked".into(),
-                    ))
+            }
+        };
+        let result = if threads < 2 {
+            work()
+        } else {
+            std::thread::scope(|scope| {
+                let joins: Vec<_> = (1..threads).map(|_| scope.spawn(work)).collect();
+                let mut r = work();
+                for j in joins {
+                    let jr = j.join().unwrap_or_else(|_| {
+                        Err(Error::InvalidArgument(
+                            "a snapshot copy thread panicked".into(),
+                        ))
+                    });
+                    if r.is_ok() {
+                        r = jr;
+                    }
+                }
+                r
+            })
+        };
+        if let Err(e) = &result {
+            // Fail what nobody copied, with the reason.
+            for item in &self.items {
+                let f = item.filler.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Some(f) = f {
+                    f.fail(format!("not copied: {e}"));
                 }
             }
         }
-        Ok(())
-    })
+        result
+    }
 }
 
 pub(crate) fn stage_loop<I: CheckpointIo>(
@@ -302,32 +443,49 @@ pub(crate) fn stage_loop<I: CheckpointIo>(
             } => {
                 let start = Instant::now();
                 // Deferred snapshots overlap the training step: one thread, so the copy leaves the
-                // compute its cores.
-                let r = guarded(&path, || snapshot(&shared.pool, &tree, true, false));
-                drop(tree);
-                let stage = start.elapsed();
+                // compute its cores. The writer gets the job first and writes each storage as
+                // soon as it is copied.
+                let r = guarded(&path, || prepare(&shared.pool, &tree, true));
                 match r {
-                    Ok(Some(snap)) => {
-                        done.set_staged(Ok(()));
+                    Ok(Some((snap, plan))) => {
                         let bytes = storage_bytes(&snap);
                         shared
                             .bytes_in_flight
                             .fetch_add(bytes, std::sync::atomic::Ordering::AcqRel);
+                        let staging = Staging::new();
                         let job = Job::Save {
                             path: path.clone(),
                             tree: snap,
                             options,
-                            done,
+                            done: done.clone(),
                             enqueued: Instant::now(),
-                            stage,
+                            staging: staging.clone(),
                             bytes,
                         };
                         if let Err(e) = route(&path).send(job) {
                             fail_job(e.0);
+                            continue;
+                        }
+                        let copied = match plan {
+                            Some(plan) => guarded(&path, || plan.run(false)),
+                            None => Ok(()),
+                        };
+                        drop(tree);
+                        match copied {
+                            Ok(()) => {
+                                staging.set(Ok(start.elapsed()));
+                                done.set_staged(Ok(()));
+                            }
+                            Err(e) => {
+                                let e = Arc::new(e);
+                                staging.set(Err(e.clone()));
+                                done.set_staged(Err(e));
+                            }
                         }
                     }
                     Ok(None) => unreachable_skip(&done),
                     Err(e) => {
+                        drop(tree);
                         shared.counters.failed();
                         done.finish(Err(Arc::new(e)));
                     }

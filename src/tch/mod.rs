@@ -114,8 +114,13 @@ pub fn check_savable(t: &Tensor) -> Result<(DType, usize)> {
     Ok((dtype, t.numel()))
 }
 
-/// Copies the elements of `t` (any device, any layout) in row-major order into `dst`, which must
-/// hold exactly `numel * element size` bytes. CPU contiguous tensors copy straight into `dst`.
+/// Copies the elements of `t` (any device, any layout, conjugate and negative views resolved)
+/// in row-major order into `dst`, which must hold exactly `numel * element size` bytes.
+///
+/// One copy, straight into `dst`: CPU contiguous tensors by `memcpy`; everything else by
+/// libtorch's `copy_` into a tensor over `dst`, so a strided view is gathered in one pass and a
+/// CUDA tensor goes device-to-host in one transfer (a direct DMA when `dst` is pinned, as the
+/// async runtime's staging buffers are when CUDA is available).
 pub fn copy_into(t: &Tensor, dst: &mut [u8]) -> Result<()> {
     let (dtype, numel) = check_savable(t)?;
     if dst.len() != numel * dtype.size() {
@@ -129,22 +134,25 @@ pub fn copy_into(t: &Tensor, dst: &mut [u8]) -> Result<()> {
         return Ok(());
     }
     let src = t.detach();
-    let src = if src.is_sparse() {
+    let src = if src.is_sparse() || src.is_mkldnn() {
         src.f_to_dense(None, false).map_err(torch_err)?
     } else {
         src
     };
-    let src = if src.device() == Device::Cpu {
-        src
-    } else {
-        src.to_device(Device::Cpu)
-    };
-    let src = if src.is_contiguous() {
-        src
-    } else {
-        src.contiguous()
-    };
-    src.f_copy_data_u8(dst, numel).map_err(torch_err)
+    let plain =
+        src.device() == Device::Cpu && src.is_contiguous() && !src.is_conj() && !src.is_neg();
+    if plain {
+        return src.f_copy_data_u8(dst, numel).map_err(torch_err);
+    }
+    let kind = src.f_kind().map_err(torch_err)?;
+    let shape = src.size();
+    // SAFETY: `dst` is valid for writes of `numel * element size` bytes (checked above) and
+    // borrowed mutably for this whole call; the view over it is a contiguous CPU tensor of
+    // exactly that many elements, is never resized, and is dropped before this returns.
+    #[allow(unsafe_code)]
+    let mut view = unsafe { Tensor::f_from_blob(dst.as_mut_ptr(), &shape, &[], kind, Device::Cpu) }
+        .map_err(torch_err)?;
+    view.f_copy_(&src).map_err(torch_err)
 }
 
 /// Copies a tch tensor to a new [`HostTensor`] (contiguous), keeping its dtype, shape,
@@ -496,6 +504,37 @@ mod tests {
             if let Some(k) = kind_of(d) {
                 assert_eq!(dtype_of(k), Some(d));
             }
+        }
+    }
+
+    #[test]
+    fn copies_hold_the_values_of_every_kind_of_view() {
+        let base = Tensor::arange(24, (Kind::Float, Device::Cpu)).reshape([2, 3, 4]);
+        let c = Tensor::complex(&base, &(-&base)); // complex64, 2x3x4
+        let views = [
+            ("transposed", base.transpose(0, 2)),
+            ("offset narrow", base.narrow(2, 1, 2)),
+            ("f16 strided", base.to_kind(Kind::Half).transpose(1, 2)),
+            ("conj", c.conj()),
+            ("conj transposed", c.conj().transpose(0, 1)),
+            ("neg view", c.conj().imag()),
+            (
+                "expanded",
+                Tensor::arange(3, (Kind::Int64, Device::Cpu)).expand([4, 3], false),
+            ),
+            ("bool", base.gt(7.0).transpose(0, 1)),
+            ("scalar", Tensor::from(2.5f64)),
+        ];
+        for (what, t) in views {
+            let want = t.resolve_conj().resolve_neg().contiguous();
+            let (dtype, numel) = check_savable(&t).unwrap();
+            let mut got = vec![0u8; numel * dtype.size()];
+            copy_into(&t, &mut got).unwrap();
+            let mut expect = vec![0u8; numel * dtype.size()];
+            want.copy_data_u8(&mut expect, numel);
+            assert_eq!(got, expect, "{what}");
+            let h = to_host(&t).unwrap();
+            assert!(to_tch(&h, Device::Cpu).unwrap().equal(&want), "{what}");
         }
     }
 

@@ -55,7 +55,12 @@ pub(crate) fn write_archive<W: ZipSink>(
     z.entry(&format!("{prefix}/byteorder"), 6, [&b"little"[..]])
         .map_err(io)?;
     for (i, s) in table.storages.iter().enumerate() {
-        let b: &[u8] = s.bytes();
+        // A snapshot's storage may still be being copied: this waits for its bytes only, so
+        // the write of the first storages overlaps the copy of the last ones.
+        let b: &[u8] = s.try_bytes().map_err(|e| match e {
+            Error::Tensor { reason, .. } => Error::tensor(path, format!("storage {i}"), reason),
+            other => other,
+        })?;
         z.entry(&format!("{prefix}/data/{i}"), b.len() as u64, [b])
             .map_err(io)?;
     }
