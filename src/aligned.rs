@@ -50,6 +50,59 @@ impl AlignedBuf {
     }
 }
 
+/// Buffers at least this large start on a page when ckptio allocates them for tensor bytes, so a
+/// durable save can write them in place with direct I/O (the sink places storages of
+/// [`PLACEMENT_MIN`](crate::sink::PLACEMENT_MIN) bytes or more).
+const PAGE_START_MIN: usize = 1 << 20;
+
+/// A zero-filled byte vector whose `len` bytes start on a page when `len` is large (up to
+/// one page more is allocated, and the bytes start inside it). Like `vec![0; n]`, which it is,
+/// the kernel maps its pages when first written, so allocating it costs no pass over the memory.
+/// [`PageVec::into_bytes`] hands the bytes on without a copy.
+pub(crate) struct PageVec {
+    vec: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl PageVec {
+    /// `len` zero bytes.
+    pub(crate) fn zeroed(len: usize) -> PageVec {
+        if len < PAGE_START_MIN {
+            return PageVec {
+                vec: vec![0; len],
+                start: 0,
+                len,
+            };
+        }
+        let vec = vec![0u8; len + PAGE - 1];
+        let start = (PAGE - vec.as_ptr() as usize % PAGE) % PAGE;
+        PageVec { vec, start, len }
+    }
+
+    /// The bytes, mutably.
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.vec[self.start..self.start + self.len]
+    }
+
+    /// The bytes, as [`Bytes`] over the same memory.
+    pub(crate) fn into_bytes(self) -> bytes::Bytes {
+        bytes::Bytes::from(self.vec).slice(self.start..self.start + self.len)
+    }
+}
+
+/// A vector with room for `cap` bytes, holding the padding after which bytes pushed next start on a
+/// page when `cap` is large; pass the padding length to `Bytes::slice` once filled.
+pub(crate) fn page_start_vec(cap: usize) -> (Vec<u8>, usize) {
+    if cap < PAGE_START_MIN {
+        return (Vec::with_capacity(cap), 0);
+    }
+    let mut v = Vec::with_capacity(cap + PAGE - 1);
+    let pad = (PAGE - v.as_ptr() as usize % PAGE) % PAGE;
+    v.resize(pad, 0);
+    (v, pad)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,5 +120,29 @@ mod tests {
                 assert_eq!(b.as_slice()[len - 1], 1);
             }
         }
+    }
+
+    #[test]
+    fn large_tensor_bytes_start_on_a_page_without_a_copy() {
+        for len in [0, 100, PAGE_START_MIN, 3 * PAGE_START_MIN + 17] {
+            let mut v = PageVec::zeroed(len);
+            assert!(v.as_mut_slice().iter().all(|&x| x == 0));
+            if len > 0 {
+                v.as_mut_slice()[len - 1] = 5;
+            }
+            let p = v.as_mut_slice().as_ptr() as usize;
+            let b = v.into_bytes();
+            assert_eq!(b.len(), len);
+            assert_eq!(b.as_ptr() as usize, p, "no copy");
+            if len >= PAGE_START_MIN {
+                assert_eq!(p % PAGE, 0);
+                assert_eq!(b[len - 1], 5);
+            }
+        }
+        let (mut v, pad) = page_start_vec(PAGE_START_MIN);
+        let base = v.as_ptr() as usize;
+        v.extend(std::iter::repeat_n(1u8, PAGE_START_MIN));
+        assert_eq!(v.as_ptr() as usize, base, "no reallocation");
+        assert_eq!((base + pad) % PAGE, 0);
     }
 }

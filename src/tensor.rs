@@ -518,12 +518,14 @@ impl HostTensor {
     }
 
     /// A contiguous tensor holding a copy of `data`.
+    ///
+    /// Large tensors' bytes start on a page, so durable saves can write them with direct I/O.
     pub fn from_slice<T: Element>(data: &[T], shape: &[usize]) -> Result<HostTensor> {
-        let mut out = Vec::with_capacity(std::mem::size_of_val(data));
+        let (mut out, pad) = crate::aligned::page_start_vec(std::mem::size_of_val(data));
         for &x in data {
             x.put_le(&mut out);
         }
-        HostTensor::from_bytes(T::DTYPE, shape, out)
+        HostTensor::from_bytes(T::DTYPE, shape, Bytes::from(out).slice(pad..))
     }
 
     /// A 0-dim tensor.
@@ -803,11 +805,13 @@ impl LiveTensor {
             _ => self.to_host(),
         }
     }
-    /// A snapshot into newly allocated memory.
+
+    /// A snapshot into newly allocated memory (starting on a page when large, so a durable save
+    /// can write it with direct I/O).
     pub fn to_host(&self) -> Result<HostTensor> {
-        let mut buf = vec![0u8; self.nbytes()];
-        self.0.copy_to(&mut buf)?;
-        self.host_view(Storage::with_location(buf, self.0.location()))
+        let mut buf = crate::aligned::PageVec::zeroed(self.nbytes());
+        self.0.copy_to(buf.as_mut_slice())?;
+        self.host_view(Storage::with_location(buf.into_bytes(), self.0.location()))
     }
 }
 

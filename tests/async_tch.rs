@@ -6,12 +6,16 @@ use ckptio::{Dict, LoadOptions, SnapshotMode, TorchCheckpointIo, Value};
 use tch::{Device, Kind, Tensor};
 
 fn run(mode: SnapshotMode) {
+    run_on(mode, Device::Cpu, 256);
+}
+
+fn run_on(mode: SnapshotMode, device: Device, rows: i64) {
     let dir = tempfile::tempdir().unwrap();
     let io = Builder::default()
         .snapshot_mode(mode)
         .build(TorchCheckpointIo::new());
-    let mut w = Tensor::randn([256, 300], (Kind::Float, Device::Cpu));
-    let mut b = Tensor::arange(1000, (Kind::Int64, Device::Cpu));
+    let mut w = Tensor::randn([rows, 300], (Kind::Float, device));
+    let mut b = Tensor::arange(1000, (Kind::Int64, device));
     let before_w = ckptio::tch::to_host(&w).unwrap();
     let before_b = ckptio::tch::to_host(&b).unwrap();
     let mut d = Dict::ordered();
@@ -43,6 +47,18 @@ fn run(mode: SnapshotMode) {
             .data_eq(&before_b),
         "{mode:?}"
     );
+    let want = ckptio::tch::location_of(device);
+    assert_eq!(
+        back.get("w")
+            .unwrap()
+            .as_tensor()
+            .unwrap()
+            .storage()
+            .location(),
+        want
+    );
+    // Staging memory is page-locked exactly when CUDA is there to use it.
+    assert_eq!(io.status().pool.pinned, tch::Cuda::is_available());
     io.teardown().unwrap();
 }
 
@@ -54,6 +70,22 @@ fn eager_snapshot_of_tch_tensors_is_the_state_at_save_time() {
 #[test]
 fn deferred_snapshot_of_tch_tensors_is_the_state_at_staged_time() {
     run(SnapshotMode::Deferred);
+}
+
+/// CUDA tensors: the device-to-host copy goes into pinned staging memory (on the staging thread
+/// in Deferred mode) and what lands on disk is the state at save / `staged()` time. Runs only
+/// where CUDA is available (it says so and returns elsewhere).
+#[test]
+fn cuda_snapshots_are_the_state_at_save_and_staged_time() {
+    if !tch::Cuda::is_available() {
+        eprintln!("skipped: CUDA is not available on this machine");
+        return;
+    }
+    for mode in [SnapshotMode::Eager, SnapshotMode::Deferred] {
+        // 256 x 300 floats (small) and 20 000 x 300 (24 MiB: the parallel copy path).
+        run_on(mode, Device::Cuda(0), 256);
+        run_on(mode, Device::Cuda(0), 20_000);
+    }
 }
 
 #[test]

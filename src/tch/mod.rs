@@ -160,9 +160,10 @@ pub fn copy_into(t: &Tensor, dst: &mut [u8]) -> Result<()> {
 pub fn to_host(t: &Tensor) -> Result<HostTensor> {
     let (dtype, numel) = check_savable(t)?;
     let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-    let mut buf = vec![0u8; numel * dtype.size()];
-    copy_into(t, &mut buf)?;
-    let storage = Storage::with_location(buf, location_of(t.device()));
+    // Large copies start on a page, so a durable save can write them with direct I/O.
+    let mut buf = crate::aligned::PageVec::zeroed(numel * dtype.size());
+    copy_into(t, buf.as_mut_slice())?;
+    let storage = Storage::with_location(buf.into_bytes(), location_of(t.device()));
     let strides = contiguous_strides(&shape);
     Ok(HostTensor::from_parts(storage, dtype, shape, strides, 0)?
         .with_requires_grad(t.requires_grad()))

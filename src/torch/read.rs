@@ -50,7 +50,10 @@ impl CheckedFile {
             .len();
         let len = usize::try_from(len)
             .map_err(|_| Error::format(path, "file is larger than the address space"))?;
-        let mut buf = vec![0u8; len];
+        // Page-aligned, so the storages in it (64-byte aligned in the file) can be saved again
+        // with direct I/O, in place.
+        let mut page_vec = crate::aligned::PageVec::zeroed(len);
+        let buf = page_vec.as_mut_slice();
         let nblocks = len.div_ceil(BLOCK);
         let (tx, rx) = unbounded::<(usize, &[u8])>();
         // Two readers (each half of the file, positional reads) and one hasher: copying out of
@@ -83,7 +86,7 @@ impl CheckedFile {
                 .map_err(|_| Error::format(path, "CRC thread panicked"))
         })?;
         Ok(CheckedFile {
-            data: Bytes::from(buf),
+            data: page_vec.into_bytes(),
             blocks,
         })
     }
