@@ -870,7 +870,9 @@ fn main() {
     let (m0, d0) = limits(ckpt_bytes, &dir);
 
     // Rounds of every mode, interleaved, so slow drift of a shared machine spreads evenly over
-    // the modes instead of favouring whichever ran in a quiet moment.
+    // the modes instead of favouring whichever ran in a quiet moment. Every other round runs
+    // them in reverse, so no mode always runs first (cold) or last: over two rounds each mode's
+    // mean place in the order is the same.
     let modes = [Mode::Baseline, Mode::Sync, Mode::Eager, Mode::Deferred];
     let rounds = a.rounds.max(1);
     let pb = ProgressBar::new((a.steps * modes.len() * rounds) as u64);
@@ -881,11 +883,18 @@ fn main() {
     );
     let mut runs: Vec<Run> = Vec::new();
     for round in 0..rounds {
-        let mut this_round = Vec::new();
-        for &m in &modes {
+        let order: Vec<usize> = if round % 2 == 0 {
+            (0..modes.len()).collect()
+        } else {
+            (0..modes.len()).rev().collect()
+        };
+        let mut slots: Vec<Option<Run>> = (0..modes.len()).map(|_| None).collect();
+        for i in order {
+            let m = modes[i];
             pb.set_prefix(format!("round {}/{rounds}: {}", round + 1, m.name()));
-            this_round.push(run_mode(m, &a, layers, hidden, &dir, &pb));
+            slots[i] = Some(run_mode(m, &a, layers, hidden, &dir, &pb));
         }
+        let mut this_round: Vec<Run> = slots.into_iter().flatten().collect();
         if round + 1 == rounds {
             // The files of the last round are checked against a deterministic re-run.
             pb.set_prefix("verifying checkpoints");

@@ -86,6 +86,16 @@ where
         ));
     }
     let tmp = temp_path(path)?;
+    // Removes the temporary file if `write` panics (an error removes it below).
+    struct RemoveOnUnwind<'a>(&'a Path);
+    impl Drop for RemoveOnUnwind<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                let _ = fs::remove_file(self.0);
+            }
+        }
+    }
+    let _guard = RemoveOnUnwind(&tmp);
     let result = (|| {
         let mut sink = FileSink::create(&tmp, durable)
             .map_err(|e| Error::io("create temporary file", &tmp, e))?;
@@ -204,6 +214,26 @@ mod tests {
         assert!(r.is_err());
         assert_eq!(fs::read(&p).unwrap(), b"old");
         let names: Vec<_> = fs::read_dir(p.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("c.pt")]);
+    }
+
+    #[test]
+    fn a_panic_while_writing_keeps_the_old_file_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.pt");
+        fs::write(&p, b"old").unwrap();
+        let r = std::panic::catch_unwind(|| {
+            write_atomic(&p, true, |w| {
+                w.write_all(b"partial").unwrap();
+                panic!("backend bug");
+            })
+        });
+        assert!(r.is_err());
+        assert_eq!(fs::read(&p).unwrap(), b"old");
+        let names: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();

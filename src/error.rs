@@ -118,8 +118,9 @@ pub enum Error {
         errors: Vec<Error>,
     },
 
-    /// The backend panicked while handling this path; the writer survived.
-    #[error("checkpoint backend panicked on {path}: {message}")]
+    /// The backend, or a tensor's copy into a snapshot, panicked while handling this path; the
+    /// writer survived.
+    #[error("panic while checkpointing {path}: {message}")]
     Panic {
         /// The checkpoint path.
         path: PathBuf,

@@ -139,6 +139,10 @@ pub trait Restore {
 /// [`TorchCheckpointIo`]: crate::TorchCheckpointIo
 pub trait CheckpointIo: Send + Sync {
     /// Saves `checkpoint` to `path`, creating parent directories.
+    ///
+    /// Under [`AsyncCheckpointIo`](crate::AsyncCheckpointIo), a backend that says
+    /// [`accepts_pending_storages`](Self::accepts_pending_storages) is called while the
+    /// snapshot's storages may still be being copied.
     fn save_checkpoint(&self, checkpoint: &Value, path: &Path, options: &SaveOptions)
         -> Result<()>;
 
@@ -170,6 +174,17 @@ pub trait CheckpointIo: Send + Sync {
     /// Whether `load_checkpoint` needs the `state` argument (Lightning's
     /// `_requires_state_on_load`). Default `false`.
     fn requires_state_on_load(&self) -> bool {
+        false
+    }
+
+    /// Whether `save_checkpoint` may be handed a tree whose storages are still being copied
+    /// (by [`AsyncCheckpointIo`](crate::AsyncCheckpointIo), which then starts the write before
+    /// the copy ends). Such a backend must read storages with
+    /// [`Storage::try_bytes`](crate::Storage::try_bytes), which waits for each one's bytes and
+    /// fails if its copy failed, and must then fail the save without replacing what `path`
+    /// held. Default `false`: the backend is called once every storage is in.
+    /// [`TorchCheckpointIo`](crate::TorchCheckpointIo) says `true`.
+    fn accepts_pending_storages(&self) -> bool {
         false
     }
 }
@@ -213,6 +228,9 @@ macro_rules! forward_checkpoint_io {
             }
             fn requires_state_on_load(&self) -> bool {
                 (**self).requires_state_on_load()
+            }
+            fn accepts_pending_storages(&self) -> bool {
+                (**self).accepts_pending_storages()
             }
         }
     )*};

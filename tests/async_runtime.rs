@@ -546,6 +546,9 @@ impl CheckpointIo for Pipelined {
     fn remove_checkpoint(&self, _p: &Path) -> ckptio::Result<()> {
         Ok(())
     }
+    fn accepts_pending_storages(&self) -> bool {
+        true
+    }
 }
 
 #[test]
@@ -650,4 +653,121 @@ fn a_copy_that_fails_midway_fails_the_save_and_keeps_the_previous_checkpoint() {
 /// Whatever error a later call would still raise for `path` (none when each was told once).
 fn h_staged_error(io: &AsyncCheckpointIo<TorchCheckpointIo>, path: &Path) -> Option<Error> {
     io.wait_path(path).err()
+}
+
+/// A source whose copy panics.
+struct Exploding;
+
+impl TensorSource for Exploding {
+    fn dtype(&self) -> DType {
+        DType::Float32
+    }
+    fn shape(&self) -> Vec<usize> {
+        vec![4]
+    }
+    fn copy_to(&self, _dst: &mut [u8]) -> ckptio::Result<()> {
+        panic!("driver bug while copying");
+    }
+}
+
+/// Runs `f` on a thread and fails the test if it has not returned within 20 s.
+fn within_20s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("hung: no result after 20 s")
+}
+
+#[test]
+fn a_panic_while_copying_is_an_error_and_nothing_hangs() {
+    within_20s(|| {
+        for mode in [SnapshotMode::Eager, SnapshotMode::Deferred] {
+            let io = Builder::default()
+                .snapshot_mode(mode)
+                .build(TorchCheckpointIo::new());
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("p.pt");
+            let mut d = Dict::new();
+            d.insert("w", LiveTensor::new(Param::new(16, 1.0)));
+            d.insert("x", LiveTensor::new(Exploding));
+            let err = match io.save(&Value::Dict(d), &path) {
+                Err(e) => e,
+                Ok(h) => h.wait().unwrap_err(),
+            };
+            assert!(
+                err.to_string().contains("driver bug while copying"),
+                "{mode:?}: {err}"
+            );
+            // Told once; the writer serves the next save; teardown does not hang.
+            io.flush().unwrap();
+            assert!(!path.exists(), "{mode:?}");
+            let p = Param::new(4, 2.0);
+            io.save(&tree_of(&p, 3), &path).unwrap().wait().unwrap();
+            io.teardown().unwrap();
+        }
+    });
+}
+
+/// A backend whose saves wait until the test lets them go, and that says when one started.
+struct Held {
+    started: Mutex<std::sync::mpsc::Sender<()>>,
+    release: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl CheckpointIo for Held {
+    fn save_checkpoint(&self, _c: &Value, _p: &Path, _o: &SaveOptions) -> ckptio::Result<()> {
+        let _ = self.started.lock().unwrap().send(());
+        self.release
+            .lock()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(20))
+            .map_err(|_| Error::InvalidArgument("never released".into()))
+    }
+    fn load_checkpoint(
+        &self,
+        _p: &Path,
+        _o: &LoadOptions,
+        _s: Option<&mut dyn Restore>,
+    ) -> ckptio::Result<Option<Value>> {
+        Ok(None)
+    }
+    fn remove_checkpoint(&self, _p: &Path) -> ckptio::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn deferred_staged_does_not_wait_for_earlier_writes_when_the_queue_is_full() {
+    within_20s(deferred_staged_with_a_full_queue);
+}
+
+fn deferred_staged_with_a_full_queue() {
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let io = Builder::default()
+        .snapshot_mode(SnapshotMode::Deferred)
+        .capacity(1)
+        .build(Held {
+            started: Mutex::new(started_tx),
+            release: Mutex::new(release_rx),
+        });
+    let p = Param::new(64, 1.0);
+    let a = io.save(&tree_of(&p, 1), "a").unwrap();
+    started.recv_timeout(Duration::from_secs(20)).unwrap(); // the writer is busy with "a"
+    let b = io.save(&tree_of(&p, 2), "b").unwrap(); // waits in the queue
+    b.wait_staged().unwrap();
+    // The queue is full: "c" must still be snapshotted, so the loop can step, while "a" is
+    // being written.
+    let c = io.save(&tree_of(&p, 3), "c").unwrap();
+    let staged = c.wait_staged();
+    for _ in 0..3 {
+        release.send(()).unwrap();
+    }
+    staged.unwrap();
+    for h in [a, b, c] {
+        h.wait().unwrap();
+    }
+    io.teardown().unwrap();
 }

@@ -20,11 +20,14 @@ pub struct SaveReport {
     pub path: PathBuf,
     /// Bytes of tensor storage written.
     pub bytes: u64,
-    /// Time to take the snapshot (on the training thread in Eager mode).
+    /// Time to take the snapshot: take a staging buffer and copy the live tensors into it (on
+    /// the training thread in Eager mode, on the staging thread in Deferred mode).
     pub stage: Duration,
     /// Time between being queued and the writer starting on it.
     pub queue_wait: Duration,
-    /// Time the inner backend took to write it, including fsync when durable.
+    /// Time from the writer's start on it to the end of the inner backend's save, including
+    /// fsync when durable. The writer starts before the snapshot's copy has ended, so this
+    /// includes any wait for storages still being copied (the two overlap).
     pub write: Duration,
     /// Whether it was made durable (fsync) before the handle resolved.
     pub durable: bool,
@@ -146,14 +149,25 @@ impl Completion {
         }
     }
 
+    /// A failed snapshot fails the save with the same error: whoever hears it from `staged`
+    /// has heard the save's error, which is then not reported again.
+    fn staged_result(&self, r: std::result::Result<(), Arc<Error>>) -> Result<()> {
+        r.map_err(|e| {
+            self.reported.store(true, Ordering::Release);
+            Error::Background {
+                path: self.path.clone(),
+                source: e,
+            }
+        })
+    }
+
     fn wait_staged(&self) -> Result<()> {
         let mut s = lock(&self.state);
         loop {
             if let Some(r) = &s.staged {
-                return r.clone().map_err(|e| Error::Background {
-                    path: self.path.clone(),
-                    source: e,
-                });
+                let r = r.clone();
+                drop(s);
+                return self.staged_result(r);
             }
             s = self.cond.wait(s).unwrap_or_else(|e| e.into_inner());
         }
@@ -174,10 +188,8 @@ impl Completion {
         let mut s = lock(&self.state);
         if let Some(r) = &s.staged {
             let r = r.clone();
-            return Poll::Ready(r.map_err(|e| Error::Background {
-                path: self.path.clone(),
-                source: e,
-            }));
+            drop(s);
+            return Poll::Ready(self.staged_result(r));
         }
         s.wakers.push(cx.waker().clone());
         Poll::Pending

@@ -12,8 +12,14 @@
 //!   staging thread takes it and [`SaveHandle::staged`] resolves when it has: do not mutate the
 //!   tensors before that (wait on it just before the optimizer step).
 //!
-//! A dedicated writer thread then calls the inner backend's `save_checkpoint`; the handle
-//! resolves when the checkpoint is durable, and the staging buffer goes back to the pool.
+//! A dedicated writer thread calls the inner backend's `save_checkpoint`; the handle resolves
+//! when the checkpoint is durable, and the staging buffer goes back to the pool. When the queue
+//! has room, the save reaches the writer before the copy ends, and a backend that
+//! [accepts pending storages](CheckpointIo::accepts_pending_storages) (as
+//! [`TorchCheckpointIo`](crate::TorchCheckpointIo) does) writes each storage as soon as it is
+//! copied: the write of the first tensors overlaps the copy of the last. Other backends are
+//! called once the copy has ended. A copy that fails fails the save; the file at its path is
+//! left as it was.
 //!
 //! # Ordering
 //! Each path is served by one writer thread, in submission order: `remove_checkpoint(path)`
@@ -72,7 +78,8 @@ use self::handle::Completion;
 pub use self::handle::{SaveHandle, SaveReport, Staged};
 pub use self::staging::{cuda_available, PoolStats, StagingBuf, StagingPool};
 use self::writer::{
-    fail_job, prepare, stage_loop, storage_bytes, writer_loop, Job, StageJob, Staging,
+    abandon, fail_job, guarded, prepare, queue, send_held, stage_loop, storage_bytes, writer_loop,
+    Job, Queued, StageJob, Staging,
 };
 use crate::error::{Error, Result};
 use crate::io::{CheckpointIo, LoadOptions, Restore, SaveOptions};
@@ -421,64 +428,60 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                 self.shared
                     .bytes_in_flight
                     .fetch_add(bytes, Ordering::AcqRel);
-                let staging = match plan {
-                    Some(_) => Staging::new(),
-                    None => Staging::done(start.elapsed()),
-                };
-                // The job goes to the writer before the copy, so the write of the first
-                // storages overlaps the copy of the last ones (the writer waits for each).
+                let staging = Staging::new();
+                let setter = staging.setter();
                 let job = Job::Save {
                     path: path.clone(),
                     tree: snap,
                     options: options.clone(),
                     done: done.clone(),
                     enqueued: Instant::now(),
-                    staging: staging.clone(),
+                    staging,
                     bytes,
                 };
                 self.track(&done);
-                match policy {
-                    Backpressure::Block => {
-                        if let Err(e) = writer.send(job) {
-                            fail_job(e.0);
-                            return Ok(handle);
+                // With room in the queue the job goes to the writer before the copy, so the
+                // write of the first storages overlaps the copy of the last ones (the writer
+                // waits for each). With none, the copy goes first: the writer is busy anyway.
+                let held = match queue(&self.shared, writer, job) {
+                    Queued::Yes => None,
+                    Queued::Gone => return Ok(handle),
+                    Queued::Full(job) if policy == Backpressure::Block => Some(job),
+                    Queued::Full(job) => {
+                        if let Job::Save { bytes, .. } = &job {
+                            self.shared
+                                .bytes_in_flight
+                                .fetch_sub(*bytes, Ordering::AcqRel);
                         }
+                        drop(job);
+                        return self.refuse(done, handle, &path);
                     }
-                    _ => match writer.try_send(job) {
-                        Ok(()) => {}
-                        Err(TrySendError::Full(job)) => {
-                            if let Job::Save { bytes, .. } = &job {
-                                self.shared
-                                    .bytes_in_flight
-                                    .fetch_sub(*bytes, Ordering::AcqRel);
-                            }
-                            drop(job);
-                            return self.refuse(done, handle, &path);
-                        }
-                        Err(TrySendError::Disconnected(job)) => {
-                            fail_job(job);
-                            return Ok(handle);
-                        }
-                    },
-                }
-                if let Some(plan) = plan {
-                    if let Err(e) = plan.run(true) {
-                        // The caller hears of it now; the writer finishes the handle with it.
-                        done.mark_reported();
-                        staging.set(Err(Arc::new(Error::InvalidArgument(format!(
-                            "snapshot failed: {e}"
-                        )))));
-                        return Err(e);
-                    }
-                    staging.set(Ok(start.elapsed()));
-                }
+                };
+                let copied = match plan {
+                    Some(plan) => guarded(&path, || plan.run(true)),
+                    None => Ok(()),
+                };
                 let stage = start.elapsed();
+                if let Err(e) = copied {
+                    // The caller hears of it now, and the handle it never gets says the same.
+                    done.mark_reported();
+                    let why = Arc::new(Error::InvalidArgument(format!("snapshot failed: {e}")));
+                    setter.set(Err(why.clone()));
+                    if let Some(job) = held {
+                        abandon(&self.shared, job, why);
+                    }
+                    return Err(e);
+                }
+                setter.set(Ok(stage));
                 done.set_staged(Ok(()));
                 tracing::debug!(
                     bytes,
                     stage_ms = stage.as_secs_f64() * 1e3,
                     "snapshot taken"
                 );
+                if let Some(job) = held {
+                    send_held(&self.shared, writer, job);
+                }
             }
         }
         Ok(handle)
@@ -513,7 +516,7 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
     fn submit(&self, job: Job, path: Option<&Path>) {
         let guard = self.start();
         let Some(workers) = guard.as_ref() else {
-            fail_job(job);
+            fail_job(&self.shared, job);
             return;
         };
         match (&workers.stager, path) {
@@ -524,28 +527,33 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                 };
                 if let Err(e) = stager.send(sj) {
                     match e.0 {
-                        StageJob::Forward(j) => fail_job(j),
-                        StageJob::PathBarrier(_, done) => fail_job(Job::Barrier { done }),
-                        StageJob::Save { done, .. } => fail_job(Job::Barrier { done }),
+                        StageJob::Forward(j) => fail_job(&self.shared, j),
+                        StageJob::PathBarrier(_, done) => {
+                            fail_job(&self.shared, Job::Barrier { done })
+                        }
+                        StageJob::Save { done, .. } => {
+                            self.shared.counters.failed();
+                            fail_job(&self.shared, Job::Barrier { done })
+                        }
                     }
                 }
             }
             (Some(stager), None) => {
                 if let Err(e) = stager.send(StageJob::Forward(job)) {
                     if let StageJob::Forward(j) = e.0 {
-                        fail_job(j);
+                        fail_job(&self.shared, j);
                     }
                 }
             }
             (None, Some(p)) => {
                 if let Err(e) = workers.writers[route(p, workers.writers.len())].send(job) {
-                    fail_job(e.0);
+                    fail_job(&self.shared, e.0);
                 }
             }
             (None, None) => {
                 // A barrier on every writer; the caller's completion resolves after all.
                 let Job::Barrier { done } = job else {
-                    fail_job(job);
+                    fail_job(&self.shared, job);
                     return;
                 };
                 let mut parts = Vec::new();
@@ -743,5 +751,9 @@ impl<I: CheckpointIo + 'static> CheckpointIo for AsyncCheckpointIo<I> {
 
     fn requires_state_on_load(&self) -> bool {
         self.shared.inner.requires_state_on_load()
+    }
+
+    fn accepts_pending_storages(&self) -> bool {
+        self.shared.inner.accepts_pending_storages()
     }
 }

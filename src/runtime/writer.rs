@@ -6,13 +6,13 @@
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use super::handle::{Completion, SaveReport};
 use super::staging::{StagingBuf, StagingPool};
@@ -67,7 +67,7 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// Runs `f`, turning a panic into [`Error::Panic`].
-fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+pub(crate) fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(p) => Err(Error::Panic {
@@ -96,6 +96,10 @@ pub(crate) fn writer_loop<I: CheckpointIo>(shared: Arc<Shared<I>>, rx: Receiver<
                 // A snapshot whose copy already failed is not written at all; one that fails
                 // while being written makes the backend fail on that storage (before its
                 // rename, so the previous checkpoint stays).
+                if !shared.inner.accepts_pending_storages() {
+                    // This backend reads storages as if they were all in: let the copy end.
+                    let _ = staging.wait();
+                }
                 let r = match staging.failed() {
                     Some(e) => Err(Arc::clone(&e)),
                     None => guarded(&path, || {
@@ -107,9 +111,7 @@ pub(crate) fn writer_loop<I: CheckpointIo>(shared: Arc<Shared<I>>, rx: Receiver<
                 let staged = staging.wait();
                 // Staging buffers go back to the pool before anyone hears the save is done.
                 drop(tree);
-                shared
-                    .bytes_in_flight
-                    .fetch_sub(bytes, std::sync::atomic::Ordering::AcqRel);
+                shared.bytes_in_flight.fetch_sub(bytes, Ordering::AcqRel);
                 // The copy's own error explains a failure better than what the backend saw.
                 let r = match (staged, r) {
                     (Err(e), _) => Err(e),
@@ -192,13 +194,6 @@ impl Staging {
         })
     }
 
-    /// A snapshot with nothing left to copy.
-    pub(crate) fn done(took: Duration) -> Arc<Staging> {
-        let s = Staging::new();
-        s.set(Ok(took));
-        s
-    }
-
     pub(crate) fn set(&self, r: std::result::Result<Duration, Arc<Error>>) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if s.is_none() {
@@ -206,6 +201,12 @@ impl Staging {
         }
         drop(s);
         self.cond.notify_all();
+    }
+
+    /// The producer's side: ends the staging with the copy's outcome, or, if dropped without
+    /// (a panic, an early return), with an error, so the writer never waits forever.
+    pub(crate) fn setter(self: &Arc<Self>) -> StagingSetter {
+        StagingSetter(Some(self.clone()))
     }
 
     /// The error, if the copy has already failed.
@@ -224,6 +225,27 @@ impl Staging {
                 return r.clone();
             }
             s = self.cond.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// Ends a [`Staging`]; see [`Staging::setter`].
+pub(crate) struct StagingSetter(Option<Arc<Staging>>);
+
+impl StagingSetter {
+    pub(crate) fn set(mut self, r: std::result::Result<Duration, Arc<Error>>) {
+        if let Some(s) = self.0.take() {
+            s.set(r);
+        }
+    }
+}
+
+impl Drop for StagingSetter {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            s.set(Err(Arc::new(Error::InvalidArgument(
+                "the snapshot's copy was abandoned (a panic while copying?)".into(),
+            ))));
         }
     }
 }
@@ -261,7 +283,7 @@ impl Slab {
     /// as a [`Region`].
     #[allow(unsafe_code, clippy::mut_from_ref)]
     unsafe fn region_mut(&self, off: usize, len: usize) -> &mut [u8] {
-        debug_assert!(off + len <= self.len);
+        assert!(off.checked_add(len).is_some_and(|end| end <= self.len));
         // SAFETY: in bounds and exclusive, per this function's contract.
         unsafe { std::slice::from_raw_parts_mut(self.base.add(off), len) }
     }
@@ -293,6 +315,8 @@ pub(crate) struct CopyPlan {
 struct CopyItem {
     live: LiveTensor,
     off: usize,
+    /// The bytes its region holds, fixed when the buffer was sized.
+    len: usize,
     filler: Mutex<Option<StorageFiller>>,
 }
 
@@ -312,11 +336,17 @@ pub(crate) fn prepare(
     if live.is_empty() {
         return Ok(Some((tree.clone(), None)));
     }
+    // Sizes are read once: a source whose shape changes later cannot grow its region.
+    let lens: Vec<usize> = live.iter().map(LiveTensor::nbytes).collect();
     let mut offsets = Vec::with_capacity(live.len());
     let mut total = 0usize;
-    for l in &live {
+    for &len in &lens {
         offsets.push(total);
-        total += l.nbytes().div_ceil(SLICE_ALIGN) * SLICE_ALIGN;
+        total = len
+            .div_ceil(SLICE_ALIGN)
+            .checked_mul(SLICE_ALIGN)
+            .and_then(|n| n.checked_add(total))
+            .ok_or_else(|| Error::InvalidArgument("snapshot size overflows".into()))?;
     }
     let buf = if block {
         pool.acquire(total)
@@ -329,12 +359,13 @@ pub(crate) fn prepare(
     let slab = Arc::new(Slab::new(buf));
     let mut views: HashMap<usize, HostTensor> = HashMap::with_capacity(live.len());
     let mut items = Vec::with_capacity(live.len());
-    for (l, &off) in live.iter().zip(&offsets) {
-        let (storage, filler) = Storage::pending(l.nbytes(), l.source().location());
+    for ((l, &off), &len) in live.iter().zip(&offsets).zip(&lens) {
+        let (storage, filler) = Storage::pending(len, l.source().location());
         views.insert(l.id(), l.host_view(storage)?);
         items.push(CopyItem {
             live: l.clone(),
             off,
+            len,
             filler: Mutex::new(Some(filler)),
         });
     }
@@ -368,18 +399,22 @@ impl CopyPlan {
             1
         };
         let next = AtomicUsize::new(0);
+        let stop = AtomicBool::new(false);
         let work = || -> Result<()> {
             loop {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(item) = self.items.get(i) else {
                     return Ok(());
                 };
                 let filler = item.filler.lock().unwrap_or_else(|e| e.into_inner()).take();
                 let Some(filler) = filler else { continue };
-                let len = item.live.nbytes();
+                let len = item.len;
                 // SAFETY: each item's region is disjoint from every other's (offsets are
-                // cumulative, rounded up), in bounds (the slab holds the total), taken by
-                // exactly one thread (the index is claimed once), and published only below.
+                // cumulative, rounded up), in bounds (the slab holds the total; checked), taken
+                // by exactly one thread (the index is claimed once), and published only below.
                 #[allow(unsafe_code)]
                 let dst = unsafe { self.slab.region_mut(item.off, len) };
                 match item.live.source().copy_to(dst) {
@@ -389,6 +424,7 @@ impl CopyPlan {
                         len,
                     })),
                     Err(e) => {
+                        stop.store(true, Ordering::Relaxed);
                         filler.fail(e.to_string());
                         return Err(e);
                     }
@@ -443,29 +479,31 @@ pub(crate) fn stage_loop<I: CheckpointIo>(
             } => {
                 let start = Instant::now();
                 // Deferred snapshots overlap the training step: one thread, so the copy leaves the
-                // compute its cores. The writer gets the job first and writes each storage as
-                // soon as it is copied.
+                // compute its cores.
                 let r = guarded(&path, || prepare(&shared.pool, &tree, true));
                 match r {
                     Ok(Some((snap, plan))) => {
                         let bytes = storage_bytes(&snap);
-                        shared
-                            .bytes_in_flight
-                            .fetch_add(bytes, std::sync::atomic::Ordering::AcqRel);
+                        shared.bytes_in_flight.fetch_add(bytes, Ordering::AcqRel);
                         let staging = Staging::new();
+                        let setter = staging.setter();
                         let job = Job::Save {
                             path: path.clone(),
                             tree: snap,
                             options,
                             done: done.clone(),
                             enqueued: Instant::now(),
-                            staging: staging.clone(),
+                            staging,
                             bytes,
                         };
-                        if let Err(e) = route(&path).send(job) {
-                            fail_job(e.0);
-                            continue;
-                        }
+                        // With room in the queue the job goes first, so the writer writes each
+                        // storage as soon as it is copied; with none, the copy goes first, so
+                        // `staged` does not wait for an earlier write.
+                        let held = match queue(&shared, route(&path), job) {
+                            Queued::Yes => None,
+                            Queued::Full(job) => Some(job),
+                            Queued::Gone => continue,
+                        };
                         let copied = match plan {
                             Some(plan) => guarded(&path, || plan.run(false)),
                             None => Ok(()),
@@ -473,14 +511,17 @@ pub(crate) fn stage_loop<I: CheckpointIo>(
                         drop(tree);
                         match copied {
                             Ok(()) => {
-                                staging.set(Ok(start.elapsed()));
+                                setter.set(Ok(start.elapsed()));
                                 done.set_staged(Ok(()));
                             }
                             Err(e) => {
                                 let e = Arc::new(e);
-                                staging.set(Err(e.clone()));
+                                setter.set(Err(e.clone()));
                                 done.set_staged(Err(e));
                             }
+                        }
+                        if let Some(job) = held {
+                            send_held(&shared, route(&path), job);
                         }
                     }
                     Ok(None) => unreachable_skip(&done),
@@ -493,7 +534,7 @@ pub(crate) fn stage_loop<I: CheckpointIo>(
             }
             StageJob::PathBarrier(path, done) => {
                 if let Err(e) = route(&path).send(Job::Barrier { done }) {
-                    fail_job(e.0);
+                    fail_job(&shared, e.0);
                 }
             }
             StageJob::Forward(job) => {
@@ -504,7 +545,7 @@ pub(crate) fn stage_loop<I: CheckpointIo>(
                 match path {
                     Some(p) => {
                         if let Err(e) = route(&p).send(job) {
-                            fail_job(e.0);
+                            fail_job(&shared, e.0);
                         }
                     }
                     None => {
@@ -537,18 +578,67 @@ fn unreachable_skip(done: &Completion) {
     }));
 }
 
+/// Whether [`queue`] queued a job.
+pub(crate) enum Queued {
+    Yes,
+    /// The queue is full: the job is handed back.
+    Full(Job),
+    /// The writer is gone: the job has been failed.
+    Gone,
+}
+
+/// Queues `job` if there is room now.
+pub(crate) fn queue<I>(shared: &Shared<I>, writer: &Sender<Job>, job: Job) -> Queued {
+    match writer.try_send(job) {
+        Ok(()) => Queued::Yes,
+        Err(TrySendError::Full(job)) => Queued::Full(job),
+        Err(TrySendError::Disconnected(job)) => {
+            fail_job(shared, job);
+            Queued::Gone
+        }
+    }
+}
+
+/// Queues a job held back while the queue was full, waiting for room.
+pub(crate) fn send_held<I>(shared: &Shared<I>, writer: &Sender<Job>, mut job: Job) {
+    if let Job::Save { enqueued, .. } = &mut job {
+        *enqueued = Instant::now();
+    }
+    if let Err(e) = writer.send(job) {
+        fail_job(shared, e.0);
+    }
+}
+
 /// A job that could not be queued because the writers are gone.
-pub(crate) fn fail_job(job: Job) {
-    let (path, done) = match job {
-        Job::Save { path, done, .. } | Job::Remove { path, done } => (path, done),
-        Job::Barrier { done } => (PathBuf::new(), done),
+pub(crate) fn fail_job<I>(shared: &Shared<I>, job: Job) {
+    let path = match &job {
+        Job::Save { path, .. } | Job::Remove { path, .. } => path.clone(),
+        Job::Barrier { .. } => PathBuf::new(),
     };
-    done.finish(Err(Arc::new(Error::io(
+    let e = Error::io(
         "queue",
         &path,
         std::io::Error::new(
             std::io::ErrorKind::BrokenPipe,
             "the checkpoint writer has stopped",
         ),
-    ))));
+    );
+    abandon(shared, job, Arc::new(e));
+}
+
+/// Finishes a job that will never reach a writer with `e`, undoing what queuing it counted.
+pub(crate) fn abandon<I>(shared: &Shared<I>, job: Job, e: Arc<Error>) {
+    let done = match job {
+        Job::Save { done, bytes, .. } => {
+            shared.bytes_in_flight.fetch_sub(bytes, Ordering::AcqRel);
+            shared.counters.failed();
+            done
+        }
+        Job::Remove { done, .. } => {
+            shared.counters.failed();
+            done
+        }
+        Job::Barrier { done } => done,
+    };
+    done.finish(Err(e));
 }

@@ -144,6 +144,15 @@ pub fn copy_into(t: &Tensor, dst: &mut [u8]) -> Result<()> {
     if plain {
         return src.f_copy_data_u8(dst, numel).map_err(torch_err);
     }
+    if (dst.as_ptr() as usize) % dtype.size() != 0 {
+        // libtorch writes whole elements, which need aligned memory: resolve the view into a
+        // temporary (which `copy_data_u8` makes host and contiguous), then copy its bytes.
+        let tmp = src
+            .f_resolve_conj()
+            .and_then(|t| t.f_resolve_neg())
+            .map_err(torch_err)?;
+        return tmp.f_copy_data_u8(dst, numel).map_err(torch_err);
+    }
     let kind = src.f_kind().map_err(torch_err)?;
     let shape = src.size();
     // SAFETY: `dst` is valid for writes of `numel * element size` bytes (checked above) and
@@ -508,6 +517,16 @@ mod tests {
         }
     }
 
+    /// The bytes of a `u64` buffer (8-byte aligned memory).
+    fn bytemuck_bytes(v: &mut [u64]) -> &mut [u8] {
+        let len = std::mem::size_of_val(v);
+        // SAFETY: any initialised u64 memory is valid as bytes; the slice borrows `v` mutably.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), len)
+        }
+    }
+
     #[test]
     fn copies_hold_the_values_of_every_kind_of_view() {
         let base = Tensor::arange(24, (Kind::Float, Device::Cpu)).reshape([2, 3, 4]);
@@ -529,11 +548,17 @@ mod tests {
         for (what, t) in views {
             let want = t.resolve_conj().resolve_neg().contiguous();
             let (dtype, numel) = check_savable(&t).unwrap();
-            let mut got = vec![0u8; numel * dtype.size()];
-            copy_into(&t, &mut got).unwrap();
-            let mut expect = vec![0u8; numel * dtype.size()];
+            let n = numel * dtype.size();
+            let mut expect = vec![0u8; n];
             want.copy_data_u8(&mut expect, numel);
-            assert_eq!(got, expect, "{what}");
+            // Into aligned memory and, for multi-byte elements, into memory that is not.
+            let mut buf = vec![0u64; n / 8 + 2];
+            let bytes: &mut [u8] = bytemuck_bytes(&mut buf);
+            for shift in [0, 1] {
+                let got = &mut bytes[shift..shift + n];
+                copy_into(&t, got).unwrap();
+                assert_eq!(got, &expect[..], "{what}, shift {shift}");
+            }
             let h = to_host(&t).unwrap();
             assert!(to_tch(&h, Device::Cpu).unwrap().equal(&want), "{what}");
         }

@@ -177,6 +177,12 @@ impl CheckpointIo for TorchCheckpointIo {
     fn remove_checkpoint(&self, path: &Path) -> Result<()> {
         remove_path(path)
     }
+
+    /// Storages are read with `Storage::try_bytes`, one at a time as they are written, and a
+    /// failed one fails the save before its rename.
+    fn accepts_pending_storages(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]
