@@ -66,7 +66,8 @@ struct Args {
     /// Where results (JSON, Markdown, PNG) go.
     #[arg(long, default_value = "results/overlap")]
     out: PathBuf,
-    /// Rounds of all modes, interleaved (figures aggregate over rounds).
+    /// Rounds of all modes, interleaved (figures aggregate over rounds); every other round runs
+    /// the modes in reverse, so an even number balances their order.
     #[arg(long, default_value_t = 2)]
     rounds: usize,
     /// Seed for model and data.

@@ -86,16 +86,17 @@ where
         ));
     }
     let tmp = temp_path(path)?;
-    // Removes the temporary file if `write` panics (an error removes it below).
-    struct RemoveOnUnwind<'a>(&'a Path);
+    // Removes the temporary file if `write` panics (an error removes it below); disarmed once
+    // the closure below has returned.
+    struct RemoveOnUnwind<'a>(&'a Path, bool);
     impl Drop for RemoveOnUnwind<'_> {
         fn drop(&mut self) {
-            if std::thread::panicking() {
+            if self.1 {
                 let _ = fs::remove_file(self.0);
             }
         }
     }
-    let _guard = RemoveOnUnwind(&tmp);
+    let mut guard = RemoveOnUnwind(&tmp, true);
     let result = (|| {
         let mut sink = FileSink::create(&tmp, durable)
             .map_err(|e| Error::io("create temporary file", &tmp, e))?;
@@ -109,6 +110,7 @@ where
         fs::rename(&tmp, path).map_err(|e| Error::io("rename into place", path, e))?;
         Ok((stats, replaced))
     })();
+    guard.1 = false;
     let (stats, replaced) = match result {
         Ok(s) => s,
         Err(e) => {

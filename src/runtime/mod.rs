@@ -150,6 +150,8 @@ pub(crate) struct Shared<I> {
     pub(crate) pool: StagingPool,
     pub(crate) counters: Counters,
     pub(crate) bytes_in_flight: AtomicU64,
+    /// The inner backend's `accepts_pending_storages`, asked once.
+    pub(crate) pending_storages_ok: bool,
     /// Every operation not yet known to be finished and reported.
     pending: Mutex<Vec<Arc<Completion>>>,
 }
@@ -219,6 +221,7 @@ impl Builder {
     pub fn build<I: CheckpointIo + 'static>(self, inner: I) -> AsyncCheckpointIo<I> {
         AsyncCheckpointIo {
             shared: Arc::new(Shared {
+                pending_storages_ok: inner.accepts_pending_storages(),
                 inner,
                 pool: StagingPool::new(self.pool_budget, self.pin),
                 counters: Counters::default(),
@@ -380,6 +383,9 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
         let handle = SaveHandle {
             completion: done.clone(),
         };
+        // Held for the whole save, copy included: per-path order rests on it, since a save
+        // held back by a full queue is sent after its copy, and no other save or `submit`
+        // may reach a writer in between.
         let guard = self.start();
         let workers = match guard.as_ref() {
             Some(w) => w,
@@ -402,6 +408,8 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                 match policy {
                     Backpressure::Block => {
                         if stager.send(job).is_err() {
+                            self.shared.counters.failed();
+                            self.shared.counters.failed();
                             done.finish(Err(Arc::new(stopped(&path))));
                         }
                     }
@@ -409,6 +417,7 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                         Ok(()) => {}
                         Err(TrySendError::Full(_)) => return self.refuse(done, handle, &path),
                         Err(TrySendError::Disconnected(_)) => {
+                            self.shared.counters.failed();
                             done.finish(Err(Arc::new(stopped(&path))))
                         }
                     },
@@ -472,8 +481,9 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                     }
                     return Err(e);
                 }
-                setter.set(Ok(stage));
+                // Staged first: the writer may finish as soon as the setter is set.
                 done.set_staged(Ok(()));
+                setter.set(Ok(stage));
                 tracing::debug!(
                     bytes,
                     stage_ms = stage.as_secs_f64() * 1e3,

@@ -96,7 +96,7 @@ pub(crate) fn writer_loop<I: CheckpointIo>(shared: Arc<Shared<I>>, rx: Receiver<
                 // A snapshot whose copy already failed is not written at all; one that fails
                 // while being written makes the backend fail on that storage (before its
                 // rename, so the previous checkpoint stays).
-                if !shared.inner.accepts_pending_storages() {
+                if !shared.pending_storages_ok {
                     // This backend reads storages as if they were all in: let the copy end.
                     let _ = staging.wait();
                 }
@@ -400,7 +400,17 @@ impl CopyPlan {
         };
         let next = AtomicUsize::new(0);
         let stop = AtomicBool::new(false);
+        /// Stops the other copy threads if this one panics.
+        struct StopOnPanic<'a>(&'a AtomicBool);
+        impl Drop for StopOnPanic<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.store(true, Ordering::Relaxed);
+                }
+            }
+        }
         let work = || -> Result<()> {
+            let _stop_on_panic = StopOnPanic(&stop);
             loop {
                 if stop.load(Ordering::Relaxed) {
                     return Ok(());
@@ -438,10 +448,11 @@ impl CopyPlan {
                 let joins: Vec<_> = (1..threads).map(|_| scope.spawn(work)).collect();
                 let mut r = work();
                 for j in joins {
-                    let jr = j.join().unwrap_or_else(|_| {
-                        Err(Error::InvalidArgument(
-                            "a snapshot copy thread panicked".into(),
-                        ))
+                    let jr = j.join().unwrap_or_else(|p| {
+                        Err(Error::InvalidArgument(format!(
+                            "a snapshot copy thread panicked: {}",
+                            panic_message(p)
+                        )))
                     });
                     if r.is_ok() {
                         r = jr;
@@ -509,19 +520,23 @@ pub(crate) fn stage_loop<I: CheckpointIo>(
                             None => Ok(()),
                         };
                         drop(tree);
+                        // Staged first: the writer may finish as soon as the setter is set.
                         match copied {
                             Ok(()) => {
-                                setter.set(Ok(start.elapsed()));
                                 done.set_staged(Ok(()));
+                                setter.set(Ok(start.elapsed()));
+                                if let Some(job) = held {
+                                    send_held(&shared, route(&path), job);
+                                }
                             }
                             Err(e) => {
                                 let e = Arc::new(e);
+                                done.set_staged(Err(e.clone()));
                                 setter.set(Err(e.clone()));
-                                done.set_staged(Err(e));
+                                if let Some(job) = held {
+                                    abandon(&shared, job, e);
+                                }
                             }
-                        }
-                        if let Some(job) = held {
-                            send_held(&shared, route(&path), job);
                         }
                     }
                     Ok(None) => unreachable_skip(&done),
