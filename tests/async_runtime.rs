@@ -555,10 +555,13 @@ impl CheckpointIo for Pipelined {
 fn the_write_starts_on_the_first_tensors_while_the_last_are_still_being_copied() {
     for mode in [SnapshotMode::Eager, SnapshotMode::Deferred] {
         let (tx, rx) = std::sync::mpsc::channel();
-        let io = Builder::default().snapshot_mode(mode).build(Pipelined {
-            go: Mutex::new(Some(tx)),
-            got: Mutex::new(Vec::new()),
-        });
+        let io = Builder::default()
+            .snapshot_mode(mode)
+            .write_while_copying(true)
+            .build(Pipelined {
+                go: Mutex::new(Some(tx)),
+                got: Mutex::new(Vec::new()),
+            });
         let mut d = Dict::new();
         let a = Gated {
             n: 3,
@@ -770,4 +773,66 @@ fn deferred_staged_with_a_full_queue() {
         h.wait().unwrap();
     }
     io.teardown().unwrap();
+}
+
+/// Records, for each save, whether every storage was already copied when the backend got it.
+#[derive(Default)]
+struct SeesReady(Mutex<Vec<bool>>);
+
+impl CheckpointIo for SeesReady {
+    fn save_checkpoint(&self, c: &Value, _p: &Path, _o: &SaveOptions) -> ckptio::Result<()> {
+        let ready = c.tensors().all(|t| t.storage().is_ready());
+        self.0.lock().unwrap().push(ready);
+        Ok(())
+    }
+    fn load_checkpoint(
+        &self,
+        _p: &Path,
+        _o: &LoadOptions,
+        _s: Option<&mut dyn Restore>,
+    ) -> ckptio::Result<Option<Value>> {
+        Ok(None)
+    }
+    fn remove_checkpoint(&self, _p: &Path) -> ckptio::Result<()> {
+        Ok(())
+    }
+    fn accepts_pending_storages(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn eager_saves_reach_the_writer_copied_unless_overlap_is_asked_for() {
+    for (overlap, want_ready) in [(None, true), (Some(false), true), (Some(true), false)] {
+        let b = Builder::default();
+        let b = match overlap {
+            Some(on) => b.write_while_copying(on),
+            None => b,
+        };
+        let io = b.build(SeesReady::default());
+        let mut d = Dict::new();
+        d.insert("w", LiveTensor::new(Param::new(8, 1.0)));
+        // The copy of "z" takes 300 ms: long enough for a writer that got the save first to see
+        // it pending.
+        let slow = Gated {
+            n: 2,
+            x: 0.0,
+            open: Mutex::new(None),
+            fail_after_ms: None,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        *slow.open.lock().unwrap() = Some(rx);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = tx.send(());
+        });
+        d.insert("z", LiveTensor::new(slow));
+        io.save(&Value::Dict(d), "p").unwrap().wait().unwrap();
+        assert_eq!(
+            *io.inner().0.lock().unwrap(),
+            vec![want_ready],
+            "{overlap:?}"
+        );
+        io.teardown().unwrap();
+    }
 }

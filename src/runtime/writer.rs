@@ -507,13 +507,17 @@ pub(crate) fn stage_loop<I: CheckpointIo>(
                             staging,
                             bytes,
                         };
-                        // With room in the queue the job goes first, so the writer writes each
-                        // storage as soon as it is copied; with none, the copy goes first, so
-                        // `staged` does not wait for an earlier write.
-                        let held = match queue(&shared, route(&path), job) {
-                            Queued::Yes => None,
-                            Queued::Full(job) => Some(job),
-                            Queued::Gone => continue,
+                        // With overlap on and room in the queue the job goes first, so the
+                        // writer writes each storage as soon as it is copied; otherwise the
+                        // copy goes first, so `staged` never waits for an earlier write.
+                        let held = if !shared.overlap || plan.is_none() {
+                            Some(job)
+                        } else {
+                            match queue(&shared, route(&path), job) {
+                                Queued::Yes => None,
+                                Queued::Full(job) => Some(job),
+                                Queued::Gone => continue,
+                            }
                         };
                         let copied = match plan {
                             Some(plan) => guarded(&path, || plan.run(false)),
