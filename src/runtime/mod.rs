@@ -427,7 +427,6 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                     Backpressure::Block => {
                         if stager.send(job).is_err() {
                             self.shared.counters.failed();
-                            self.shared.counters.failed();
                             done.finish(Err(Arc::new(stopped(&path))));
                         }
                     }
