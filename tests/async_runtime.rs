@@ -480,6 +480,37 @@ fn a_save_can_be_awaited_from_a_plain_thread_and_futures_executor() {
     assert_eq!(r.bytes, 64);
 }
 
+/// Implements `CheckpointIo` for a test backend that only saves, through its inherent
+/// `save(&self, &Value)`: loads find nothing and removes do nothing.
+macro_rules! save_only_backend {
+    ($t:ty, pending: $pending:expr) => {
+        impl CheckpointIo for $t {
+            fn save_checkpoint(
+                &self,
+                c: &Value,
+                _p: &Path,
+                _o: &SaveOptions,
+            ) -> ckptio::Result<()> {
+                self.save(c)
+            }
+            fn load_checkpoint(
+                &self,
+                _p: &Path,
+                _o: &LoadOptions,
+                _s: Option<&mut dyn Restore>,
+            ) -> ckptio::Result<Option<Value>> {
+                Ok(None)
+            }
+            fn remove_checkpoint(&self, _p: &Path) -> ckptio::Result<()> {
+                Ok(())
+            }
+            fn accepts_pending_storages(&self) -> bool {
+                $pending
+            }
+        }
+    };
+}
+
 /// A tensor whose copy waits (up to 5 s) for a signal, or fails, as the test directs.
 struct Gated {
     n: usize,
@@ -518,8 +549,8 @@ struct Pipelined {
     got: Mutex<Vec<f32>>,
 }
 
-impl CheckpointIo for Pipelined {
-    fn save_checkpoint(&self, c: &Value, _p: &Path, _o: &SaveOptions) -> ckptio::Result<()> {
+impl Pipelined {
+    fn save(&self, c: &Value) -> ckptio::Result<()> {
         let a = c.get("a").and_then(Value::as_tensor).unwrap();
         let b = c.get("b").and_then(Value::as_tensor).unwrap();
         assert!(
@@ -535,21 +566,9 @@ impl CheckpointIo for Pipelined {
         self.got.lock().unwrap().extend(b.to_vec::<f32>()?);
         Ok(())
     }
-    fn load_checkpoint(
-        &self,
-        _p: &Path,
-        _o: &LoadOptions,
-        _s: Option<&mut dyn Restore>,
-    ) -> ckptio::Result<Option<Value>> {
-        Ok(None)
-    }
-    fn remove_checkpoint(&self, _p: &Path) -> ckptio::Result<()> {
-        Ok(())
-    }
-    fn accepts_pending_storages(&self) -> bool {
-        true
-    }
 }
+
+save_only_backend!(Pipelined, pending: true);
 
 #[test]
 fn the_write_starts_on_the_first_tensors_while_the_last_are_still_being_copied() {
@@ -719,8 +738,8 @@ struct Held {
     release: Mutex<std::sync::mpsc::Receiver<()>>,
 }
 
-impl CheckpointIo for Held {
-    fn save_checkpoint(&self, _c: &Value, _p: &Path, _o: &SaveOptions) -> ckptio::Result<()> {
+impl Held {
+    fn save(&self, _c: &Value) -> ckptio::Result<()> {
         let _ = self.started.lock().unwrap().send(());
         self.release
             .lock()
@@ -728,18 +747,9 @@ impl CheckpointIo for Held {
             .recv_timeout(Duration::from_secs(20))
             .map_err(|_| Error::InvalidArgument("never released".into()))
     }
-    fn load_checkpoint(
-        &self,
-        _p: &Path,
-        _o: &LoadOptions,
-        _s: Option<&mut dyn Restore>,
-    ) -> ckptio::Result<Option<Value>> {
-        Ok(None)
-    }
-    fn remove_checkpoint(&self, _p: &Path) -> ckptio::Result<()> {
-        Ok(())
-    }
 }
+
+save_only_backend!(Held, pending: false);
 
 #[test]
 fn deferred_staged_does_not_wait_for_earlier_writes_when_the_queue_is_full() {
@@ -779,27 +789,15 @@ fn deferred_staged_with_a_full_queue() {
 #[derive(Default)]
 struct SeesReady(Mutex<Vec<bool>>);
 
-impl CheckpointIo for SeesReady {
-    fn save_checkpoint(&self, c: &Value, _p: &Path, _o: &SaveOptions) -> ckptio::Result<()> {
+impl SeesReady {
+    fn save(&self, c: &Value) -> ckptio::Result<()> {
         let ready = c.tensors().all(|t| t.storage().is_ready());
         self.0.lock().unwrap().push(ready);
         Ok(())
     }
-    fn load_checkpoint(
-        &self,
-        _p: &Path,
-        _o: &LoadOptions,
-        _s: Option<&mut dyn Restore>,
-    ) -> ckptio::Result<Option<Value>> {
-        Ok(None)
-    }
-    fn remove_checkpoint(&self, _p: &Path) -> ckptio::Result<()> {
-        Ok(())
-    }
-    fn accepts_pending_storages(&self) -> bool {
-        true
-    }
 }
+
+save_only_backend!(SeesReady, pending: true);
 
 #[test]
 fn eager_saves_reach_the_writer_copied_unless_overlap_is_asked_for() {
