@@ -6,7 +6,12 @@
 //!   `O_DIRECT`, measured before and after the saves; the faster way is the machine's limit;
 //! - S0: synchronous `TorchCheckpointIo` save of the live state (written in place + fsync);
 //! - Eager / Deferred: the stall of `AsyncCheckpointIo::save` on the training thread, the
-//!   background write time, the time to durable, and the peak extra RSS.
+//!   background write time, the time to durable, and the peak extra RSS. Eager runs twice:
+//!   with write protection (the default where the kernel allows it) and copying on the
+//!   training thread;
+//! - W0: one in-place pass over the state (`mul_(1)`, as an optimizer step writes it), alone and
+//!   started right after a write-protected Eager save returns: the difference is what the
+//!   protection moves from the save to the loop's first writes.
 //!
 //! Saves replace the previous file at the same path. Between two saves the bench idles for one
 //! buffered D0, as a training loop computes between checkpoints.
@@ -130,6 +135,28 @@ struct Row {
     eager_durable: f64,
     deferred_durable: f64,
     peak_extra_rss: f64,
+    /// Eager with write protection off: the copy on the training thread.
+    copy_stall: f64,
+    copy_durable: f64,
+    /// W0: one in-place pass over the state (`mul_(1)`), with no save in flight.
+    w0: f64,
+    /// The same pass started right after an Eager save returned (write protection on), and
+    /// the writes that had to wait for a copy.
+    pass_after_save: f64,
+    /// The same pass right after an Eager save that copied (the write in the background only).
+    pass_after_copy: f64,
+    waits: u64,
+    write_protected: bool,
+}
+
+/// One in-place pass over every tensor: what an optimizer step does to the parameters.
+fn pass(state: &[(String, Tensor)]) -> f64 {
+    let t = Instant::now();
+    for (_, x) in state {
+        let mut x = x.shallow_clone();
+        let _ = x.g_mul_scalar_(1.0);
+    }
+    t.elapsed().as_secs_f64()
 }
 
 fn run(args: &Args, dir: &Path, mib: usize) -> Row {
@@ -162,9 +189,15 @@ fn run(args: &Args, dir: &Path, mib: usize) -> Row {
         s0,
         ..Row::default()
     };
-    for mode in [SnapshotMode::Eager, SnapshotMode::Deferred] {
+    res.w0 = median((0..reps).map(|_| pass(&state)).collect());
+    for (mode, protect) in [
+        (SnapshotMode::Eager, true),
+        (SnapshotMode::Eager, false),
+        (SnapshotMode::Deferred, false),
+    ] {
         let aio = Builder::default()
             .snapshot_mode(mode)
+            .write_protect(protect)
             .build(TorchCheckpointIo::new());
         // Peak RSS is measured from before the pool's first allocation.
         let peak = RssPeak::start(Duration::from_millis(1));
@@ -189,8 +222,32 @@ fn run(args: &Args, dir: &Path, mib: usize) -> Row {
             std::thread::sleep(gap);
         }
         let extra = peak.extra_bytes() as f64;
+        if mode == SnapshotMode::Eager {
+            // The loop writing every tensor at once after `save` returns: with protection, the
+            // writes that reach a part not yet copied wait for it; both ways, the background
+            // work competes for the cores.
+            let waits0 = aio.status().write_protect_waits;
+            let mut passes = Vec::new();
+            for i in 0..reps {
+                let h = aio.save(&live_tree(&state, i as i64), &path).expect("save");
+                passes.push(pass(&state));
+                h.wait().expect("write");
+                std::thread::sleep(gap);
+            }
+            if protect {
+                res.pass_after_save = median(passes);
+                res.waits = (aio.status().write_protect_waits - waits0) / reps as u64;
+                res.write_protected = aio.status().write_protected > 0;
+            } else {
+                res.pass_after_copy = median(passes);
+            }
+        }
         aio.teardown().expect("teardown");
         match mode {
+            SnapshotMode::Eager if !protect => {
+                res.copy_stall = median(stalls);
+                res.copy_durable = median(durable);
+            }
             SnapshotMode::Eager => {
                 res.eager_stall = median(stalls);
                 res.eager_write = median(writes);
@@ -227,6 +284,9 @@ fn main() {
     let mut md = String::from(
         "| state | M0 memcpy | D0 write+fsync (buffered / direct) | S0 sync save | Eager stall (/M0) | Deferred stall | S0/Eager stall | write GB/s (/D0) | durable Eager (/S0) | durable Deferred (/S0) | peak extra RSS / size |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
+    let mut wp = String::from(
+        "| state | M0 memcpy | Eager stall, write-protected (/M0) | Eager stall, copying (/M0) | S0 / stall, protected / copying | durable, copying (/S0) | W0 in-place pass | same pass right after save: protected (waits) / copying | stall + pass − W0, protected / copying (/M0) |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
     let mut json = Vec::new();
     for &mib in &args.sizes_mib {
         eprintln!("measuring {mib} MiB ...");
@@ -247,12 +307,31 @@ fn main() {
             ms(r.deferred_durable), r.deferred_durable / r.s0,
             r.peak_extra_rss,
         ));
+        wp.push_str(&format!(
+            "| {} MiB | {} | {} ({:.2}){} | {} ({:.2}) | {:.1} / {:.1} | {} ({:.2}) | {} | {} ({}) / {} | {} / {} ({:.2} / {:.2}) |\n",
+            mib,
+            ms(r.m0),
+            ms(r.eager_stall), r.eager_stall / r.m0,
+            if r.write_protected { "" } else { " not protected here" },
+            ms(r.copy_stall), r.copy_stall / r.m0,
+            r.s0 / r.eager_stall, r.s0 / r.copy_stall,
+            ms(r.copy_durable), r.copy_durable / r.s0,
+            ms(r.w0),
+            ms(r.pass_after_save), r.waits, ms(r.pass_after_copy),
+            ms(r.eager_stall + r.pass_after_save - r.w0),
+            ms(r.copy_stall + r.pass_after_copy - r.w0),
+            (r.eager_stall + r.pass_after_save - r.w0) / r.m0,
+            (r.copy_stall + r.pass_after_copy - r.w0) / r.m0,
+        ));
         json.push(serde_json::json!({
             "size_mib": mib, "m0_s": r.m0, "d0_s": r.d0, "d0_buffered_s": r.d0_buffered,
             "d0_direct_s": r.d0_direct, "s0_s": r.s0,
             "eager_stall_s": r.eager_stall, "deferred_stall_s": r.deferred_stall,
             "eager_write_s": r.eager_write, "eager_durable_s": r.eager_durable,
             "deferred_durable_s": r.deferred_durable, "peak_extra_rss_per_size": r.peak_extra_rss,
+            "write_protected": r.write_protected, "eager_copy_stall_s": r.copy_stall,
+            "eager_copy_durable_s": r.copy_durable, "w0_s": r.w0,
+            "pass_after_save_s": r.pass_after_save, "pass_after_copy_s": r.pass_after_copy, "waits_per_save": r.waits,
             "ratios": {
                 "eager_stall_over_m0": r.eager_stall / r.m0,
                 "s0_over_eager_stall": r.s0 / r.eager_stall,
@@ -261,6 +340,8 @@ fn main() {
             }
         }));
     }
+    md.push_str("\nEager snapshots with and without write protection:\n\n");
+    md.push_str(&wp);
     println!("{md}");
     std::fs::write(args.out.join("results.md"), &md).expect("write results.md");
     std::fs::write(

@@ -150,3 +150,39 @@ fn a_synchronous_save_writes_live_tensors_exactly_in_place_or_copied() {
         assert_eq!(got.shape(), want.shape(), "{k}");
     }
 }
+
+#[test]
+fn large_tensors_written_by_kernels_or_repointed_right_after_an_eager_save_are_saved_as_they_were()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let io = Builder::default().build(TorchCheckpointIo::new());
+    // Large enough to be write-protected instead of copied, where the kernel allows it.
+    let mut w = Tensor::randn([4096, 1024], (Kind::Float, Device::Cpu));
+    let mut m = Tensor::randn([2048, 1024], (Kind::Float, Device::Cpu));
+    let before_w = ckptio::tch::to_host(&w).unwrap();
+    let before_m = ckptio::tch::to_host(&m).unwrap();
+    let mut d = Dict::ordered();
+    d.insert("w", ckptio::tch::live(&w).unwrap());
+    d.insert("m", ckptio::tch::live(&m).unwrap());
+    let path = dir.path().join("big.pt");
+    let h = io.save(&Value::Dict(d), &path).unwrap();
+    // At once: `w` pointed at new memory (its old memory, first in line, is still being
+    // snapshotted and must stay alive), then an in-place libtorch kernel over all of `m` (its
+    // own threads write it).
+    let _ = w.set_source_tensor_(&Tensor::zeros([4096, 1024], (Kind::Float, Device::Cpu)));
+    let _ = w.fill_(1.0);
+    let _ = m.g_mul_scalar_(3.0);
+    h.wait().unwrap();
+    let back = ckptio::torch::load(&path, &LoadOptions::default()).unwrap();
+    let got = |k: &str| back.get(k).unwrap().as_tensor().unwrap().clone();
+    assert!(got("w").data_eq(&before_w));
+    assert!(got("m").data_eq(&before_m));
+    if ckptio::runtime::write_protect_available().is_ok() {
+        assert!(
+            io.status().write_protected > (20 << 20),
+            "{:?}",
+            io.status()
+        );
+    }
+    io.teardown().unwrap();
+}

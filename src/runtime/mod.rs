@@ -22,6 +22,17 @@
 //! called once the copy has ended. A copy that fails fails the save; the file at its path is
 //! left as it was.
 //!
+//! # Write-protected snapshots
+//! On Linux, where the process may use `userfaultfd`, an Eager save does not copy large CPU
+//! tensors (1 MiB and more, in contiguous memory) on the calling thread: it write-protects
+//! their pages, which costs a fraction of a copy, and returns. A background copier thread copies
+//! them into the staging buffer and lifts the protection chunk by chunk; a thread that writes a
+//! page before its chunk is copied waits (in the kernel) for that chunk's copy, at most 2 MiB.
+//! What is saved is still the state at the moment `save` returned. Memory the kernel will not
+//! protect (not anonymous memory, CUDA tensors, small tensors) is copied as before.
+//! [`Status::write_protected`] counts the bytes snapshotted this way;
+//! [`Builder::write_protect`]`(false)` turns it off.
+//!
 //! # Ordering
 //! Each path is served by one writer thread, in submission order: `remove_checkpoint(path)`
 //! runs after every save of that path submitted before it, and `load_checkpoint(path)` first
@@ -62,6 +73,7 @@
 //! ```
 
 mod handle;
+mod protect;
 mod staging;
 mod writer;
 
@@ -77,6 +89,8 @@ use crossbeam_channel::{bounded, Sender, TrySendError};
 
 use self::handle::Completion;
 pub use self::handle::{SaveHandle, SaveReport, Staged};
+pub use self::protect::write_protect_available;
+use self::protect::Protector;
 pub use self::staging::{cuda_available, PoolStats, StagingBuf, StagingPool};
 use self::writer::{
     abandon, fail_job, guarded, prepare, queue, send_held, stage_loop, storage_bytes, writer_loop,
@@ -126,6 +140,12 @@ pub struct Status {
     pub errors: u64,
     /// The staging pool.
     pub pool: PoolStats,
+    /// Bytes of Eager snapshots taken by write-protecting the tensors instead of copying them
+    /// on the calling thread ([`Builder::write_protect`]).
+    pub write_protected: u64,
+    /// Writes to write-protected tensors that had to wait for their chunk's copy (each waited
+    /// for at most 2 MiB to be copied).
+    pub write_protect_waits: u64,
 }
 
 #[derive(Default)]
@@ -134,6 +154,9 @@ pub(crate) struct Counters {
     bytes: AtomicU64,
     skips: AtomicU64,
     errors: AtomicU64,
+    protected: AtomicU64,
+    /// Shared with the copier of write-protected snapshots.
+    protect_waits: Arc<AtomicU64>,
 }
 
 impl Counters {
@@ -164,6 +187,8 @@ struct Workers {
     writers: Vec<Sender<Job>>,
     stager: Option<Sender<StageJob>>,
     threads: Vec<JoinHandle<()>>,
+    /// The copier of write-protected Eager snapshots, where available.
+    protector: Option<Protector>,
 }
 
 /// Configures an [`AsyncCheckpointIo`].
@@ -176,6 +201,7 @@ pub struct Builder {
     backpressure: Backpressure,
     pin: bool,
     overlap: Option<bool>,
+    protect: bool,
 }
 
 impl Default for Builder {
@@ -188,6 +214,7 @@ impl Default for Builder {
             backpressure: Backpressure::Block,
             pin: true,
             overlap: None,
+            protect: true,
         }
     }
 }
@@ -232,6 +259,15 @@ impl Builder {
     /// about a third longer with it on).
     pub fn write_while_copying(mut self, on: bool) -> Self {
         self.overlap = Some(on);
+        self
+    }
+    /// Whether an Eager save may write-protect large CPU tensors instead of copying them on the
+    /// calling thread (default true; Linux with `userfaultfd` only, see the
+    /// [module docs](self#write-protected-snapshots)). The copy then runs on a background
+    /// thread, and a write to a tensor not copied yet waits for that part's copy. Where the
+    /// kernel refuses, saves copy as they would with this off.
+    pub fn write_protect(mut self, on: bool) -> Self {
+        self.protect = on;
         self
     }
     /// Builds the wrapper around `inner`.
@@ -306,6 +342,8 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
             skips: c.skips.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
             pool: self.shared.pool.stats(),
+            write_protected: c.protected.load(Ordering::Relaxed),
+            write_protect_waits: c.protect_waits.load(Ordering::Relaxed),
         }
     }
 
@@ -341,10 +379,22 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
             } else {
                 None
             };
+            let protector = if self.config.mode == SnapshotMode::Eager && self.config.protect {
+                match Protector::start(self.shared.counters.protect_waits.clone()) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "write protection not available: Eager saves copy");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
             *w = Some(Workers {
                 writers,
                 stager,
                 threads,
+                protector,
             });
         }
         w
@@ -479,24 +529,41 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                         Queued::Full(job) => return self.refuse_job(job, done, handle, &path),
                     }
                 };
-                let copied = match plan {
-                    Some(plan) => guarded(&path, || plan.run(true)),
-                    None => Ok(()),
+                let mut setter = Some(setter);
+                let copied = match (plan, &workers.protector) {
+                    (Some(plan), Some(p)) => {
+                        guarded(&path, || plan.run_protected(p, start, &mut setter, &done))
+                    }
+                    (Some(plan), None) => guarded(&path, || plan.run(true).map(|()| 0)),
+                    (None, _) => Ok(0),
                 };
                 let stage = start.elapsed();
-                if let Err(e) = copied {
-                    // The caller hears of it now, and the handle it never gets says the same.
-                    done.mark_reported();
-                    let why = Arc::new(Error::InvalidArgument(format!("snapshot failed: {e}")));
-                    setter.set(Err(why.clone()));
-                    if let Some(job) = held {
-                        abandon(&self.shared, job, why);
+                match copied {
+                    Ok(protected) => {
+                        self.shared
+                            .counters
+                            .protected
+                            .fetch_add(protected, Ordering::Relaxed);
                     }
-                    return Err(e);
+                    Err(e) => {
+                        // The caller hears of it now, and the handle it never gets says the same.
+                        done.mark_reported();
+                        let why = Arc::new(Error::InvalidArgument(format!("snapshot failed: {e}")));
+                        if let Some(s) = setter.take() {
+                            s.set(Err(why.clone()));
+                        }
+                        if let Some(job) = held {
+                            abandon(&self.shared, job, why);
+                        }
+                        return Err(e);
+                    }
                 }
-                // Staged first: the writer may finish as soon as the setter is set.
+                // Staged first: the writer may finish as soon as the setter is set. (With write
+                // protection the copier sets both when its copy is done; `save` returns now.)
                 done.set_staged(Ok(()));
-                setter.set(Ok(stage));
+                if let Some(s) = setter.take() {
+                    s.set(Ok(stage));
+                }
                 tracing::debug!(
                     bytes,
                     stage_ms = stage.as_secs_f64() * 1e3,
@@ -705,6 +772,8 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                     });
                 }
             }
+            // Every write has ended, so every protected copy too: stop the copier.
+            drop(w.protector);
         }
         errors.extend(self.take_errors());
         if let Err(e) = self.shared.inner.teardown() {

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use super::handle::{Completion, SaveReport};
+use super::protect::{Protector, PROTECT_MIN};
 use super::staging::{StagingBuf, StagingPool};
 use super::Shared;
 use crate::error::{Error, Result};
@@ -471,6 +472,97 @@ impl CopyPlan {
             }
         }
         result
+    }
+}
+
+impl CopyPlan {
+    /// [`CopyPlan::run`] for an Eager save, with write protection: each large CPU tensor is
+    /// write-protected instead of copied (see [`protect`](super::protect)), and the copier
+    /// thread copies it in the background; the rest is copied here. Returns the bytes
+    /// protected. The staging (`setter`, and `done`'s staged state) is then ended by the copier
+    /// once its copy is done; when nothing was protected, `setter` is left for the caller.
+    ///
+    /// On failure nothing stays protected and every storage not filled fails.
+    #[allow(unsafe_code)]
+    pub(crate) fn run_protected(
+        self,
+        protector: &Protector,
+        started: Instant,
+        setter: &mut Option<StagingSetter>,
+        done: &Arc<Completion>,
+    ) -> Result<u64> {
+        let Some(mut arming) = protector.arm() else {
+            return self.run(true).map(|()| 0);
+        };
+        let mut rest = Vec::with_capacity(self.items.len());
+        let mut protected = 0u64;
+        for item in self.items {
+            if item.len < PROTECT_MIN {
+                rest.push(item);
+                continue;
+            }
+            // SAFETY: the bytes are read only while write-protected (the ends: below, on this
+            // thread, before `save` returns), so never while the tensor is being written.
+            let Some(live_bytes) = (unsafe { item.live.source().borrow_bytes() }) else {
+                rest.push(item);
+                continue;
+            };
+            let filler = item.filler.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let Some(filler) = filler else { continue };
+            let addr = live_bytes.as_ptr() as usize;
+            let range = match live_bytes.len() == item.len {
+                true => arming.protect(addr, item.len),
+                false => None,
+            };
+            let Some(range) = range else {
+                *item.filler.lock().unwrap_or_else(|e| e.into_inner()) = Some(filler);
+                rest.push(item);
+                continue;
+            };
+            let (head, tail) = (range.start - addr, range.end - addr);
+            // SAFETY: this item's region, disjoint from every other's and in bounds (see
+            // `run`); this thread writes its two ends now, the copier the middle (`push`'s
+            // contract), and it is published only once both are done.
+            let dst = unsafe { self.slab.region_mut(item.off, item.len) };
+            dst[..head].copy_from_slice(&live_bytes[..head]);
+            dst[tail..].copy_from_slice(&live_bytes[tail..]);
+            let middle = dst[head..tail].as_mut_ptr();
+            let region = Bytes::from_owner(Region {
+                slab: self.slab.clone(),
+                off: item.off,
+                len: item.len,
+            });
+            protected += (range.end - range.start) as u64;
+            // SAFETY: `middle` is the range's length inside this item's region, which nothing
+            // else touches until the region is published by `on_copied`, and which `region`
+            // (owned by `on_copied`) keeps alive.
+            unsafe {
+                arming.push(
+                    range,
+                    middle,
+                    Box::new((live_bytes, item.live.clone())),
+                    Box::new(move || filler.fill(region)),
+                );
+            }
+        }
+        CopyPlan {
+            slab: self.slab.clone(),
+            items: rest,
+        }
+        .run(true)?;
+        if protected > 0 {
+            let stage = started.elapsed();
+            let setter = setter.take();
+            let done = done.clone();
+            arming.submit(Box::new(move || {
+                // Staged first: the writer may finish as soon as the setter is set.
+                done.set_staged(Ok(()));
+                if let Some(s) = setter {
+                    s.set(Ok(stage));
+                }
+            }));
+        }
+        Ok(protected)
     }
 }
 

@@ -250,8 +250,11 @@ impl TensorSource for TchSource {
         if !plain || len == 0 || ptr.is_null() {
             return None;
         }
+        // A detached alias holds the storage itself, which stays alive even if the tensor is
+        // later pointed at another storage (`set_`).
+        let alias = t.f_detach().unwrap_or_else(|_| t.shallow_clone());
         Some(bytes::Bytes::from_owner(Borrowed {
-            _tensor: t.shallow_clone(),
+            _tensor: alias,
             ptr,
             len,
         }))

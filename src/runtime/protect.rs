@@ -1,0 +1,744 @@
+//! Write-protected Eager snapshots: an Eager save without the copy on the training thread.
+//!
+//! # How
+//! An Eager save must capture the tensors as they are when `save` returns, because the caller
+//! may write them at once. Copying them costs the training thread one memcpy of the whole
+//! checkpoint. Instead, on Linux, the save asks the kernel (through `userfaultfd`) to
+//! write-protect the pages of each large CPU tensor, which takes a small fraction of a copy
+//! (page-table updates only), and returns. A background thread, the *copier*, then copies the
+//! protected pages into the staging buffer chunk by chunk, in write order, and lifts the
+//! protection of each chunk once it is copied. A thread (training code, another library, or the
+//! kernel on behalf of a system call) that writes a page still protected is held by the kernel
+//! until the copier has copied that page's chunk first; then its write goes ahead. Either way
+//! the staging buffer holds the tensors exactly as they were when `save` returned.
+//!
+//! # When it applies
+//! Only to tensors of at least [`PROTECT_MIN`] bytes in contiguous host memory
+//! ([`TensorSource::borrow_bytes`](crate::TensorSource::borrow_bytes)) whose pages the kernel
+//! agrees to protect (ordinary anonymous memory: the heap and `malloc`'s mappings). Everything
+//! else, and the partial pages at both ends of a protected tensor, is copied on the calling
+//! thread as before. Nothing changes where `userfaultfd` is not available (another OS, an old
+//! kernel, or a process that may not use it: it needs `CAP_SYS_PTRACE`,
+//! `vm.unprivileged_userfaultfd = 1`, or access to `/dev/userfaultfd`). A protection that only
+//! covers faults from user space is never used, since a system call writing the pages would
+//! then fail.
+//!
+//! # Costs
+//! A write to a page not yet copied waits for one chunk's copy (2 MiB) and two
+//! context switches. Only one protected snapshot is in flight at a time: a save that comes
+//! while the previous one is still being copied waits for that copy first. The copier keeps the
+//! tensors' memory alive until it has copied them.
+
+#![allow(unsafe_code)]
+
+/// Tensors smaller than this are copied on the calling thread: protecting them would not save
+/// time.
+pub(crate) const PROTECT_MIN: usize = 1 << 20;
+
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+mod imp {
+    use std::collections::VecDeque;
+    use std::fs::OpenOptions;
+    use std::io;
+    use std::ops::Range;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+    use std::thread::JoinHandle;
+
+    use super::PROTECT_MIN;
+
+    /// The unit the copier copies and unprotects: a write waits for at most one chunk's copy.
+    pub(crate) const CHUNK: usize = 2 << 20;
+
+    /// A destination pointer the copier writes through.
+    pub(crate) struct Dst(pub(crate) *mut u8);
+
+    // SAFETY: the pointer designates a region of a staging buffer that only the copier writes
+    // (see `Arming::push`), and the buffer is kept alive by the item's `on_copied` closure.
+    unsafe impl Send for Dst {}
+
+    /// One protected range and where its bytes go.
+    pub(crate) struct Item {
+        range: Range<usize>,
+        dst: Dst,
+        copied: Vec<bool>,
+        left: usize,
+        on_copied: Option<Box<dyn FnOnce() + Send>>,
+        /// Keeps the protected memory mapped until the copy is done.
+        _keep: Box<dyn Send>,
+    }
+
+    impl Item {
+        fn chunk(&self, c: usize) -> Range<usize> {
+            let start = self.range.start + c * CHUNK;
+            start..(start + CHUNK).min(self.range.end)
+        }
+    }
+
+    // From <linux/userfaultfd.h>; the ioctl numbers are the same on x86_64 and aarch64.
+    const UFFD_API: u64 = 0xaa;
+    const UFFDIO_API: u64 = 0xc018_aa3f;
+    const UFFDIO_REGISTER: u64 = 0xc020_aa00;
+    const UFFDIO_UNREGISTER: u64 = 0x8010_aa01;
+    const UFFDIO_WAKE: u64 = 0x8010_aa02;
+    const UFFDIO_WRITEPROTECT: u64 = 0xc018_aa06;
+    const USERFAULTFD_IOC_NEW: u64 = 0xaa00;
+    const FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
+    /// Protects pages never touched too (Linux 6.4): without it a first write to such a page
+    /// would not be seen.
+    const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+    const REGISTER_MODE_WP: u64 = 1 << 1;
+    const WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+    /// Bit of `UFFDIO_WRITEPROTECT` in a register answer's `ioctls`.
+    const IOCTL_WRITEPROTECT: u64 = 1 << 6;
+    const EVENT_PAGEFAULT: u8 = 0x12;
+
+    #[repr(C)]
+    struct UffdioApi {
+        api: u64,
+        features: u64,
+        ioctls: u64,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct UffdioRange {
+        start: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    struct UffdioRegister {
+        range: UffdioRange,
+        mode: u64,
+        ioctls: u64,
+    }
+    #[repr(C)]
+    struct UffdioWriteprotect {
+        range: UffdioRange,
+        mode: u64,
+    }
+    /// `struct uffd_msg` (32 bytes) as a page fault fills it.
+    #[repr(C)]
+    #[derive(Default)]
+    struct UffdMsg {
+        event: u8,
+        _reserved: [u8; 7],
+        _flags: u64,
+        address: u64,
+        _ptid: u64,
+    }
+
+    fn page_size() -> usize {
+        // SAFETY: sysconf has no preconditions.
+        let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
+    }
+
+    fn ioctl<T>(fd: &OwnedFd, request: u64, arg: &mut T) -> io::Result<()> {
+        // SAFETY: `arg` is the `repr(C)` struct that `request` reads and writes, valid for the
+        // whole call.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), request as _, arg as *mut T) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn range(r: &Range<usize>) -> UffdioRange {
+        UffdioRange {
+            start: r.start as u64,
+            len: (r.end - r.start) as u64,
+        }
+    }
+
+    /// A userfaultfd that serves write-protect faults from user space and from the kernel.
+    fn open_uffd() -> io::Result<OwnedFd> {
+        let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+        // SAFETY: the userfaultfd syscall takes one int of flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+        let fd = if fd >= 0 {
+            fd as i32
+        } else {
+            let err = io::Error::last_os_error();
+            // Whoever may open /dev/userfaultfd gets the same without privileges.
+            let dev = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open("/dev/userfaultfd")
+                .map_err(|_| err)?;
+            // SAFETY: USERFAULTFD_IOC_NEW takes the flags by value and returns a new fd or -1.
+            let fd = unsafe {
+                libc::ioctl(
+                    dev.as_raw_fd(),
+                    USERFAULTFD_IOC_NEW as _,
+                    flags as libc::c_int,
+                )
+            };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            fd
+        };
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: FEATURE_PAGEFAULT_FLAG_WP | FEATURE_WP_UNPOPULATED,
+            ioctls: 0,
+        };
+        ioctl(&fd, UFFDIO_API, &mut api)?;
+        Ok(fd)
+    }
+
+    struct State {
+        /// A job handed over and not yet taken by the copier.
+        job: Option<Job>,
+        /// The copier holds a job.
+        busy: bool,
+        /// A save is protecting ranges and has not handed them over yet.
+        arming: bool,
+        stop: bool,
+        /// The copier is gone: nothing is protected any more.
+        dead: bool,
+    }
+
+    struct Inner {
+        uffd: OwnedFd,
+        /// An eventfd that wakes the copier for a new job or to stop.
+        event: OwnedFd,
+        page: usize,
+        /// Faults that waited for a copy.
+        waits: Arc<AtomicU64>,
+        state: Mutex<State>,
+        idle: Condvar,
+    }
+
+    fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    impl Inner {
+        fn register_protect(&self, r: &Range<usize>) -> io::Result<()> {
+            let mut reg = UffdioRegister {
+                range: range(r),
+                mode: REGISTER_MODE_WP,
+                ioctls: 0,
+            };
+            ioctl(&self.uffd, UFFDIO_REGISTER, &mut reg)?;
+            if reg.ioctls & IOCTL_WRITEPROTECT == 0 {
+                self.unregister(r);
+                return Err(io::Error::from(io::ErrorKind::Unsupported));
+            }
+            let mut wp = UffdioWriteprotect {
+                range: range(r),
+                mode: WRITEPROTECT_MODE_WP,
+            };
+            if let Err(e) = ioctl(&self.uffd, UFFDIO_WRITEPROTECT, &mut wp) {
+                self.unregister(r);
+                return Err(e);
+            }
+            Ok(())
+        }
+
+        /// Lifts the protection of `r` and wakes the threads waiting on it.
+        fn unprotect(&self, r: &Range<usize>) -> io::Result<()> {
+            let mut wp = UffdioWriteprotect {
+                range: range(r),
+                mode: 0,
+            };
+            ioctl(&self.uffd, UFFDIO_WRITEPROTECT, &mut wp)
+        }
+
+        /// Forgets `r`: lifts what protection is left, then wakes the threads waiting on it
+        /// (unregistering a write-protect range wakes nobody by itself).
+        fn unregister(&self, r: &Range<usize>) {
+            let mut rg = range(r);
+            if let Err(e) = ioctl(&self.uffd, UFFDIO_UNREGISTER, &mut rg) {
+                tracing::error!(error = %e, start = r.start, len = r.end - r.start,
+                    "ckptio: cannot lift a write protection");
+            }
+            let mut rg = range(r);
+            let _ = ioctl(&self.uffd, UFFDIO_WAKE, &mut rg);
+        }
+
+        fn wake(&self, addr: usize) {
+            let start = addr & !(self.page - 1);
+            let mut rg = range(&(start..start + self.page));
+            let _ = ioctl(&self.uffd, UFFDIO_WAKE, &mut rg);
+        }
+
+        /// The address of the next page fault, if one is waiting.
+        fn next_fault(&self) -> Option<usize> {
+            loop {
+                let mut msg = UffdMsg::default();
+                let n = std::mem::size_of::<UffdMsg>();
+                // SAFETY: `msg` is a plain struct of `n` bytes, valid for the write.
+                let r = unsafe {
+                    libc::read(
+                        self.uffd.as_raw_fd(),
+                        (&mut msg as *mut UffdMsg).cast::<libc::c_void>(),
+                        n,
+                    )
+                };
+                if r != n as isize {
+                    return None;
+                }
+                if msg.event == EVENT_PAGEFAULT {
+                    return Some(msg.address as usize);
+                }
+            }
+        }
+
+        fn notify(&self) {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a valid u64 to the eventfd.
+            let _ = unsafe {
+                libc::write(
+                    self.event.as_raw_fd(),
+                    (&one as *const u64).cast::<libc::c_void>(),
+                    8,
+                )
+            };
+        }
+
+        /// Sleeps until a page fault or a notification.
+        fn sleep(&self) {
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.uffd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.event.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `fds` is a valid array of two pollfd for the call.
+            unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            let mut v: u64 = 0;
+            // SAFETY: reads at most 8 bytes into a valid u64 (non-blocking eventfd).
+            let _ = unsafe {
+                libc::read(
+                    self.event.as_raw_fd(),
+                    (&mut v as *mut u64).cast::<libc::c_void>(),
+                    8,
+                )
+            };
+        }
+    }
+
+    /// The copies of one save's protected ranges.
+    pub(crate) struct Job {
+        inner: Arc<Inner>,
+        items: Vec<Item>,
+        /// Item indices by address, for faults.
+        by_addr: Vec<usize>,
+        /// Next chunk to copy in order: (item, chunk).
+        cursor: (usize, usize),
+        on_done: Option<Box<dyn FnOnce() + Send>>,
+    }
+
+    impl Job {
+        /// Copies chunk `c` of item `i` unless done, then lifts its protection.
+        fn copy(&mut self, i: usize, c: usize) {
+            let item = &mut self.items[i];
+            if item.copied[c] {
+                return;
+            }
+            let r = item.chunk(c);
+            // SAFETY: `r` lies inside the item's range, which is mapped (kept alive by the
+            // item) and write-protected, so nobody changes it while it is read; the
+            // destination is the item's own region of the staging buffer (as long as the
+            // range), written by this thread alone.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    r.start as *const u8,
+                    item.dst.0.add(r.start - item.range.start),
+                    r.end - r.start,
+                );
+            }
+            item.copied[c] = true;
+            item.left -= 1;
+            if item.left == 0 {
+                self.inner.unregister(&item.range);
+                if let Some(f) = item.on_copied.take() {
+                    f();
+                }
+            } else if let Err(e) = self.inner.unprotect(&r) {
+                tracing::error!(error = %e, "ckptio: cannot unprotect a copied chunk");
+                // Lifting the whole range wakes whoever waits; the rest is still copied.
+                self.inner.unregister(&item.range);
+            }
+        }
+
+        /// Serves a fault at `addr`: false when it is not in this job.
+        fn fault(&mut self, addr: usize) -> bool {
+            let k = self
+                .by_addr
+                .partition_point(|&i| self.items[i].range.start <= addr);
+            let Some(&i) = k.checked_sub(1).and_then(|k| self.by_addr.get(k)) else {
+                return false;
+            };
+            let item = &self.items[i];
+            if addr >= item.range.end {
+                return false;
+            }
+            let c = (addr - item.range.start) / CHUNK;
+            if item.copied[c] {
+                // A fault reported after its chunk was released.
+                self.inner.wake(addr);
+            } else {
+                self.inner.waits.fetch_add(1, Ordering::Relaxed);
+                self.copy(i, c);
+            }
+            true
+        }
+
+        /// Copies the next chunk in order; false when everything is copied.
+        fn step(&mut self) -> bool {
+            while let Some(item) = self.items.get(self.cursor.0) {
+                if self.cursor.1 < item.copied.len() {
+                    let (i, c) = self.cursor;
+                    self.cursor.1 += 1;
+                    if !self.items[i].copied[c] {
+                        self.copy(i, c);
+                        return true;
+                    }
+                } else {
+                    self.cursor = (self.cursor.0 + 1, 0);
+                }
+            }
+            false
+        }
+    }
+
+    impl Drop for Job {
+        fn drop(&mut self) {
+            // Whatever happens (a panic, an abandoned job), no range stays protected.
+            for item in &self.items {
+                if item.left > 0 {
+                    self.inner.unregister(&item.range);
+                }
+            }
+        }
+    }
+
+    /// The copier of one [`AsyncCheckpointIo`](crate::AsyncCheckpointIo).
+    pub(crate) struct Protector {
+        inner: Arc<Inner>,
+        thread: Option<JoinHandle<()>>,
+    }
+
+    impl Protector {
+        /// Starts the copier, or says why write protection is not available here.
+        pub(crate) fn start(waits: Arc<AtomicU64>) -> io::Result<Protector> {
+            let uffd = open_uffd()?;
+            // SAFETY: eventfd takes an initial value and flags and returns a new fd or -1.
+            let ev = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+            if ev < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: `ev` is a new descriptor that nothing else owns.
+            let event = unsafe { OwnedFd::from_raw_fd(ev) };
+            let inner = Arc::new(Inner {
+                uffd,
+                event,
+                page: page_size(),
+                waits,
+                state: Mutex::new(State {
+                    job: None,
+                    busy: false,
+                    arming: false,
+                    stop: false,
+                    dead: false,
+                }),
+                idle: Condvar::new(),
+            });
+            let i = inner.clone();
+            let thread = std::thread::Builder::new()
+                .name("ckptio-protect".into())
+                .spawn(move || copier(i))?;
+            Ok(Protector {
+                inner,
+                thread: Some(thread),
+            })
+        }
+
+        /// Waits until the previous protected snapshot is copied, then starts a new one; `None`
+        /// when the copier is gone (copy instead).
+        pub(crate) fn arm(&self) -> Option<Arming<'_>> {
+            let mut st = lock(&self.inner.state);
+            while !st.dead && (st.busy || st.job.is_some() || st.arming) {
+                st = self.inner.idle.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            if st.dead {
+                return None;
+            }
+            st.arming = true;
+            Some(Arming {
+                p: self,
+                protected: Vec::new(),
+                items: Vec::new(),
+                submitted: false,
+            })
+        }
+    }
+
+    impl Drop for Protector {
+        fn drop(&mut self) {
+            lock(&self.inner.state).stop = true;
+            self.inner.notify();
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// One save's protection, being set up on the calling thread. Dropped without
+    /// [`Arming::submit`], it lifts every protection it set.
+    pub(crate) struct Arming<'a> {
+        p: &'a Protector,
+        /// Every range protected so far, in order.
+        protected: Vec<Range<usize>>,
+        items: Vec<Item>,
+        submitted: bool,
+    }
+
+    impl Arming<'_> {
+        /// Write-protects the whole pages inside `addr..addr + len`, and returns them; `None`
+        /// (nothing protected) when they are fewer than [`PROTECT_MIN`] bytes, overlap a range
+        /// of this save, or the kernel refuses (memory that is not anonymous, say).
+        pub(crate) fn protect(&mut self, addr: usize, len: usize) -> Option<Range<usize>> {
+            let page = self.p.inner.page;
+            let start = addr.checked_add(page - 1)? & !(page - 1);
+            let end = addr.checked_add(len)? & !(page - 1);
+            if end <= start || end - start < PROTECT_MIN {
+                return None;
+            }
+            let r = start..end;
+            if self
+                .protected
+                .iter()
+                .any(|p| p.start < r.end && r.start < p.end)
+            {
+                return None;
+            }
+            match self.p.inner.register_protect(&r) {
+                Ok(()) => {
+                    self.protected.push(r.clone());
+                    Some(r)
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "ckptio: cannot write-protect a tensor; copying it");
+                    None
+                }
+            }
+        }
+
+        /// Hands the copy of `range` (from [`Arming::protect`]) to the copier: its bytes go to
+        /// `dst` (exactly as long), then `on_copied` runs on the copier thread. `keep` keeps
+        /// the range mapped until then.
+        ///
+        /// # Safety
+        /// `dst` must be valid for writes of the range's length until `on_copied` has run (or
+        /// been dropped), and nothing else may access it meanwhile.
+        pub(crate) unsafe fn push(
+            &mut self,
+            range: Range<usize>,
+            dst: *mut u8,
+            keep: Box<dyn Send>,
+            on_copied: Box<dyn FnOnce() + Send>,
+        ) {
+            let chunks = (range.end - range.start).div_ceil(CHUNK);
+            self.items.push(Item {
+                range,
+                dst: Dst(dst),
+                copied: vec![false; chunks],
+                left: chunks,
+                on_copied: Some(on_copied),
+                _keep: keep,
+            });
+        }
+
+        /// Starts the background copy; `on_done` runs on the copier thread once every range has
+        /// been copied.
+        pub(crate) fn submit(mut self, on_done: Box<dyn FnOnce() + Send>) {
+            self.submitted = true;
+            let inner = self.p.inner.clone();
+            let items = std::mem::take(&mut self.items);
+            let mut by_addr: Vec<usize> = (0..items.len()).collect();
+            by_addr.sort_by_key(|&i| items[i].range.start);
+            let job = Job {
+                inner: inner.clone(),
+                items,
+                by_addr,
+                cursor: (0, 0),
+                on_done: Some(on_done),
+            };
+            let mut st = lock(&inner.state);
+            st.arming = false;
+            if st.dead {
+                // Nobody will copy: dropping the job lifts the protection, and the storages
+                // fail as abandoned.
+                drop(st);
+                drop(job);
+                return;
+            }
+            st.job = Some(job);
+            drop(st);
+            inner.notify();
+        }
+    }
+
+    impl Drop for Arming<'_> {
+        fn drop(&mut self) {
+            if self.submitted {
+                return;
+            }
+            for r in &self.protected {
+                self.p.inner.unregister(r);
+            }
+            self.items.clear();
+            lock(&self.p.inner.state).arming = false;
+            self.p.inner.idle.notify_all();
+            self.p.inner.notify();
+        }
+    }
+
+    /// Marks the copier dead if it unwinds, so saves copy instead of waiting for it.
+    struct DeadOnExit(Arc<Inner>);
+
+    impl Drop for DeadOnExit {
+        fn drop(&mut self) {
+            let mut st = lock(&self.0.state);
+            st.dead = true;
+            st.busy = false;
+            // A job handed over but never taken: dropping it lifts its protection.
+            let job = st.job.take();
+            drop(st);
+            drop(job);
+            self.0.idle.notify_all();
+        }
+    }
+
+    fn copier(inner: Arc<Inner>) {
+        let _dead = DeadOnExit(inner.clone());
+        let mut job: Option<Job> = None;
+        // Faults on ranges being set up, served once their job arrives.
+        let mut early: VecDeque<usize> = VecDeque::new();
+        loop {
+            while let Some(addr) = inner.next_fault() {
+                if !job.as_mut().is_some_and(|j| j.fault(addr)) {
+                    early.push_back(addr);
+                }
+            }
+            if job.is_none() {
+                let mut st = lock(&inner.state);
+                if let Some(j) = st.job.take() {
+                    st.busy = true;
+                    job = Some(j);
+                } else if st.stop {
+                    return;
+                }
+            }
+            if !early.is_empty() {
+                let arming = lock(&inner.state).arming;
+                for addr in std::mem::take(&mut early) {
+                    let served = job.as_mut().is_some_and(|j| j.fault(addr));
+                    if !served {
+                        if arming {
+                            early.push_back(addr);
+                        } else {
+                            // Stale: its range is no longer protected.
+                            inner.wake(addr);
+                        }
+                    }
+                }
+            }
+            if let Some(j) = job.as_mut() {
+                if j.step() {
+                    continue;
+                }
+                if let Some(f) = j.on_done.take() {
+                    f();
+                }
+                job = None;
+                lock(&inner.state).busy = false;
+                inner.idle.notify_all();
+                continue;
+            }
+            inner.sleep();
+        }
+    }
+
+    pub(crate) fn check() -> io::Result<()> {
+        open_uffd().map(drop)
+    }
+
+    const _: () = assert!(PROTECT_MIN >= 4096);
+}
+
+#[cfg(not(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+)))]
+mod imp {
+    use std::io;
+    use std::ops::Range;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+
+    /// Write protection needs Linux's userfaultfd: never available here.
+    pub(crate) struct Protector(());
+
+    impl Protector {
+        pub(crate) fn start(_waits: Arc<AtomicU64>) -> io::Result<Protector> {
+            Err(io::Error::from(io::ErrorKind::Unsupported))
+        }
+        pub(crate) fn arm(&self) -> Option<Arming<'_>> {
+            None
+        }
+    }
+
+    pub(crate) struct Arming<'a>(&'a Protector);
+
+    impl Arming<'_> {
+        pub(crate) fn protect(&mut self, _addr: usize, _len: usize) -> Option<Range<usize>> {
+            None
+        }
+        pub(crate) unsafe fn push(
+            &mut self,
+            _range: Range<usize>,
+            _dst: *mut u8,
+            _keep: Box<dyn Send>,
+            _on_copied: Box<dyn FnOnce() + Send>,
+        ) {
+        }
+        pub(crate) fn submit(self, _on_done: Box<dyn FnOnce() + Send>) {}
+    }
+
+    pub(crate) fn check() -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "write protection needs Linux's userfaultfd",
+        ))
+    }
+}
+
+pub(crate) use imp::Protector;
+
+/// Whether this process can take write-protected Eager snapshots
+/// ([`Builder::write_protect`](super::Builder::write_protect)), or why not: another OS, a
+/// kernel older than 6.4, or no permission to use `userfaultfd` (it needs `CAP_SYS_PTRACE`,
+/// `vm.unprivileged_userfaultfd = 1`, or read-write access to `/dev/userfaultfd`).
+pub fn write_protect_available() -> std::io::Result<()> {
+    imp::check()
+}
