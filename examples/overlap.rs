@@ -2,7 +2,8 @@
 //!
 //! A real training loop (an MLP trained with AdamW in tch, on CPU) checkpoints its model and
 //! optimizer state every K steps. The same loop runs, from the same seed, with: no checkpoint;
-//! a synchronous `TorchCheckpointIo`; `AsyncCheckpointIo` Eager; `AsyncCheckpointIo` Deferred
+//! a synchronous `TorchCheckpointIo`; `AsyncCheckpointIo` Eager (write-protected where the
+//! kernel allows it), and Eager with `write_protect(false)` (copying); `AsyncCheckpointIo` Deferred
 //! (the copy overlaps forward/backward, the loop waits on `staged()` just before the optimizer
 //! step). Then the same loop in Python from the project's `.venv`: `torch.save` in the loop,
 //! Lightning's `AsyncCheckpointIO`, and `torch.distributed.checkpoint.async_save`.
@@ -80,6 +81,8 @@ enum Mode {
     Baseline,
     Sync,
     Eager,
+    /// Eager with write protection off: the copy on the training thread.
+    EagerCopy,
     Deferred,
 }
 
@@ -89,6 +92,7 @@ impl Mode {
             Mode::Baseline => "ckptio: no checkpoint (baseline)",
             Mode::Sync => "ckptio: TorchCheckpointIo (sync)",
             Mode::Eager => "ckptio: AsyncCheckpointIo Eager",
+            Mode::EagerCopy => "ckptio: AsyncCheckpointIo Eager, write_protect(false)",
             Mode::Deferred => "ckptio: AsyncCheckpointIo Deferred",
         }
     }
@@ -97,6 +101,7 @@ impl Mode {
             Mode::Baseline => "baseline",
             Mode::Sync => "sync",
             Mode::Eager => "eager",
+            Mode::EagerCopy => "eager-copy",
             Mode::Deferred => "deferred",
         }
     }
@@ -314,9 +319,10 @@ fn run_mode(mode: Mode, a: &Args, layers: usize, hidden: i64, dir: &Path, pb: &P
     let mut tr = Trainer::new(layers, hidden, a.batch, a.seed);
     let sync_io = TorchCheckpointIo::new();
     let aio = match mode {
-        Mode::Eager => Some(
+        Mode::Eager | Mode::EagerCopy => Some(
             Builder::default()
                 .snapshot_mode(SnapshotMode::Eager)
+                .write_protect(mode == Mode::Eager)
                 .build(TorchCheckpointIo::new()),
         ),
         Mode::Deferred => Some(
@@ -874,7 +880,13 @@ fn main() {
     // the modes instead of favouring whichever ran in a quiet moment. Every other round runs
     // them in reverse, so no mode always runs first (cold) or last: over two rounds each mode's
     // mean place in the order is the same.
-    let modes = [Mode::Baseline, Mode::Sync, Mode::Eager, Mode::Deferred];
+    let modes = [
+        Mode::Baseline,
+        Mode::Sync,
+        Mode::Eager,
+        Mode::EagerCopy,
+        Mode::Deferred,
+    ];
     let rounds = a.rounds.max(1);
     let pb = ProgressBar::new((a.steps * modes.len() * rounds) as u64);
     pb.set_style(

@@ -21,7 +21,9 @@ pub struct SaveReport {
     /// Bytes of tensor storage written.
     pub bytes: u64,
     /// Time to take the snapshot: take a staging buffer and copy the live tensors into it (on
-    /// the training thread in Eager mode, on the staging thread in Deferred mode).
+    /// the training thread in Eager mode, on the staging thread in Deferred mode). For an
+    /// Eager save that write-protected tensors, the time `save` took on the training thread,
+    /// the background copy not included.
     pub stage: Duration,
     /// Time between being queued and the writer starting on it.
     pub queue_wait: Duration,

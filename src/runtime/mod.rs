@@ -256,7 +256,9 @@ impl Builder {
     /// the copy runs off the training thread anyway; off in Eager mode, where the training
     /// thread waits for the copy, and a write running beside it can slow it down (on this
     /// project's test VM, whose disk I/O competes with its cores and memory, Eager stalls were up to
-    /// about a third longer with it on).
+    /// about a third longer with it on). Tensors an Eager save write-protects
+    /// ([`Builder::write_protect`]) are copied in the background whatever this says, and the
+    /// writer may start on the storages that are in while they are.
     pub fn write_while_copying(mut self, on: bool) -> Self {
         self.overlap = Some(on);
         self
