@@ -750,6 +750,27 @@ pub trait TensorSource: Send + Sync {
     unsafe fn borrow_bytes(&self) -> Option<Bytes> {
         None
     }
+
+    /// The elements in place, as [`TensorSource::borrow_bytes`], for an Eager snapshot that
+    /// write-protects them instead of copying them on the calling thread
+    /// ([`Builder::write_protect`](crate::runtime::Builder::write_protect)); `None` (the
+    /// default) to have them copied.
+    ///
+    /// # Safety
+    ///
+    /// Stronger than `borrow_bytes`, since ckptio holds these bytes after `save` has returned:
+    /// - they must keep the very memory they point to allocated, at the same address, for as
+    ///   long as they or a clone are held, even after the tensor is dropped, pointed at other
+    ///   memory, or written;
+    /// - the memory must be written only by this process's CPU threads and system calls (not by
+    ///   a device's DMA, not by another process through shared memory).
+    ///
+    /// ckptio reads them only while their pages are write-protected, and checks itself that the
+    /// pages are private anonymous memory.
+    #[allow(unsafe_code)]
+    unsafe fn protectable_bytes(&self) -> Option<Bytes> {
+        None
+    }
 }
 
 /// A shared handle to a [`TensorSource`]: a tensor to be snapshotted when saved.

@@ -94,6 +94,10 @@ impl TensorSource for Param {
     unsafe fn borrow_bytes(&self) -> Option<Bytes> {
         Some(Bytes::from_owner(Owner(self.0.clone())))
     }
+    // The owner holds the buffer, which is ordinary heap memory: the stronger contract holds.
+    unsafe fn protectable_bytes(&self) -> Option<Bytes> {
+        Some(Bytes::from_owner(Owner(self.0.clone())))
+    }
 }
 
 fn tree(params: &[(&str, &Param)]) -> Value {
@@ -313,4 +317,89 @@ fn small_or_unprotectable_tensors_are_copied_and_the_switch_turns_it_off() {
         }
         io.teardown().unwrap();
     }
+}
+
+/// Memory shared with other mappings or processes (`MAP_SHARED`): a write protection would hold
+/// only this process's writes through this mapping, so it is copied instead.
+struct SharedMap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY (test): written only before the save and after the handle resolved.
+unsafe impl Send for SharedMap {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMap {}
+
+impl Drop for SharedMap {
+    fn drop(&mut self) {
+        // SAFETY: mapped in `shared_source`, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+impl AsRef<[u8]> for SharedOwner {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: the mapping lives as long as the Arc.
+        unsafe { std::slice::from_raw_parts(self.0.ptr, self.0.len) }
+    }
+}
+
+struct SharedOwner(Arc<SharedMap>);
+
+#[derive(Clone)]
+struct SharedParam(Arc<SharedMap>);
+
+impl TensorSource for SharedParam {
+    fn dtype(&self) -> DType {
+        DType::UInt8
+    }
+    fn shape(&self) -> Vec<usize> {
+        vec![self.0.len]
+    }
+    fn copy_to(&self, dst: &mut [u8]) -> ckptio::Result<()> {
+        dst.copy_from_slice(SharedOwner(self.0.clone()).as_ref());
+        Ok(())
+    }
+    unsafe fn protectable_bytes(&self) -> Option<Bytes> {
+        Some(Bytes::from_owner(SharedOwner(self.0.clone())))
+    }
+}
+
+#[test]
+fn shared_memory_is_copied_not_protected() {
+    let _w = watchdog("shared_memory_is_copied_not_protected");
+    let len = 16 << 20;
+    // SAFETY: a fresh shared anonymous mapping, checked below.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(ptr, libc::MAP_FAILED);
+    let map = Arc::new(SharedMap {
+        ptr: ptr.cast(),
+        len,
+    });
+    // SAFETY: the mapping's own bytes, no other user yet.
+    unsafe { std::ptr::write_bytes(map.ptr, 42, len) };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.pt");
+    let mut d = Dict::new();
+    d.insert("s", LiveTensor::new(SharedParam(map.clone())));
+    let io = eager_io();
+    io.save(&Value::Dict(d), &path).unwrap().wait().unwrap();
+    assert_eq!(io.status().write_protected, 0);
+    let v = TorchCheckpointIo::new()
+        .load_checkpoint(&path, &LoadOptions::default(), None)
+        .unwrap()
+        .unwrap();
+    let t = v.get("s").unwrap().as_tensor().unwrap().to_contiguous();
+    assert!(t.storage().bytes().iter().all(|&b| b == 42));
+    io.teardown().unwrap();
 }

@@ -28,8 +28,10 @@
 //! their pages, which costs a fraction of a copy, and returns. A background copier thread copies
 //! them into the staging buffer and lifts the protection chunk by chunk; a thread that writes a
 //! page before its chunk is copied waits (in the kernel) for that chunk's copy, at most 2 MiB.
-//! What is saved is still the state at the moment `save` returned. Memory the kernel will not
-//! protect (not anonymous memory, CUDA tensors, small tensors) is copied as before.
+//! What is saved is still the state at the moment `save` returned. Memory that is not private
+//! anonymous memory (shared, file-backed, CUDA-pinned), CUDA tensors and small tensors are
+//! copied as before. Do not grow a tensor in place (`resize_`) in the moments after `save`:
+//! that frees the memory being copied (see `protect.rs` for the other limits).
 //! [`Status::write_protected`] counts the bytes snapshotted this way;
 //! [`Builder::write_protect`]`(false)` turns it off.
 //!
@@ -533,9 +535,15 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                 };
                 let mut setter = Some(setter);
                 let copied = match (plan, &workers.protector) {
-                    (Some(plan), Some(p)) => {
-                        guarded(&path, || plan.run_protected(p, start, &mut setter, &done))
-                    }
+                    (Some(plan), Some(p)) => guarded(&path, || {
+                        plan.run_protected(
+                            p,
+                            start,
+                            &mut setter,
+                            &done,
+                            policy == Backpressure::Block,
+                        )
+                    }),
                     (Some(plan), None) => guarded(&path, || plan.run(true).map(|()| 0)),
                     (None, _) => Ok(0),
                 };
@@ -561,7 +569,8 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                     }
                 }
                 // Staged first: the writer may finish as soon as the setter is set. (With write
-                // protection the copier sets both when its copy is done; `save` returns now.)
+                // protection the caller may write its tensors at once, so the save is staged
+                // now; the copier sets the setter when its background copy is done.)
                 done.set_staged(Ok(()));
                 if let Some(s) = setter.take() {
                     s.set(Ok(stage));

@@ -13,21 +13,34 @@
 //! the staging buffer holds the tensors exactly as they were when `save` returned.
 //!
 //! # When it applies
-//! Only to tensors of at least [`PROTECT_MIN`] bytes in contiguous host memory
-//! ([`TensorSource::borrow_bytes`](crate::TensorSource::borrow_bytes)) whose pages the kernel
-//! agrees to protect (ordinary anonymous memory: the heap and `malloc`'s mappings). Everything
-//! else, and the partial pages at both ends of a protected tensor, is copied on the calling
-//! thread as before. Nothing changes where `userfaultfd` is not available (another OS, an old
-//! kernel, or a process that may not use it: it needs `CAP_SYS_PTRACE`,
-//! `vm.unprivileged_userfaultfd = 1`, or access to `/dev/userfaultfd`). A protection that only
-//! covers faults from user space is never used, since a system call writing the pages would
-//! then fail.
+//! Only to tensors of at least [`PROTECT_MIN`] bytes whose source offers
+//! [`TensorSource::protectable_bytes`](crate::TensorSource::protectable_bytes) (tch CPU tensors
+//! do, unless CUDA-pinned) and whose pages are private anonymous memory (the heap and
+//! `malloc`'s mappings, checked in `/proc/self/maps`): a protection holds this process's page
+//! tables only, so shared memory, which another mapping or process could write, is copied.
+//! Everything else, and the partial pages at both ends of a protected tensor, is copied on the
+//! calling thread, first, before any protection is set. Nothing changes where `userfaultfd` is
+//! not available (another OS, a kernel older than 6.4, or a process that may not use it: it
+//! needs `CAP_SYS_PTRACE`, `vm.unprivileged_userfaultfd = 1`, or access to
+//! `/dev/userfaultfd`), nor in a forked child. A protection that only covers faults from user
+//! space is never used, since a system call writing the pages would then fail.
+//!
+//! # Limits
+//! - Most system calls that write a protected page wait like a thread does (`read`,
+//!   `process_vm_writev`, direct I/O reads into it). A few kernel paths that cannot wait fail
+//!   instead (`EFAULT`): a futex living in tensor memory, for one. Device DMA into host memory
+//!   (CUDA-pinned, RDMA-registered buffers) is not seen at all: such memory is not protected.
+//! - The source keeps the memory allocated until it is copied, but an in-place operation that
+//!   replaces a storage's memory (growing a tch tensor with `resize_`) frees it: do not do that
+//!   to a tensor in the copy window just after `save`.
 //!
 //! # Costs
-//! A write to a page not yet copied waits for one chunk's copy (2 MiB) and two
-//! context switches. Only one protected snapshot is in flight at a time: a save that comes
-//! while the previous one is still being copied waits for that copy first. The copier keeps the
-//! tensors' memory alive until it has copied them.
+//! Write-protecting takes about a third of a memcpy of the same memory on the project's test
+//! VM. A write to a page not yet copied waits for one chunk's copy (2 MiB) and two context
+//! switches. Only one protected snapshot is in flight at a time: a save that comes while the
+//! previous one is still being copied waits for that copy first (with `Skip` or `Error`
+//! backpressure, it copies instead of waiting). The copier keeps the tensors' memory alive
+//! until it has copied them.
 
 #![allow(unsafe_code)]
 
@@ -213,6 +226,9 @@ mod imp {
         /// An eventfd that wakes the copier for a new job or to stop.
         event: OwnedFd,
         page: usize,
+        /// The process that made the userfaultfd: a forked child must not use it (it acts on
+        /// the parent's memory).
+        pid: u32,
         /// Faults that waited for a copy.
         waits: Arc<AtomicU64>,
         state: Mutex<State>,
@@ -265,6 +281,13 @@ mod imp {
             }
             let mut rg = range(r);
             let _ = ioctl(&self.uffd, UFFDIO_WAKE, &mut rg);
+        }
+
+        /// Lifts any protection left on the page at `addr` and wakes its writers.
+        fn release_page(&self, addr: usize) {
+            let start = addr & !(self.page - 1);
+            let _ = self.unprotect(&(start..start + self.page));
+            self.wake(addr);
         }
 
         fn wake(&self, addr: usize) {
@@ -367,15 +390,30 @@ mod imp {
             }
             item.copied[c] = true;
             item.left -= 1;
+            if let Err(e) = self.inner.unprotect(&r) {
+                tracing::error!(error = %e, "ckptio: cannot unprotect a copied chunk");
+                // Copy the rest while it is still protected, then lift everything.
+                for k in 0..item.copied.len() {
+                    if !item.copied[k] {
+                        let r = item.chunk(k);
+                        // SAFETY: as above.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                r.start as *const u8,
+                                item.dst.0.add(r.start - item.range.start),
+                                r.end - r.start,
+                            );
+                        }
+                        item.copied[k] = true;
+                    }
+                }
+                item.left = 0;
+            }
             if item.left == 0 {
                 self.inner.unregister(&item.range);
                 if let Some(f) = item.on_copied.take() {
                     f();
                 }
-            } else if let Err(e) = self.inner.unprotect(&r) {
-                tracing::error!(error = %e, "ckptio: cannot unprotect a copied chunk");
-                // Lifting the whole range wakes whoever waits; the rest is still copied.
-                self.inner.unregister(&item.range);
             }
         }
 
@@ -452,6 +490,7 @@ mod imp {
                 uffd,
                 event,
                 page: page_size(),
+                pid: std::process::id(),
                 waits,
                 state: Mutex::new(State {
                     job: None,
@@ -472,11 +511,18 @@ mod imp {
             })
         }
 
-        /// Waits until the previous protected snapshot is copied, then starts a new one; `None`
-        /// when the copier is gone (copy instead).
-        pub(crate) fn arm(&self) -> Option<Arming<'_>> {
+        /// Waits until the previous protected snapshot is copied (or, without `block`, gives up
+        /// if it is not), then starts a new one; `None` when it gave up, when the copier is
+        /// gone, or in a forked child: copy instead.
+        pub(crate) fn arm(&self, block: bool) -> Option<Arming<'_>> {
+            if std::process::id() != self.inner.pid {
+                return None;
+            }
             let mut st = lock(&self.inner.state);
             while !st.dead && (st.busy || st.job.is_some() || st.arming) {
+                if !block {
+                    return None;
+                }
                 st = self.inner.idle.wait(st).unwrap_or_else(|e| e.into_inner());
             }
             if st.dead {
@@ -485,6 +531,7 @@ mod imp {
             st.arming = true;
             Some(Arming {
                 p: self,
+                maps: None,
                 protected: Vec::new(),
                 items: Vec::new(),
                 submitted: false,
@@ -494,6 +541,10 @@ mod imp {
 
     impl Drop for Protector {
         fn drop(&mut self) {
+            if std::process::id() != self.inner.pid {
+                // A forked child has no copier thread to stop.
+                return;
+            }
             lock(&self.inner.state).stop = true;
             self.inner.notify();
             if let Some(t) = self.thread.take() {
@@ -506,6 +557,8 @@ mod imp {
     /// [`Arming::submit`], it lifts every protection it set.
     pub(crate) struct Arming<'a> {
         p: &'a Protector,
+        /// The private anonymous mappings, read at the first `protect`.
+        maps: Option<Vec<Range<usize>>>,
         /// Every range protected so far, in order.
         protected: Vec<Range<usize>>,
         items: Vec<Item>,
@@ -531,6 +584,9 @@ mod imp {
             {
                 return None;
             }
+            if !self.private_anonymous(&r) {
+                return None;
+            }
             match self.p.inner.register_protect(&r) {
                 Ok(()) => {
                     self.protected.push(r.clone());
@@ -541,6 +597,30 @@ mod imp {
                     None
                 }
             }
+        }
+
+        /// Whether `r` lies in private anonymous mappings only: the protection is per process
+        /// page table, so shared memory (memfd, `/dev/shm`, `MAP_SHARED`) could still be
+        /// written through another mapping or by another process, and file mappings cannot be
+        /// protected. Read from `/proc/self/maps` once per save.
+        fn private_anonymous(&mut self, r: &Range<usize>) -> bool {
+            if self.maps.is_none() {
+                self.maps = Some(read_private_anonymous_maps());
+            }
+            let maps = self.maps.as_deref().unwrap_or(&[]);
+            let mut at = r.start;
+            // Sorted by start: walk the mappings that cover `r`, which must be contiguous.
+            let i = maps.partition_point(|m| m.end <= at);
+            for m in &maps[i..] {
+                if m.start > at {
+                    return false;
+                }
+                at = m.end;
+                if at >= r.end {
+                    return true;
+                }
+            }
+            false
         }
 
         /// Hands the copy of `range` (from [`Arming::protect`]) to the copier: its bytes go to
@@ -571,7 +651,6 @@ mod imp {
         /// Starts the background copy; `on_done` runs on the copier thread once every range has
         /// been copied.
         pub(crate) fn submit(mut self, on_done: Box<dyn FnOnce() + Send>) {
-            self.submitted = true;
             let inner = self.p.inner.clone();
             let items = std::mem::take(&mut self.items);
             let mut by_addr: Vec<usize> = (0..items.len()).collect();
@@ -583,6 +662,9 @@ mod imp {
                 cursor: (0, 0),
                 on_done: Some(on_done),
             };
+            // From here the job owns the protection (its drop lifts it), and nothing can
+            // unwind before `arming` is cleared.
+            self.submitted = true;
             let mut st = lock(&inner.state);
             st.arming = false;
             if st.dead {
@@ -611,6 +693,37 @@ mod imp {
             self.p.inner.idle.notify_all();
             self.p.inner.notify();
         }
+    }
+
+    /// The process's private anonymous mappings (`rw-p`, no file; the heap and `malloc`'s
+    /// mappings), sorted by address; empty when `/proc/self/maps` cannot be read.
+    fn read_private_anonymous_maps() -> Vec<Range<usize>> {
+        let Ok(text) = std::fs::read_to_string("/proc/self/maps") else {
+            return Vec::new();
+        };
+        let mut out: Vec<Range<usize>> = Vec::new();
+        for line in text.lines() {
+            let mut f = line.split_ascii_whitespace();
+            let (Some(range), Some(perms), Some(_off), Some(_dev), Some(inode)) =
+                (f.next(), f.next(), f.next(), f.next(), f.next())
+            else {
+                continue;
+            };
+            let name = f.next().unwrap_or("");
+            let anonymous =
+                inode == "0" && (name.is_empty() || name == "[heap]" || name.starts_with("[anon:"));
+            if !anonymous || !perms.starts_with("rw") || perms.as_bytes().get(3) != Some(&b'p') {
+                continue;
+            }
+            let Some((a, b)) = range.split_once('-') else {
+                continue;
+            };
+            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                out.push(a..b);
+            }
+        }
+        out.sort_by_key(|r| r.start);
+        out
     }
 
     /// Marks the copier dead if it unwinds, so saves copy instead of waiting for it.
@@ -646,6 +759,10 @@ mod imp {
                     st.busy = true;
                     job = Some(j);
                 } else if st.stop {
+                    drop(st);
+                    for addr in early.drain(..) {
+                        inner.release_page(addr);
+                    }
                     return;
                 }
             }
@@ -657,8 +774,10 @@ mod imp {
                         if arming {
                             early.push_back(addr);
                         } else {
-                            // Stale: its range is no longer protected.
-                            inner.wake(addr);
+                            // Stale: nothing of this copier's is protected there any more.
+                            // Lift whatever protection is left on the page (one a failed
+                            // unregister left behind), then wake the writer.
+                            inner.release_page(addr);
                         }
                     }
                 }
@@ -667,12 +786,14 @@ mod imp {
                 if j.step() {
                     continue;
                 }
-                if let Some(f) = j.on_done.take() {
-                    f();
-                }
+                let on_done = j.on_done.take();
                 job = None;
+                // Idle before telling anyone: whoever hears may save again at once.
                 lock(&inner.state).busy = false;
                 inner.idle.notify_all();
+                if let Some(f) = on_done {
+                    f();
+                }
                 continue;
             }
             inner.sleep();
@@ -703,7 +824,7 @@ mod imp {
         pub(crate) fn start(_waits: Arc<AtomicU64>) -> io::Result<Protector> {
             Err(io::Error::from(io::ErrorKind::Unsupported))
         }
-        pub(crate) fn arm(&self) -> Option<Arming<'_>> {
+        pub(crate) fn arm(&self, _block: bool) -> Option<Arming<'_>> {
             None
         }
     }

@@ -260,9 +260,11 @@ struct Slab {
     _buf: StagingBuf,
 }
 
-// SAFETY: the slab only hands out disjoint regions: each is written by one thread through
-// `region_mut` before it is published, and only read afterwards (see `CopyPlan::run`); the
-// pool buffer itself may move between threads.
+// SAFETY: the slab only hands out disjoint regions: each is written through `region_mut`
+// (by one thread, or for a write-protected tensor by the training thread at its two ends and
+// the copier thread in the middle) before it is published as a `Region`, and only read
+// afterwards (see `CopyPlan::run` and `CopyPlan::run_protected`); the pool buffer itself may
+// move between threads.
 #[allow(unsafe_code)]
 unsafe impl Send for Slab {}
 // SAFETY: as above.
@@ -476,11 +478,14 @@ impl CopyPlan {
 }
 
 impl CopyPlan {
-    /// [`CopyPlan::run`] for an Eager save, with write protection: each large CPU tensor is
-    /// write-protected instead of copied (see [`protect`](super::protect)), and the copier
-    /// thread copies it in the background; the rest is copied here. Returns the bytes
-    /// protected. The staging (`setter`, and `done`'s staged state) is then ended by the copier
-    /// once its copy is done; when nothing was protected, `setter` is left for the caller.
+    /// [`CopyPlan::run`] for an Eager save, with write protection: each large CPU tensor that
+    /// offers [`protectable_bytes`](crate::TensorSource::protectable_bytes) is write-protected
+    /// instead of copied (see [`protect`](super::protect)), and the copier thread copies it in
+    /// the background; the rest is copied here, first, so that the protection is set up in one
+    /// short step. Returns the bytes protected. The staging (`setter`, and `done`'s staged
+    /// state) is then ended by the copier once its copy is done; when nothing was protected,
+    /// `setter` is left for the caller. Without `block`, a save that would wait for the
+    /// previous protected snapshot's copy copies instead.
     ///
     /// On failure nothing stays protected and every storage not filled fails.
     #[allow(unsafe_code)]
@@ -490,66 +495,73 @@ impl CopyPlan {
         started: Instant,
         setter: &mut Option<StagingSetter>,
         done: &Arc<Completion>,
+        block: bool,
     ) -> Result<u64> {
-        let Some(mut arming) = protector.arm() else {
-            return self.run(true).map(|()| 0);
-        };
+        let mut candidates = Vec::new();
         let mut rest = Vec::with_capacity(self.items.len());
-        let mut protected = 0u64;
         for item in self.items {
-            if item.len < PROTECT_MIN {
-                rest.push(item);
-                continue;
+            if item.len >= PROTECT_MIN {
+                // SAFETY: the bytes are read only while write-protected (the ends: below, on
+                // this thread, before `save` returns), so never while the tensor is written.
+                if let Some(b) = unsafe { item.live.source().protectable_bytes() } {
+                    if b.len() == item.len {
+                        candidates.push((item, b));
+                        continue;
+                    }
+                }
             }
-            // SAFETY: the bytes are read only while write-protected (the ends: below, on this
-            // thread, before `save` returns), so never while the tensor is being written.
-            let Some(live_bytes) = (unsafe { item.live.source().borrow_bytes() }) else {
-                rest.push(item);
+            rest.push(item);
+        }
+        let copy = |items: Vec<CopyItem>| {
+            CopyPlan {
+                slab: self.slab.clone(),
+                items,
+            }
+            .run(true)
+        };
+        if candidates.is_empty() {
+            return copy(rest).map(|()| 0);
+        }
+        copy(rest)?;
+        let Some(mut arming) = protector.arm(block) else {
+            return copy(candidates.into_iter().map(|(i, _)| i).collect()).map(|()| 0);
+        };
+        let mut fallback = Vec::new();
+        let mut protected = 0u64;
+        for (item, live_bytes) in candidates {
+            let addr = live_bytes.as_ptr() as usize;
+            let Some(range) = arming.protect(addr, item.len) else {
+                fallback.push(item);
                 continue;
             };
             let filler = item.filler.lock().unwrap_or_else(|e| e.into_inner()).take();
-            let Some(filler) = filler else { continue };
-            let addr = live_bytes.as_ptr() as usize;
-            let range = match live_bytes.len() == item.len {
-                true => arming.protect(addr, item.len),
-                false => None,
-            };
-            let Some(range) = range else {
-                *item.filler.lock().unwrap_or_else(|e| e.into_inner()) = Some(filler);
-                rest.push(item);
+            let Some(filler) = filler else {
+                // Never filled twice; nothing to copy.
                 continue;
             };
             let (head, tail) = (range.start - addr, range.end - addr);
             // SAFETY: this item's region, disjoint from every other's and in bounds (see
             // `run`); this thread writes its two ends now, the copier the middle (`push`'s
-            // contract), and it is published only once both are done.
+            // contract), and it is read only once `on_copied` has published it.
             let dst = unsafe { self.slab.region_mut(item.off, item.len) };
             dst[..head].copy_from_slice(&live_bytes[..head]);
             dst[tail..].copy_from_slice(&live_bytes[tail..]);
             let middle = dst[head..tail].as_mut_ptr();
-            let region = Bytes::from_owner(Region {
-                slab: self.slab.clone(),
-                off: item.off,
-                len: item.len,
-            });
+            let (slab, off, len) = (self.slab.clone(), item.off, item.len);
             protected += (range.end - range.start) as u64;
             // SAFETY: `middle` is the range's length inside this item's region, which nothing
-            // else touches until the region is published by `on_copied`, and which `region`
-            // (owned by `on_copied`) keeps alive.
+            // else touches until `on_copied` publishes it, and which `slab` (owned by
+            // `on_copied`) keeps alive.
             unsafe {
                 arming.push(
                     range,
                     middle,
                     Box::new((live_bytes, item.live.clone())),
-                    Box::new(move || filler.fill(region)),
+                    Box::new(move || filler.fill(Bytes::from_owner(Region { slab, off, len }))),
                 );
             }
         }
-        CopyPlan {
-            slab: self.slab.clone(),
-            items: rest,
-        }
-        .run(true)?;
+        copy(fallback)?;
         if protected > 0 {
             let stage = started.elapsed();
             let setter = setter.take();

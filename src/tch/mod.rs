@@ -237,6 +237,29 @@ impl TensorSource for TchSource {
     #[allow(unsafe_code)]
     unsafe fn borrow_bytes(&self) -> Option<bytes::Bytes> {
         let t = self.tensor.lock().unwrap_or_else(|e| e.into_inner());
+        self.in_place(&t, t.shallow_clone())
+    }
+
+    /// As `borrow_bytes`, held through a detached alias: the alias holds the storage itself,
+    /// which stays allocated when the tensor is dropped or pointed at another storage (`set_`).
+    /// Not for CUDA-pinned memory (a device may write it). Growing the tensor in place
+    /// (`resize_` past its storage) replaces the storage's memory and frees the old one: do not
+    /// do that to a tensor whose write-protected snapshot is still being copied.
+    #[allow(unsafe_code)]
+    unsafe fn protectable_bytes(&self) -> Option<bytes::Bytes> {
+        let t = self.tensor.lock().unwrap_or_else(|e| e.into_inner());
+        if tch::Cuda::is_available() && t.f_is_pinned(Device::Cuda(0)).unwrap_or(true) {
+            return None;
+        }
+        let alias = t.f_detach().ok()?;
+        self.in_place(&t, alias)
+    }
+}
+
+impl TchSource {
+    /// `t`'s elements in place when they are plain CPU row-major memory, with `keep` (sharing
+    /// its storage) holding them.
+    fn in_place(&self, t: &Tensor, keep: Tensor) -> Option<bytes::Bytes> {
         let len = self.shape.iter().product::<usize>() * self.dtype.size();
         let plain = t.device() == Device::Cpu
             && !t.is_sparse()
@@ -247,14 +270,11 @@ impl TensorSource for TchSource {
             && t.f_kind().ok().and_then(dtype_of) == Some(self.dtype)
             && t.numel() * self.dtype.size() == len;
         let ptr = t.data_ptr() as *const u8;
-        if !plain || len == 0 || ptr.is_null() {
+        if !plain || len == 0 || ptr.is_null() || keep.data_ptr() as *const u8 != ptr {
             return None;
         }
-        // A detached alias holds the storage itself, which stays alive even if the tensor is
-        // later pointed at another storage (`set_`).
-        let alias = t.f_detach().unwrap_or_else(|_| t.shallow_clone());
         Some(bytes::Bytes::from_owner(Borrowed {
-            _tensor: alias,
+            _tensor: keep,
             ptr,
             len,
         }))
