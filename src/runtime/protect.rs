@@ -134,6 +134,32 @@ mod imp {
         range: UffdioRange,
         mode: u64,
     }
+    /// `struct procmap_query` (104 bytes, <linux/fs.h>, Linux 6.11).
+    #[repr(C)]
+    #[derive(Default)]
+    struct ProcmapQuery {
+        size: u64,
+        query_flags: u64,
+        query_addr: u64,
+        vma_start: u64,
+        vma_end: u64,
+        vma_flags: u64,
+        vma_page_size: u64,
+        vma_offset: u64,
+        inode: u64,
+        dev_major: u32,
+        dev_minor: u32,
+        vma_name_size: u32,
+        build_id_size: u32,
+        vma_name_addr: u64,
+        build_id_addr: u64,
+    }
+    const _: () = assert!(std::mem::size_of::<ProcmapQuery>() == 104);
+    /// `_IOWR('f', 17, struct procmap_query)`.
+    const PROCMAP_QUERY: u64 = 0xc068_6611;
+    const QUERY_WRITABLE: u64 = 0x02;
+    const QUERY_SHARED: u64 = 0x08;
+
     /// `struct uffd_msg` (32 bytes) as a page fault fills it.
     #[repr(C)]
     #[derive(Default)]
@@ -229,6 +255,8 @@ mod imp {
         /// The process that made the userfaultfd: a forked child must not use it (it acts on
         /// the parent's memory).
         pid: u32,
+        /// `/proc/self/maps`, for `PROCMAP_QUERY`.
+        maps: Option<std::fs::File>,
         /// Faults that waited for a copy.
         waits: Arc<AtomicU64>,
         state: Mutex<State>,
@@ -491,6 +519,7 @@ mod imp {
                 event,
                 page: page_size(),
                 pid: std::process::id(),
+                maps: std::fs::File::open("/proc/self/maps").ok(),
                 waits,
                 state: Mutex::new(State {
                     job: None,
@@ -602,8 +631,18 @@ mod imp {
         /// Whether `r` lies in private anonymous mappings only: the protection is per process
         /// page table, so shared memory (memfd, `/dev/shm`, `MAP_SHARED`) could still be
         /// written through another mapping or by another process, and file mappings cannot be
-        /// protected. Read from `/proc/self/maps` once per save.
+        /// protected. Asked of the kernel mapping by mapping (`PROCMAP_QUERY`, Linux 6.11), or
+        /// else read from `/proc/self/maps` once per save.
         fn private_anonymous(&mut self, r: &Range<usize>) -> bool {
+            if let Some(answer) = self
+                .p
+                .inner
+                .maps
+                .as_ref()
+                .and_then(|m| query_private_anonymous(m, r))
+            {
+                return answer;
+            }
             if self.maps.is_none() {
                 self.maps = Some(read_private_anonymous_maps());
             }
@@ -693,6 +732,42 @@ mod imp {
             self.p.inner.idle.notify_all();
             self.p.inner.notify();
         }
+    }
+
+    /// Whether `r` lies in private anonymous mappings only, by `PROCMAP_QUERY`; `None`
+    /// where the kernel does not answer that query.
+    fn query_private_anonymous(maps: &std::fs::File, r: &Range<usize>) -> Option<bool> {
+        let mut at = r.start;
+        while at < r.end {
+            let mut q = ProcmapQuery {
+                size: std::mem::size_of::<ProcmapQuery>() as u64,
+                query_addr: at as u64,
+                ..ProcmapQuery::default()
+            };
+            // SAFETY: `q` is the `repr(C)` struct PROCMAP_QUERY reads and writes, with its
+            // size set and no name or build-id buffers asked for.
+            let rc = unsafe {
+                libc::ioctl(
+                    maps.as_raw_fd(),
+                    PROCMAP_QUERY as _,
+                    &mut q as *mut ProcmapQuery,
+                )
+            };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    // No mapping there.
+                    Some(libc::ENOENT) => Some(false),
+                    _ => None,
+                };
+            }
+            let private_rw = q.vma_flags & (QUERY_WRITABLE | QUERY_SHARED) == QUERY_WRITABLE;
+            if !private_rw || q.inode != 0 || q.vma_start > at as u64 || q.vma_end <= at as u64 {
+                return Some(false);
+            }
+            at = q.vma_end as usize;
+        }
+        Some(true)
     }
 
     /// The process's private anonymous mappings (`rw-p`, no file; the heap and `malloc`'s
@@ -805,6 +880,48 @@ mod imp {
     }
 
     const _: () = assert!(PROTECT_MIN >= 4096);
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn map(flags: libc::c_int) -> Range<usize> {
+            let len = 4 << 20;
+            // SAFETY: a fresh anonymous mapping; never unmapped (a test).
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    flags | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED);
+            p as usize..p as usize + len
+        }
+
+        #[test]
+        fn only_private_anonymous_memory_passes_both_checks() {
+            let private = map(libc::MAP_PRIVATE);
+            let shared = map(libc::MAP_SHARED);
+            let maps = read_private_anonymous_maps();
+            let covered =
+                |r: &Range<usize>| maps.iter().any(|m| m.start <= r.start && r.end <= m.end);
+            assert!(covered(&private));
+            assert!(!covered(&shared));
+            let f = std::fs::File::open("/proc/self/maps").unwrap();
+            match query_private_anonymous(&f, &private) {
+                Some(ok) => {
+                    assert!(ok);
+                    assert_eq!(query_private_anonymous(&f, &shared), Some(false));
+                    assert_eq!(query_private_anonymous(&f, &(8..4096)), Some(false));
+                }
+                None => eprintln!("PROCMAP_QUERY not available: /proc/self/maps is read instead"),
+            }
+        }
+    }
 }
 
 #[cfg(not(all(
