@@ -91,6 +91,25 @@ mod imp {
             let start = self.range.start + c * CHUNK;
             start..(start + CHUNK).min(self.range.end)
         }
+
+        /// Copies chunk `c`, which must still be protected, into the destination and marks it
+        /// copied.
+        fn copy_chunk(&mut self, c: usize) {
+            let r = self.chunk(c);
+            // SAFETY: `r` lies inside the item's range, which is mapped (kept alive by the
+            // item) and still write-protected, so nobody changes it while it is read; the
+            // destination is the item's own region of the staging buffer (as long as the
+            // range), written by the copier thread alone.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    r.start as *const u8,
+                    self.dst.0.add(r.start - self.range.start),
+                    r.end - r.start,
+                );
+            }
+            self.copied[c] = true;
+            self.left -= 1;
+        }
     }
 
     // From <linux/userfaultfd.h>; the ioctl numbers are the same on x86_64 and aarch64.
@@ -404,38 +423,15 @@ mod imp {
             if item.copied[c] {
                 return;
             }
-            let r = item.chunk(c);
-            // SAFETY: `r` lies inside the item's range, which is mapped (kept alive by the
-            // item) and write-protected, so nobody changes it while it is read; the
-            // destination is the item's own region of the staging buffer (as long as the
-            // range), written by this thread alone.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    r.start as *const u8,
-                    item.dst.0.add(r.start - item.range.start),
-                    r.end - r.start,
-                );
-            }
-            item.copied[c] = true;
-            item.left -= 1;
-            if let Err(e) = self.inner.unprotect(&r) {
+            item.copy_chunk(c);
+            if let Err(e) = self.inner.unprotect(&item.chunk(c)) {
                 tracing::error!(error = %e, "ckptio: cannot unprotect a copied chunk");
                 // Copy the rest while it is still protected, then lift everything.
                 for k in 0..item.copied.len() {
                     if !item.copied[k] {
-                        let r = item.chunk(k);
-                        // SAFETY: as above.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                r.start as *const u8,
-                                item.dst.0.add(r.start - item.range.start),
-                                r.end - r.start,
-                            );
-                        }
-                        item.copied[k] = true;
+                        item.copy_chunk(k);
                     }
                 }
-                item.left = 0;
             }
             if item.left == 0 {
                 self.inner.unregister(&item.range);
