@@ -16,10 +16,12 @@ use ckptio::{
     TensorSource, TorchCheckpointIo, Value,
 };
 
-/// Parameter memory written in place without locks, as an optimizer kernel writes it.
+/// Parameter memory written in place without locks, as an optimizer kernel writes it: heap
+/// memory, or a shared mapping (`MAP_SHARED`).
 struct Buf {
     ptr: *mut f32,
     len: usize,
+    shared: bool,
 }
 
 // SAFETY (test): threads write disjoint elements or are ordered by joins; the saved state is
@@ -30,8 +32,13 @@ unsafe impl Sync for Buf {}
 
 impl Drop for Buf {
     fn drop(&mut self) {
-        // SAFETY: made by `Box::into_raw` in `new`, dropped once.
-        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr, self.len)) });
+        if self.shared {
+            // SAFETY: mapped in `shared`, unmapped once.
+            unsafe { libc::munmap(self.ptr.cast(), self.len * 4) };
+        } else {
+            // SAFETY: made by `Box::into_raw` in `new`, dropped once.
+            drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr, self.len)) });
+        }
     }
 }
 
@@ -39,7 +46,33 @@ impl Buf {
     fn new(v: Vec<f32>) -> Arc<Buf> {
         let len = v.len();
         let ptr = Box::into_raw(v.into_boxed_slice()).cast::<f32>();
-        Arc::new(Buf { ptr, len })
+        Arc::new(Buf {
+            ptr,
+            len,
+            shared: false,
+        })
+    }
+    /// `len` elements of `x` in a fresh shared anonymous mapping.
+    fn shared(len: usize, x: f32) -> Arc<Buf> {
+        // SAFETY: a fresh mapping, checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len * 4,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let b = Arc::new(Buf {
+            ptr: p.cast(),
+            len,
+            shared: true,
+        });
+        b.fill_backwards(x);
+        b
     }
     fn ptr(&self) -> *mut f32 {
         self.ptr
@@ -319,87 +352,20 @@ fn small_or_unprotectable_tensors_are_copied_and_the_switch_turns_it_off() {
     }
 }
 
-/// Memory shared with other mappings or processes (`MAP_SHARED`): a write protection would hold
-/// only this process's writes through this mapping, so it is copied instead.
-struct SharedMap {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY (test): written only before the save and after the handle resolved.
-unsafe impl Send for SharedMap {}
-// SAFETY: as above.
-unsafe impl Sync for SharedMap {}
-
-impl Drop for SharedMap {
-    fn drop(&mut self) {
-        // SAFETY: mapped in `shared_source`, unmapped once.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
-impl AsRef<[u8]> for SharedOwner {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: the mapping lives as long as the Arc.
-        unsafe { std::slice::from_raw_parts(self.0.ptr, self.0.len) }
-    }
-}
-
-struct SharedOwner(Arc<SharedMap>);
-
-#[derive(Clone)]
-struct SharedParam(Arc<SharedMap>);
-
-impl TensorSource for SharedParam {
-    fn dtype(&self) -> DType {
-        DType::UInt8
-    }
-    fn shape(&self) -> Vec<usize> {
-        vec![self.0.len]
-    }
-    fn copy_to(&self, dst: &mut [u8]) -> ckptio::Result<()> {
-        dst.copy_from_slice(SharedOwner(self.0.clone()).as_ref());
-        Ok(())
-    }
-    unsafe fn protectable_bytes(&self) -> Option<Bytes> {
-        Some(Bytes::from_owner(SharedOwner(self.0.clone())))
-    }
-}
-
 #[test]
 fn shared_memory_is_copied_not_protected() {
     let _w = watchdog("shared_memory_is_copied_not_protected");
-    let len = 16 << 20;
-    // SAFETY: a fresh shared anonymous mapping, checked below.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(ptr, libc::MAP_FAILED);
-    let map = Arc::new(SharedMap {
-        ptr: ptr.cast(),
-        len,
-    });
-    // SAFETY: the mapping's own bytes, no other user yet.
-    unsafe { std::ptr::write_bytes(map.ptr, 42, len) };
+    // A write protection would hold only this process's writes through this mapping, not
+    // another mapping's or another process's: it is copied instead.
+    let buf = Buf::shared(N / 16, 42.0);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.pt");
-    let mut d = Dict::new();
-    d.insert("s", LiveTensor::new(SharedParam(map.clone())));
     let io = eager_io();
-    io.save(&Value::Dict(d), &path).unwrap().wait().unwrap();
-    assert_eq!(io.status().write_protected, 0);
-    let v = TorchCheckpointIo::new()
-        .load_checkpoint(&path, &LoadOptions::default(), None)
+    io.save(&tree(&[("s", &Param(buf))]), &path)
         .unwrap()
+        .wait()
         .unwrap();
-    let t = v.get("s").unwrap().as_tensor().unwrap().to_contiguous();
-    assert!(t.storage().bytes().iter().all(|&b| b == 42));
+    assert_eq!(io.status().write_protected, 0);
+    assert!(load_f32(&path, "s").iter().all(|&x| x == 42.0));
     io.teardown().unwrap();
 }
