@@ -14,7 +14,11 @@
 //!   protection moves from the save to the loop's first writes.
 //!
 //! Saves replace the previous file at the same path. Between two saves the bench idles for one
-//! buffered D0, as a training loop computes between checkpoints.
+//! buffered D0, as a training loop computes between checkpoints. S0 and the three ways to save
+//! (Eager write-protected, Eager copying, Deferred) run in rounds, one save of each per round in
+//! an order rotated from round to round, and each time to durable is divided by the S0 of its
+//! own round: the disk's speed drifts within a run, and a ratio of two medians taken minutes
+//! apart measures the drift as much as the save.
 //!
 //! ```text
 //! ./dev.sh cargo run --release --example async_bench -- --sizes-mib 64,1024 --reps 3
@@ -42,6 +46,9 @@ struct Args {
     /// Directory to write in (default: target/bench-tmp).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Print every save's stall, queue wait, write and time to durable.
+    #[arg(long)]
+    verbose: bool,
     /// Where to write results.json and results.md.
     #[arg(long, default_value = "results/async_bench")]
     out: PathBuf,
@@ -138,6 +145,10 @@ struct Row {
     /// Eager with write protection off: the copy on the training thread.
     copy_stall: f64,
     copy_durable: f64,
+    /// Medians of the per-round ratios time to durable / S0 (protected, copying, Deferred).
+    eager_durable_ratio: f64,
+    copy_durable_ratio: f64,
+    deferred_durable_ratio: f64,
     /// W0: one in-place pass over the state (`mul_(1)`), with no save in flight.
     w0: f64,
     /// The same pass started right after an Eager save returned (write protection on), and
@@ -171,94 +182,142 @@ fn run(args: &Args, dir: &Path, mib: usize) -> Row {
     // Between two saves the bench idles as long as one raw write, as a training loop computes
     // between checkpoints: the previous file's release (see `ckptio::atomic`) is then over.
     let gap = Duration::from_secs_f64(median(d0_buffered.clone()));
-    let s0 = median(
-        (0..reps)
-            .map(|i| {
-                let t = Instant::now();
-                io.save_checkpoint(&live_tree(&state, i as i64), &path, &SaveOptions::default())
-                    .expect("sync save");
-                let s = t.elapsed().as_secs_f64();
-                std::thread::sleep(gap);
-                s
-            })
-            .collect(),
-    );
 
     let mut res = Row {
         m0,
-        s0,
         ..Row::default()
     };
     res.w0 = median((0..reps).map(|_| pass(&state)).collect());
-    for (mode, protect) in [
+    // The three ways to save, side by side: Eager write-protected (the default), Eager copying,
+    // Deferred.
+    let variants = [
         (SnapshotMode::Eager, true),
         (SnapshotMode::Eager, false),
         (SnapshotMode::Deferred, false),
-    ] {
-        let aio = Builder::default()
-            .snapshot_mode(mode)
-            .write_protect(protect)
-            .build(TorchCheckpointIo::new());
-        // Peak RSS is measured from before the pool's first allocation.
-        let peak = RssPeak::start(Duration::from_millis(1));
+    ];
+    let aios: Vec<_> = variants
+        .iter()
+        .map(|&(mode, protect)| {
+            Builder::default()
+                .snapshot_mode(mode)
+                .write_protect(protect)
+                .build(TorchCheckpointIo::new())
+        })
+        .collect();
+    let names = ["Eager, write-protected", "Eager, copying", "Deferred"];
+    let save = |k: usize, step: i64| {
+        let aio = &aios[k];
+        let tree = live_tree(&state, step);
+        let t = Instant::now();
+        let h = aio.save(&tree, &path).expect("save");
+        let stall = t.elapsed().as_secs_f64();
+        h.wait_staged().expect("staged");
+        let staged = t.elapsed().as_secs_f64();
+        let rep = h.wait().expect("write");
+        let d = t.elapsed().as_secs_f64();
+        if args.verbose {
+            eprintln!(
+                "  {} save: stall {:.1} ms, staged {:.1} ms, queue wait {:.1} ms, write {:.1} ms, durable {:.1} ms",
+                names[k],
+                stall * 1e3,
+                staged * 1e3,
+                rep.queue_wait.as_secs_f64() * 1e3,
+                rep.write.as_secs_f64() * 1e3,
+                d * 1e3
+            );
+        }
+        (stall, rep.write.as_secs_f64(), d)
+    };
+    // Peak RSS of the default mode, from before its pool's first allocation (the warm-up save)
+    // through one more save.
+    let peak = RssPeak::start(Duration::from_millis(1));
+    save(0, -1);
+    save(0, -1);
+    res.peak_extra_rss = peak.extra_bytes() as f64 / bytes as f64;
+    std::thread::sleep(gap);
+    for k in 1..aios.len() {
         // Warm-up: the pool allocates its buffer once.
-        aio.save(&live_tree(&state, -1), &path)
-            .expect("save")
-            .wait()
-            .expect("write");
-        let mut stalls = Vec::new();
-        let mut writes = Vec::new();
-        let mut durable = Vec::new();
-        for i in 0..reps {
-            let tree = live_tree(&state, i as i64);
-            let t = Instant::now();
-            let h = aio.save(&tree, &path).expect("save");
-            let stall = t.elapsed().as_secs_f64();
-            h.wait_staged().expect("staged");
-            let rep = h.wait().expect("write");
-            durable.push(t.elapsed().as_secs_f64());
-            stalls.push(stall);
-            writes.push(rep.write.as_secs_f64());
+        save(k, -1);
+        std::thread::sleep(gap);
+    }
+    // Rounds of one synchronous save (S0) and one save of each mode, in an order rotated from
+    // round to round, each followed by the gap. The disk's speed drifts within a run, so each
+    // mode's time to durable is compared with the S0 of its own round: the ratios reported are
+    // the medians of those per-round ratios.
+    let (mut s0, mut stalls, mut writes, mut durable, mut ratio) = (
+        Vec::new(),
+        [vec![], vec![], vec![]],
+        [vec![], vec![], vec![]],
+        [vec![], vec![], vec![]],
+        [vec![], vec![], vec![]],
+    );
+    for round in 0..reps {
+        let mut order = [0, 1, 2, 3];
+        order.rotate_left(round % 4);
+        let (mut s0_round, mut durable_round) = (0.0, [0.0; 3]);
+        for k in order {
+            if k == 3 {
+                let t = Instant::now();
+                io.save_checkpoint(
+                    &live_tree(&state, round as i64),
+                    &path,
+                    &SaveOptions::default(),
+                )
+                .expect("sync save");
+                s0_round = t.elapsed().as_secs_f64();
+                if args.verbose {
+                    eprintln!("  S0 (sync save): {:.1} ms", s0_round * 1e3);
+                }
+            } else {
+                let (stall, write, d) = save(k, round as i64);
+                stalls[k].push(stall);
+                writes[k].push(write);
+                durable[k].push(d);
+                durable_round[k] = d;
+            }
             std::thread::sleep(gap);
         }
-        let extra = peak.extra_bytes() as f64;
-        if mode == SnapshotMode::Eager {
-            // The loop writing every tensor at once after `save` returns: with protection, the
-            // writes that reach a part not yet copied wait for it; both ways, the background
-            // work competes for the cores.
-            let waits0 = aio.status().write_protect_waits;
-            let mut passes = Vec::new();
-            for i in 0..reps {
-                let h = aio.save(&live_tree(&state, i as i64), &path).expect("save");
-                passes.push(pass(&state));
-                h.wait().expect("write");
-                std::thread::sleep(gap);
-            }
-            if protect {
-                res.pass_after_save = median(passes);
-                res.waits = (aio.status().write_protect_waits - waits0) / reps as u64;
-                res.write_protected = aio.status().write_protected > 0;
-            } else {
-                res.pass_after_copy = median(passes);
-            }
+        s0.push(s0_round);
+        for k in 0..3 {
+            ratio[k].push(durable_round[k] / s0_round);
         }
+    }
+    res.s0 = median(s0);
+    let [s_p, s_c, s_d] = stalls;
+    let [d_p, d_c, d_d] = durable;
+    let [r_p, r_c, r_d] = ratio;
+    res.eager_stall = median(s_p);
+    res.copy_stall = median(s_c);
+    res.deferred_stall = median(s_d);
+    res.eager_write = median(writes[0].clone());
+    res.eager_durable = median(d_p);
+    res.copy_durable = median(d_c);
+    res.deferred_durable = median(d_d);
+    res.eager_durable_ratio = median(r_p);
+    res.copy_durable_ratio = median(r_c);
+    res.deferred_durable_ratio = median(r_d);
+    // The loop writing every tensor at once after `save` returns: with protection, the writes
+    // that reach a part not yet copied wait for it; both ways, the background work competes
+    // for the cores.
+    for (k, aio) in aios.iter().enumerate().take(2) {
+        let waits0 = aio.status().write_protect_waits;
+        let mut passes = Vec::new();
+        for i in 0..reps {
+            let h = aio.save(&live_tree(&state, i as i64), &path).expect("save");
+            passes.push(pass(&state));
+            h.wait().expect("write");
+            std::thread::sleep(gap);
+        }
+        if k == 0 {
+            res.pass_after_save = median(passes);
+            res.waits = (aio.status().write_protect_waits - waits0) / reps as u64;
+            res.write_protected = aio.status().write_protected > 0;
+        } else {
+            res.pass_after_copy = median(passes);
+        }
+    }
+    for aio in aios {
         aio.teardown().expect("teardown");
-        match mode {
-            SnapshotMode::Eager if !protect => {
-                res.copy_stall = median(stalls);
-                res.copy_durable = median(durable);
-            }
-            SnapshotMode::Eager => {
-                res.eager_stall = median(stalls);
-                res.eager_write = median(writes);
-                res.eager_durable = median(durable);
-                res.peak_extra_rss = extra / bytes as f64;
-            }
-            SnapshotMode::Deferred => {
-                res.deferred_stall = median(stalls);
-                res.deferred_durable = median(durable);
-            }
-        }
     }
     // D0 again after the saves, so that both see the machine in the same state; the better of
     // the two ways to write is the machine's limit.
@@ -303,8 +362,8 @@ fn main() {
             ms(r.deferred_stall),
             r.s0 / r.eager_stall,
             gb / r.eager_write, (gb / r.eager_write) / (gb / r.d0),
-            ms(r.eager_durable), r.eager_durable / r.s0,
-            ms(r.deferred_durable), r.deferred_durable / r.s0,
+            ms(r.eager_durable), r.eager_durable_ratio,
+            ms(r.deferred_durable), r.deferred_durable_ratio,
             r.peak_extra_rss,
         ));
         wp.push_str(&format!(
@@ -315,7 +374,7 @@ fn main() {
             if r.write_protected { "" } else { " not protected here" },
             ms(r.copy_stall), r.copy_stall / r.m0,
             r.s0 / r.eager_stall, r.s0 / r.copy_stall,
-            ms(r.copy_durable), r.copy_durable / r.s0,
+            ms(r.copy_durable), r.copy_durable_ratio,
             ms(r.w0),
             ms(r.pass_after_save), r.waits, ms(r.pass_after_copy),
             ms(r.eager_stall + r.pass_after_save - r.w0),
@@ -336,7 +395,9 @@ fn main() {
                 "eager_stall_over_m0": r.eager_stall / r.m0,
                 "s0_over_eager_stall": r.s0 / r.eager_stall,
                 "write_throughput_over_d0": r.d0 / r.eager_write,
-                "eager_durable_over_s0": r.eager_durable / r.s0,
+                "eager_durable_over_s0": r.eager_durable_ratio,
+                "copy_durable_over_s0": r.copy_durable_ratio,
+                "deferred_durable_over_s0": r.deferred_durable_ratio,
             }
         }));
     }

@@ -369,3 +369,56 @@ fn shared_memory_is_copied_not_protected() {
     assert!(load_f32(&path, "s").iter().all(|&x| x == 42.0));
     io.teardown().unwrap();
 }
+
+/// A source over shared memory (so it is not protected but copied) whose copy fails.
+#[derive(Clone)]
+struct Unreadable(Arc<Buf>);
+
+impl TensorSource for Unreadable {
+    fn dtype(&self) -> DType {
+        DType::Float32
+    }
+    fn shape(&self) -> Vec<usize> {
+        vec![self.0.len()]
+    }
+    fn copy_to(&self, _dst: &mut [u8]) -> ckptio::Result<()> {
+        Err(ckptio::Error::InvalidArgument(
+            "this tensor cannot be read".into(),
+        ))
+    }
+    unsafe fn protectable_bytes(&self) -> Option<Bytes> {
+        Some(Bytes::from_owner(Owner(self.0.clone())))
+    }
+}
+
+#[test]
+fn a_save_that_fails_after_protecting_a_tensor_lifts_it_and_the_next_save_works() {
+    let _w =
+        watchdog("a_save_that_fails_after_protecting_a_tensor_lifts_it_and_the_next_save_works");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f.pt");
+    let good = Buf::new(vec![1.0; N / 8]);
+    let mut t = Dict::ordered();
+    // The good tensor is protected (and handed to the copier) first; the other one is shared
+    // memory, so it is copied after, and that copy fails.
+    t.insert("good", LiveTensor::new(Param(good.clone())));
+    t.insert("bad", LiveTensor::new(Unreadable(Buf::shared(N / 16, 0.0))));
+    let io = eager_io();
+    let err = io.save(&Value::Dict(t), &path).unwrap_err();
+    assert!(err.to_string().contains("cannot be read"), "{err}");
+    // Nothing stays protected (a write held forever trips the watchdog) ...
+    good.fill_backwards(2.0);
+    // ... nothing was written ...
+    assert!(!path.exists());
+    // ... and the next save protects and saves as usual.
+    let h = io
+        .save(&tree(&[("good", &Param(good.clone()))]), &path)
+        .unwrap();
+    good.fill_backwards(3.0);
+    h.wait().unwrap();
+    assert!(load_f32(&path, "good").iter().all(|&x| x == 2.0));
+    if protected_here() {
+        assert!(io.status().write_protected > 0);
+    }
+    io.teardown().unwrap();
+}

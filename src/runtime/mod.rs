@@ -27,8 +27,11 @@
 //! tensors (1 MiB and more, in contiguous memory) on the calling thread: it write-protects
 //! their pages, which costs a fraction of a copy, and returns. A background copier thread copies
 //! them into the staging buffer and lifts the protection chunk by chunk; a thread that writes a
-//! page before its chunk is copied waits (in the kernel) for that chunk's copy, at most 2 MiB.
-//! What is saved is still the state at the moment `save` returned. Memory that is not private
+//! page before its chunk is copied waits (in the kernel) for that chunk's copy, at most 8 MiB.
+//! Each tensor goes to the copier as soon as it is protected, and the save goes to the writer
+//! once the first one is (for backends that accept storages still being copied): the copy and
+//! the write start while `save` protects the rest, so the protection adds little to the time
+//! to durable. What is saved is still the state at the moment `save` returned. Memory that is not private
 //! anonymous memory (shared, file-backed, CUDA-pinned), CUDA tensors and small tensors are
 //! copied as before. Do not grow a tensor in place (`resize_`) in the moments after `save`:
 //! that frees the memory being copied (see `protect.rs` for the other limits).
@@ -146,7 +149,7 @@ pub struct Status {
     /// on the calling thread ([`Builder::write_protect`]).
     pub write_protected: u64,
     /// Writes to write-protected tensors that had to wait for their chunk's copy (each waited
-    /// for at most 2 MiB to be copied).
+    /// for at most 8 MiB to be copied).
     pub write_protect_waits: u64,
 }
 
@@ -259,8 +262,9 @@ impl Builder {
     /// thread waits for the copy, and a write running beside it can slow it down (on this
     /// project's test VM, whose disk I/O competes with its cores and memory, Eager stalls were up to
     /// about a third longer with it on). Tensors an Eager save write-protects
-    /// ([`Builder::write_protect`]) are copied in the background whatever this says, and the
-    /// writer may start on the storages that are in while they are.
+    /// ([`Builder::write_protect`]) are copied in the background whatever this says; such a
+    /// save goes to the writer as soon as its first tensor is protected, so the copy and the
+    /// write start while `save` protects the rest, unless this was set to `false`.
     pub fn write_while_copying(mut self, on: bool) -> Self {
         self.overlap = Some(on);
         self
@@ -523,7 +527,7 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                 // With overlap on and room in the queue, the job goes to the writer before the
                 // copy, so the write of the first storages overlaps the copy of the last ones
                 // (the writer waits for each). Otherwise the copy goes first.
-                let held = if !self.shared.overlap || plan.is_none() {
+                let mut held = if !self.shared.overlap || plan.is_none() {
                     Some(job)
                 } else {
                     match queue(&self.shared, writer, job) {
@@ -534,6 +538,22 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                     }
                 };
                 let mut setter = Some(setter);
+                // A write-protected save hands the job to the writer as soon as its first
+                // tensor is protected (unless `write_while_copying(false)` was asked): the
+                // background copy and the write then start while the training thread protects
+                // the rest.
+                let write_early = self.config.overlap != Some(false);
+                let mut on_first = || {
+                    if !write_early {
+                        return;
+                    }
+                    if let Some(job) = held.take() {
+                        match queue(&self.shared, writer, job) {
+                            Queued::Yes | Queued::Gone => {}
+                            Queued::Full(job) => held = Some(job),
+                        }
+                    }
+                };
                 let copied = match (plan, &workers.protector) {
                     (Some(plan), Some(p)) => guarded(&path, || {
                         plan.run_protected(
@@ -542,6 +562,7 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                             &mut setter,
                             &done,
                             policy == Backpressure::Block,
+                            &mut on_first,
                         )
                     }),
                     (Some(plan), None) => guarded(&path, || plan.run(true).map(|()| 0)),

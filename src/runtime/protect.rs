@@ -36,7 +36,7 @@
 //!
 //! # Costs
 //! Write-protecting takes about a third of a memcpy of the same memory on the project's test
-//! VM. A write to a page not yet copied waits for one chunk's copy (2 MiB) and two context
+//! VM. A write to a page not yet copied waits for one chunk's copy (8 MiB) and two context
 //! switches. Only one protected snapshot is in flight at a time: a save that comes while the
 //! previous one is still being copied waits for that copy first (with `Skip` or `Error`
 //! backpressure, it copies instead of waiting). The copier keeps the tensors' memory alive
@@ -66,7 +66,7 @@ mod imp {
     use super::PROTECT_MIN;
 
     /// The unit the copier copies and unprotects: a write waits for at most one chunk's copy.
-    pub(crate) const CHUNK: usize = 2 << 20;
+    pub(crate) const CHUNK: usize = 8 << 20;
 
     /// A destination pointer the copier writes through.
     pub(crate) struct Dst(pub(crate) *mut u8);
@@ -109,6 +109,25 @@ mod imp {
             }
             self.copied[c] = true;
             self.left -= 1;
+        }
+
+        /// Once every chunk is copied: forgets the range and publishes the copy.
+        fn finish(&mut self, inner: &Inner) {
+            inner.unregister(&self.range);
+            if let Some(f) = self.on_copied.take() {
+                f();
+            }
+        }
+
+        /// Copies what is left of the range on this thread (while it is still protected),
+        /// then forgets it and publishes the copy: for a range nobody else will copy.
+        fn copy_here(mut self, inner: &Inner) {
+            for c in 0..self.copied.len() {
+                if !self.copied[c] {
+                    self.copy_chunk(c);
+                }
+            }
+            self.finish(inner);
         }
     }
 
@@ -254,12 +273,18 @@ mod imp {
         Ok(fd)
     }
 
+    /// What runs on the copier thread once a save's ranges are all copied.
+    type OnDone = Box<dyn FnOnce() + Send>;
+
     struct State {
-        /// A job handed over and not yet taken by the copier.
-        job: Option<Job>,
-        /// The copier holds a job.
+        /// Ranges a save has protected and handed over, not yet taken by the copier.
+        incoming: Vec<Item>,
+        /// The save being armed has handed over its last range: `on_done` (`None` for a save
+        /// given up half way), not yet taken by the copier.
+        sealed: Option<Option<OnDone>>,
+        /// The copier holds a job not yet done.
         busy: bool,
-        /// A save is protecting ranges and has not handed them over yet.
+        /// A save is protecting ranges and has not sealed its job yet.
         arming: bool,
         stop: bool,
         /// The copier is gone: nothing is protected any more.
@@ -405,7 +430,8 @@ mod imp {
         }
     }
 
-    /// The copies of one save's protected ranges.
+    /// The copies of one save's protected ranges, which arrive one by one while the save
+    /// protects the next (so the copy, and the write behind it, start before `save` returns).
     pub(crate) struct Job {
         inner: Arc<Inner>,
         items: Vec<Item>,
@@ -413,10 +439,34 @@ mod imp {
         by_addr: Vec<usize>,
         /// Next chunk to copy in order: (item, chunk).
         cursor: (usize, usize),
-        on_done: Option<Box<dyn FnOnce() + Send>>,
+        /// Every range has arrived.
+        sealed: bool,
+        on_done: Option<OnDone>,
     }
 
     impl Job {
+        fn new(inner: Arc<Inner>) -> Job {
+            Job {
+                inner,
+                items: Vec::new(),
+                by_addr: Vec::new(),
+                cursor: (0, 0),
+                sealed: false,
+                on_done: None,
+            }
+        }
+
+        /// Takes ranges handed over since the last call.
+        fn add(&mut self, items: Vec<Item>) {
+            if items.is_empty() {
+                return;
+            }
+            self.items.extend(items);
+            self.by_addr = (0..self.items.len()).collect();
+            let items = &self.items;
+            self.by_addr.sort_by_key(|&i| items[i].range.start);
+        }
+
         /// Copies chunk `c` of item `i` unless done, then lifts its protection.
         fn copy(&mut self, i: usize, c: usize) {
             let item = &mut self.items[i];
@@ -434,10 +484,7 @@ mod imp {
                 }
             }
             if item.left == 0 {
-                self.inner.unregister(&item.range);
-                if let Some(f) = item.on_copied.take() {
-                    f();
-                }
+                item.finish(&self.inner);
             }
         }
 
@@ -518,7 +565,8 @@ mod imp {
                 maps: std::fs::File::open("/proc/self/maps").ok(),
                 waits,
                 state: Mutex::new(State {
-                    job: None,
+                    incoming: Vec::new(),
+                    sealed: None,
                     busy: false,
                     arming: false,
                     stop: false,
@@ -544,7 +592,9 @@ mod imp {
                 return None;
             }
             let mut st = lock(&self.inner.state);
-            while !st.dead && (st.busy || st.job.is_some() || st.arming) {
+            while !st.dead
+                && (st.busy || st.arming || !st.incoming.is_empty() || st.sealed.is_some())
+            {
                 if !block {
                     return None;
                 }
@@ -558,7 +608,8 @@ mod imp {
                 p: self,
                 maps: None,
                 protected: Vec::new(),
-                items: Vec::new(),
+                unpushed: Vec::new(),
+                pushed: false,
                 submitted: false,
             })
         }
@@ -578,15 +629,20 @@ mod imp {
         }
     }
 
-    /// One save's protection, being set up on the calling thread. Dropped without
-    /// [`Arming::submit`], it lifts every protection it set.
+    /// One save's protection, being set up on the calling thread. Each range goes to the
+    /// copier as soon as it is protected ([`Arming::push`]). Dropped without
+    /// [`Arming::submit`], it lifts the protections it has not handed over; the copier copies
+    /// those it has.
     pub(crate) struct Arming<'a> {
         p: &'a Protector,
         /// The private anonymous mappings, read at the first `protect`.
         maps: Option<Vec<Range<usize>>>,
         /// Every range protected so far, in order.
         protected: Vec<Range<usize>>,
-        items: Vec<Item>,
+        /// Ranges protected and not yet handed to the copier.
+        unpushed: Vec<Range<usize>>,
+        /// Some range was handed to the copier.
+        pushed: bool,
         submitted: bool,
     }
 
@@ -615,6 +671,7 @@ mod imp {
             match self.p.inner.register_protect(&r) {
                 Ok(()) => {
                     self.protected.push(r.clone());
+                    self.unpushed.push(r.clone());
                     Some(r)
                 }
                 Err(e) => {
@@ -658,9 +715,10 @@ mod imp {
             false
         }
 
-        /// Hands the copy of `range` (from [`Arming::protect`]) to the copier: its bytes go to
-        /// `dst` (exactly as long), then `on_copied` runs on the copier thread. `keep` keeps
-        /// the range mapped until then.
+        /// Hands the copy of `range` (from [`Arming::protect`]) to the copier, which starts
+        /// on it at once: its bytes go to `dst` (exactly as long), then `on_copied` runs on the
+        /// copier thread. `keep` keeps the range mapped until then. (If the copier is gone, the
+        /// copy is made here, before this returns.)
         ///
         /// # Safety
         /// `dst` must be valid for writes of the range's length until `on_copied` has run (or
@@ -672,61 +730,70 @@ mod imp {
             keep: Box<dyn Send>,
             on_copied: Box<dyn FnOnce() + Send>,
         ) {
+            let Some(at) = self.unpushed.iter().position(|r| *r == range) else {
+                // Not a range this save protected: nothing to copy from safely.
+                debug_assert!(false, "push of a range that was not protected");
+                return;
+            };
+            self.unpushed.swap_remove(at);
             let chunks = (range.end - range.start).div_ceil(CHUNK);
-            self.items.push(Item {
+            let item = Item {
                 range,
                 dst: Dst(dst),
                 copied: vec![false; chunks],
                 left: chunks,
                 on_copied: Some(on_copied),
                 _keep: keep,
-            });
-        }
-
-        /// Starts the background copy; `on_done` runs on the copier thread once every range has
-        /// been copied.
-        pub(crate) fn submit(mut self, on_done: Box<dyn FnOnce() + Send>) {
-            let inner = self.p.inner.clone();
-            let items = std::mem::take(&mut self.items);
-            let mut by_addr: Vec<usize> = (0..items.len()).collect();
-            by_addr.sort_by_key(|&i| items[i].range.start);
-            let job = Job {
-                inner: inner.clone(),
-                items,
-                by_addr,
-                cursor: (0, 0),
-                on_done: Some(on_done),
             };
-            // From here the job owns the protection (its drop lifts it), and nothing can
-            // unwind before `arming` is cleared.
-            self.submitted = true;
+            let inner = &self.p.inner;
             let mut st = lock(&inner.state);
-            st.arming = false;
             if st.dead {
-                // Nobody will copy: dropping the job lifts the protection, and the storages
-                // fail as abandoned.
                 drop(st);
-                drop(job);
+                item.copy_here(inner);
                 return;
             }
-            st.job = Some(job);
+            st.incoming.push(item);
+            self.pushed = true;
             drop(st);
+            inner.notify();
+        }
+
+        /// Says every range has been handed over; `on_done` runs on the copier thread once
+        /// they are all copied.
+        pub(crate) fn submit(mut self, on_done: Box<dyn FnOnce() + Send>) {
+            self.seal(Some(on_done));
+        }
+
+        /// Lifts the protections not handed over and ends the save's job.
+        fn seal(&mut self, on_done: Option<OnDone>) {
+            if self.submitted {
+                return;
+            }
+            self.submitted = true;
+            for r in std::mem::take(&mut self.unpushed) {
+                self.p.inner.unregister(&r);
+            }
+            let inner = &self.p.inner;
+            let mut st = lock(&inner.state);
+            st.arming = false;
+            if st.dead || !self.pushed {
+                // Nothing for the copier: either nothing was handed over, or the copier died
+                // and dropped what was (lifting its protection; its storages fail as
+                // abandoned).
+                drop(st);
+                inner.idle.notify_all();
+                return;
+            }
+            st.sealed = Some(on_done);
+            drop(st);
+            inner.idle.notify_all();
             inner.notify();
         }
     }
 
     impl Drop for Arming<'_> {
         fn drop(&mut self) {
-            if self.submitted {
-                return;
-            }
-            for r in &self.protected {
-                self.p.inner.unregister(r);
-            }
-            self.items.clear();
-            lock(&self.p.inner.state).arming = false;
-            self.p.inner.idle.notify_all();
-            self.p.inner.notify();
+            self.seal(None);
         }
     }
 
@@ -805,10 +872,14 @@ mod imp {
             let mut st = lock(&self.0.state);
             st.dead = true;
             st.busy = false;
-            // A job handed over but never taken: dropping it lifts its protection.
-            let job = st.job.take();
+            // Ranges handed over but never taken: dropping them in a job lifts their
+            // protection.
+            let mut job = Job::new(self.0.clone());
+            job.add(std::mem::take(&mut st.incoming));
+            let sealed = st.sealed.take();
             drop(st);
             drop(job);
+            drop(sealed);
             self.0.idle.notify_all();
         }
     }
@@ -816,7 +887,7 @@ mod imp {
     fn copier(inner: Arc<Inner>) {
         let _dead = DeadOnExit(inner.clone());
         let mut job: Option<Job> = None;
-        // Faults on ranges being set up, served once their job arrives.
+        // Faults on ranges being set up, served once they are handed over.
         let mut early: VecDeque<usize> = VecDeque::new();
         loop {
             while let Some(addr) = inner.next_fault() {
@@ -824,21 +895,28 @@ mod imp {
                     early.push_back(addr);
                 }
             }
-            if job.is_none() {
+            let arming = {
                 let mut st = lock(&inner.state);
-                if let Some(j) = st.job.take() {
+                let incoming = std::mem::take(&mut st.incoming);
+                let sealed = st.sealed.take();
+                if !incoming.is_empty() || sealed.is_some() {
+                    let j = job.get_or_insert_with(|| Job::new(inner.clone()));
+                    j.add(incoming);
+                    if let Some(on_done) = sealed {
+                        j.sealed = true;
+                        j.on_done = on_done;
+                    }
                     st.busy = true;
-                    job = Some(j);
-                } else if st.stop {
+                } else if job.is_none() && st.stop {
                     drop(st);
                     for addr in early.drain(..) {
                         inner.release_page(addr);
                     }
                     return;
                 }
-            }
+                st.arming
+            };
             if !early.is_empty() {
-                let arming = lock(&inner.state).arming;
                 for addr in std::mem::take(&mut early) {
                     let served = job.as_mut().is_some_and(|j| j.fault(addr));
                     if !served {
@@ -857,15 +935,17 @@ mod imp {
                 if j.step() {
                     continue;
                 }
-                let on_done = j.on_done.take();
-                job = None;
-                // Idle before telling anyone: whoever hears may save again at once.
-                lock(&inner.state).busy = false;
-                inner.idle.notify_all();
-                if let Some(f) = on_done {
-                    f();
+                if j.sealed {
+                    let on_done = j.on_done.take();
+                    job = None;
+                    // Idle before telling anyone: whoever hears may save again at once.
+                    lock(&inner.state).busy = false;
+                    inner.idle.notify_all();
+                    if let Some(f) = on_done {
+                        f();
+                    }
+                    continue;
                 }
-                continue;
             }
             inner.sleep();
         }

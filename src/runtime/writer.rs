@@ -482,10 +482,12 @@ impl CopyPlan {
     /// offers [`protectable_bytes`](crate::TensorSource::protectable_bytes) is write-protected
     /// instead of copied (see [`protect`](super::protect)), and the copier thread copies it in
     /// the background; the rest is copied here, first, so that the protection is set up in one
-    /// short step. Returns the bytes protected. The staging (`setter`, and `done`'s staged
-    /// state) is then ended by the copier once its copy is done; when nothing was protected,
-    /// `setter` is left for the caller. Without `block`, a save that would wait for the
-    /// previous protected snapshot's copy copies instead.
+    /// short step. Each tensor goes to the copier as soon as it is protected, and `on_first`
+    /// runs once the first has (the caller hands the save to the writer then, so the copy and
+    /// the write start while the rest is protected). Returns the bytes protected. The staging
+    /// (`setter`, and `done`'s staged state) is then ended by the copier once its copy is
+    /// done; when nothing was protected, `setter` is left for the caller. Without `block`, a
+    /// save that would wait for the previous protected snapshot's copy copies instead.
     ///
     /// On failure nothing stays protected and every storage not filled fails.
     #[allow(unsafe_code)]
@@ -496,6 +498,7 @@ impl CopyPlan {
         setter: &mut Option<StagingSetter>,
         done: &Arc<Completion>,
         block: bool,
+        on_first: &mut dyn FnMut(),
     ) -> Result<u64> {
         let mut candidates = Vec::new();
         let mut rest = Vec::with_capacity(self.items.len());
@@ -528,15 +531,17 @@ impl CopyPlan {
         };
         let mut fallback = Vec::new();
         let mut protected = 0u64;
+        let mut handed_over = false;
         for (item, live_bytes) in candidates {
-            let addr = live_bytes.as_ptr() as usize;
-            let Some(range) = arming.protect(addr, item.len) else {
-                fallback.push(item);
-                continue;
-            };
             let filler = item.filler.lock().unwrap_or_else(|e| e.into_inner()).take();
             let Some(filler) = filler else {
                 // Never filled twice; nothing to copy.
+                continue;
+            };
+            let addr = live_bytes.as_ptr() as usize;
+            let Some(range) = arming.protect(addr, item.len) else {
+                *item.filler.lock().unwrap_or_else(|e| e.into_inner()) = Some(filler);
+                fallback.push(item);
                 continue;
             };
             let (head, tail) = (range.start - addr, range.end - addr);
@@ -559,6 +564,10 @@ impl CopyPlan {
                     Box::new((live_bytes, item.live.clone())),
                     Box::new(move || filler.fill(Bytes::from_owner(Region { slab, off, len }))),
                 );
+            }
+            if !handed_over {
+                handed_over = true;
+                on_first();
             }
         }
         copy(fallback)?;
