@@ -31,10 +31,10 @@
 //! Each tensor goes to the copier as soon as it is protected, and the save goes to the writer
 //! once the first one is (for backends that accept storages still being copied): the copy and
 //! the write start while `save` protects the rest, so the protection adds little to the time
-//! to durable. What is saved is still the state at the moment `save` returned. Memory that is not private
-//! anonymous memory (shared, file-backed, CUDA-pinned), CUDA tensors and small tensors are
-//! copied as before. Do not grow a tensor in place (`resize_`) in the moments after `save`:
-//! that frees the memory being copied (see `protect.rs` for the other limits).
+//! to durable. What is saved is still the state at the moment `save` returned. Memory that is
+//! not private anonymous memory (shared, file-backed, CUDA-pinned), CUDA tensors and small
+//! tensors are copied as before. Do not grow a tensor in place (`resize_`) in the moments after
+//! `save`: that frees the memory being copied (see `protect.rs` for the other limits).
 //! [`Status::write_protected`] counts the bytes snapshotted this way;
 //! [`Builder::write_protect`]`(false)` turns it off.
 //!
