@@ -124,8 +124,13 @@ impl FileSink {
     /// equal to `residue` modulo `granule`. `None` when it would not help (buffered writes,
     /// small data, or memory not 64-byte aligned): the caller's usual alignment is right then.
     pub fn placement(&self, data: &[u8]) -> Option<(u64, u64)> {
-        let addr = data.as_ptr() as usize;
-        (self.direct && data.len() >= PLACEMENT_MIN && addr % 64 == 0)
+        self.placement_at(data.as_ptr() as usize, data.len())
+    }
+
+    /// [`FileSink::placement`] for `len` bytes that will be at address `addr` (data still
+    /// being filled, written piece by piece as it comes).
+    pub fn placement_at(&self, addr: usize, len: usize) -> Option<(u64, u64)> {
+        (self.direct && len >= PLACEMENT_MIN && addr % 64 == 0)
             .then_some((PAGE as u64, (addr % PAGE) as u64))
     }
 

@@ -216,11 +216,76 @@ enum Data {
 struct Pending {
     len: usize,
     cell: std::sync::OnceLock<std::result::Result<Bytes, String>>,
+    /// Where the bytes are being copied, for a storage filled front to back whose first bytes
+    /// can be read before the last are in.
+    progress: Option<Progress>,
     lock: std::sync::Mutex<()>,
     filled: std::sync::Condvar,
 }
 
+/// The memory a storage is being filled in, and how much of it is in, from the start.
+struct Progress {
+    base: *const u8,
+    /// Bytes in from `base` on: written, and never written again.
+    ready: std::sync::atomic::AtomicUsize,
+    /// Keeps `base..base + len` allocated.
+    _keep: Arc<dyn Send + Sync + std::panic::RefUnwindSafe>,
+}
+
+// SAFETY: `base` points into memory `_keep` owns (which is Send + Sync); through it, only the
+// bytes before `ready`, which are never written again, are read (see `Pending::wait_prefix`).
+#[allow(unsafe_code)]
+unsafe impl Send for Progress {}
+// SAFETY: as above.
+#[allow(unsafe_code)]
+unsafe impl Sync for Progress {}
+
 impl Pending {
+    /// At least the first `min(at_least, len)` bytes, or all that are in once the storage is
+    /// filled; waits for them.
+    fn wait_prefix(&self, at_least: usize) -> std::result::Result<&[u8], &str> {
+        let at_least = at_least.min(self.len);
+        let ready = || -> Option<std::result::Result<&[u8], &str>> {
+            if let Some(r) = self.cell.get() {
+                return Some(r.as_ref().map(|b| &b[..]).map_err(|e| e.as_str()));
+            }
+            let p = self.progress.as_ref()?;
+            let n = p.ready.load(std::sync::atomic::Ordering::Acquire);
+            // SAFETY: the first `n` bytes from `base` are in (`n` was published with Release
+            // after they were written, and is at most `len`), are never written again, and
+            // stay allocated while `_keep`, owned by `self`, lives.
+            #[allow(unsafe_code)]
+            let prefix = unsafe { std::slice::from_raw_parts(p.base, n) };
+            (n >= at_least).then_some(Ok(prefix))
+        };
+        if let Some(r) = ready() {
+            return r;
+        }
+        let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(r) = ready() {
+                return r;
+            }
+            g = self.filled.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Says the first `n` bytes are in. Short of the end, readers are told about whole pages
+    /// only (up to a page boundary of memory), so a direct-I/O writer that writes each piece as
+    /// it comes never has a partial page to gather between two pieces.
+    fn advance(&self, n: usize) {
+        if let Some(p) = &self.progress {
+            let mut n = n.min(self.len);
+            if n < self.len {
+                let end = (p.base as usize).wrapping_add(n);
+                n = n.saturating_sub(end % crate::aligned::PAGE);
+            }
+            p.ready.fetch_max(n, std::sync::atomic::Ordering::Release);
+            drop(self.lock.lock().unwrap_or_else(|e| e.into_inner()));
+            self.filled.notify_all();
+        }
+    }
+
     fn wait(&self) -> &std::result::Result<Bytes, String> {
         if let Some(r) = self.cell.get() {
             return r;
@@ -270,6 +335,28 @@ impl StorageFiller {
             p.set(Err(reason.into()));
         }
     }
+
+    /// A handle that says how far the filling has come (for a storage made by
+    /// [`Storage::pending_in`]; a no-op otherwise).
+    pub(crate) fn progress(&self) -> StorageProgress {
+        StorageProgress {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+/// Says how much of a storage made by [`Storage::pending_in`] is in, from the start.
+pub(crate) struct StorageProgress {
+    inner: Arc<StorageInner>,
+}
+
+impl StorageProgress {
+    /// The first `n` bytes are in, and will not be written again. Must only grow.
+    pub(crate) fn advance(&self, n: usize) {
+        if let Data::Pending(p) = &self.inner.data {
+            p.advance(n);
+        }
+    }
 }
 
 impl Drop for StorageFiller {
@@ -302,14 +389,45 @@ impl Storage {
 
     /// A storage of `len` bytes that is not filled yet, and the filler that fills it.
     pub(crate) fn pending(len: usize, location: impl Into<String>) -> (Storage, StorageFiller) {
+        Storage::new_pending(len, location.into(), None)
+    }
+
+    /// [`Storage::pending`] for bytes being copied front to back into `base..base + len`
+    /// (which `keep` keeps allocated): [`Storage::try_prefix`] reads the first bytes once
+    /// [`StorageProgress::advance`] says they are in, before the rest is.
+    ///
+    /// # Safety
+    /// `base..base + len` must stay allocated while `keep` lives, and each byte must be
+    /// written before an `advance` past it and never written again afterwards.
+    #[allow(unsafe_code)]
+    pub(crate) unsafe fn pending_in(
+        len: usize,
+        location: impl Into<String>,
+        base: *const u8,
+        keep: Arc<dyn Send + Sync + std::panic::RefUnwindSafe>,
+    ) -> (Storage, StorageFiller) {
+        let progress = Progress {
+            base,
+            ready: std::sync::atomic::AtomicUsize::new(0),
+            _keep: keep,
+        };
+        Storage::new_pending(len, location.into(), Some(progress))
+    }
+
+    fn new_pending(
+        len: usize,
+        location: String,
+        progress: Option<Progress>,
+    ) -> (Storage, StorageFiller) {
         let inner = Arc::new(StorageInner {
             data: Data::Pending(Pending {
                 len,
                 cell: std::sync::OnceLock::new(),
+                progress,
                 lock: std::sync::Mutex::new(()),
                 filled: std::sync::Condvar::new(),
             }),
-            location: location.into(),
+            location,
         });
         (
             Storage {
@@ -331,6 +449,19 @@ impl Storage {
         }
     }
 
+    /// The first bytes in: at least `min(at_least, len)` of them, waiting for them if the
+    /// storage is still being filled front to back (all of its bytes once it is filled, or for
+    /// a storage that is not filled front to back); an error as [`Storage::try_bytes`] gives.
+    /// A writer reads a large snapshot storage this way as its copy advances.
+    pub fn try_prefix(&self, at_least: usize) -> Result<&[u8]> {
+        match &self.inner.data {
+            Data::Ready(b) => Ok(b),
+            Data::Pending(p) => p
+                .wait_prefix(at_least)
+                .map_err(|reason| Error::tensor("", "storage", reason.to_owned())),
+        }
+    }
+
     /// The bytes, waiting for them if the storage is still being filled.
     ///
     /// # Panics
@@ -340,6 +471,18 @@ impl Storage {
         match self.try_bytes() {
             Ok(b) => b,
             Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// For a storage still being filled front to back ([`Storage::pending_in`]), the address
+    /// its bytes will have: a writer can then place and write them piece by piece with
+    /// [`Storage::try_prefix`] as they come.
+    pub(crate) fn filling_at(&self) -> Option<usize> {
+        match &self.inner.data {
+            Data::Pending(p) if p.cell.get().is_none() => {
+                p.progress.as_ref().map(|g| g.base as usize)
+            }
+            _ => None,
         }
     }
 
@@ -745,7 +888,8 @@ pub trait TensorSource: Send + Sync {
     ///
     /// The bytes alias the tensor's memory, which its owner may write again later. The caller
     /// must drop them, and every clone of them, before the tensor can be written: in ckptio
-    /// they live only inside one synchronous save call.
+    /// they live only inside one synchronous save call, or one snapshot's copy (while an Eager
+    /// `save` has not returned, or before a Deferred save's `staged()` resolves).
     #[allow(unsafe_code)]
     unsafe fn borrow_bytes(&self) -> Option<Bytes> {
         None
@@ -896,6 +1040,88 @@ mod tests {
         assert!(e.contains("device lost"), "{e}");
         let p = std::panic::catch_unwind(|| s.bytes().len());
         assert!(p.is_err());
+    }
+
+    /// Page-aligned memory filled through a raw pointer while a storage reads its first bytes.
+    struct Raw(*mut u8, std::alloc::Layout);
+    // SAFETY (test): written at disjoint places before each `advance`, read only below it.
+    #[allow(unsafe_code)]
+    unsafe impl Send for Raw {}
+    // SAFETY: as above.
+    #[allow(unsafe_code)]
+    unsafe impl Sync for Raw {}
+    impl Raw {
+        #[allow(unsafe_code)]
+        fn new(len: usize) -> Arc<Raw> {
+            let layout = std::alloc::Layout::from_size_align(len, crate::aligned::PAGE).unwrap();
+            // SAFETY: a non-zero size.
+            let p = unsafe { std::alloc::alloc_zeroed(layout) };
+            assert!(!p.is_null());
+            Arc::new(Raw(p, layout))
+        }
+    }
+    impl Drop for Raw {
+        #[allow(unsafe_code)]
+        fn drop(&mut self) {
+            // SAFETY: allocated in `new` with this layout, freed once.
+            unsafe { std::alloc::dealloc(self.0, self.1) };
+        }
+    }
+
+    #[test]
+    #[allow(unsafe_code)]
+    fn a_storage_filled_front_to_back_can_be_read_as_its_first_pages_come() {
+        const P: usize = crate::aligned::PAGE;
+        let len = 3 * P + 100;
+        let raw = Raw::new(len);
+        let base = raw.0;
+        let byte = |i: usize| (i % 251) as u8;
+        // SAFETY: `raw` keeps the memory; each byte is written before `advance` passes it.
+        let (s, filler) = unsafe { Storage::pending_in(len, "cpu", base, raw.clone()) };
+        assert_eq!(s.filling_at(), Some(base as usize));
+        let progress = filler.progress();
+        let reader = {
+            let s = s.clone();
+            std::thread::spawn(move || s.try_prefix(P).unwrap().len())
+        };
+        for i in 0..2 * P + 10 {
+            // SAFETY: in bounds; the reader reads only below what was advanced.
+            unsafe { base.add(i).write(byte(i)) };
+        }
+        // Readers hear of whole pages only, short of the end.
+        progress.advance(P - 1);
+        progress.advance(2 * P + 10);
+        assert_eq!(reader.join().unwrap(), 2 * P);
+        let prefix = s.try_prefix(1).unwrap();
+        assert!(prefix.len() == 2 * P && prefix.iter().enumerate().all(|(i, &b)| b == byte(i)));
+        assert!(!s.is_ready());
+        for i in 2 * P + 10..len {
+            // SAFETY: in bounds, past what was advanced.
+            unsafe { base.add(i).write(byte(i)) };
+        }
+        // The end is told as it is, page or not.
+        progress.advance(len);
+        assert_eq!(s.try_prefix(len).unwrap().len(), len);
+        // SAFETY: the whole buffer, written.
+        let all = unsafe { std::slice::from_raw_parts(base, len) }.to_vec();
+        filler.fill(Bytes::from(all));
+        assert!(s.is_ready() && s.filling_at().is_none());
+        assert!(s
+            .try_prefix(1)
+            .unwrap()
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == byte(i)));
+
+        // A copy that fails midway: readers of what was not in get the error.
+        let raw = Raw::new(len);
+        // SAFETY: as above (zeroed memory, never written).
+        let (s, filler) = unsafe { Storage::pending_in(len, "cpu", raw.0, raw.clone()) };
+        filler.progress().advance(P);
+        assert_eq!(s.try_prefix(P).unwrap().len(), P);
+        filler.fail("device lost");
+        let e = s.try_prefix(2 * P).unwrap_err().to_string();
+        assert!(e.contains("device lost"), "{e}");
     }
 
     #[test]

@@ -9,6 +9,8 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
+mod common;
+
 use bytes::Bytes;
 use ckptio::runtime::{write_protect_available, Builder};
 use ckptio::{
@@ -421,4 +423,57 @@ fn a_save_that_fails_after_protecting_a_tensor_lifts_it_and_the_next_save_works(
         assert!(io.status().write_protected > 0);
     }
     io.teardown().unwrap();
+}
+
+#[test]
+fn a_file_written_while_its_tensors_were_still_being_copied_loads_in_pytorch() {
+    let _w = watchdog("a_file_written_while_its_tensors_were_still_being_copied_loads_in_pytorch");
+    // The writer writes each protected tensor piece by piece as the copier's copy advances;
+    // writes right after `save` make the copier copy the ends of the tensors first, out of
+    // order. The file must still be exactly the state at `save`, for ckptio and for PyTorch.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("streamed.pt");
+    let n = N / 4; // 16 Mi floats: every index is exact in f32
+    let a = Buf::new((0..n).map(|i| i as f32).collect());
+    let b = Buf::new((0..n).map(|i| -(i as f32)).collect());
+    let mut t = Dict::ordered();
+    t.insert("a", LiveTensor::new(Param(a.clone())));
+    t.insert("b", LiveTensor::new(Param(b.clone())));
+    let io = eager_io();
+    let h = io.save(&Value::Dict(t), &path).unwrap();
+    b.fill_backwards(7.0);
+    a.fill_backwards(7.0);
+    h.wait().unwrap();
+    assert!(load_f32(&path, "a")
+        .iter()
+        .enumerate()
+        .all(|(i, &x)| x == i as f32));
+    assert!(load_f32(&path, "b")
+        .iter()
+        .enumerate()
+        .all(|(i, &x)| x == -(i as f32)));
+    if protected_here() {
+        assert!(io.status().write_protected > 0);
+    }
+    io.teardown().unwrap();
+    let script = format!(
+        "import sys, torch\n\
+         d = torch.load(sys.argv[1], weights_only=True)\n\
+         r = torch.arange({n}, dtype=torch.float32)\n\
+         assert torch.equal(d['a'], r), 'a differs'\n\
+         assert torch.equal(d['b'], -r), 'b differs'\n\
+         print('ok')"
+    );
+    let out = std::process::Command::new(common::python())
+        .arg("-c")
+        .arg(script)
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
+        "torch.load: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

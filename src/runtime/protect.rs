@@ -81,6 +81,10 @@ mod imp {
         dst: Dst,
         copied: Vec<bool>,
         left: usize,
+        /// Chunks copied from the start of the range, without a gap.
+        prefix: usize,
+        /// Told how many bytes from the start of the range are copied, as that grows.
+        on_progress: Box<dyn Fn(usize) + Send>,
         on_copied: Option<Box<dyn FnOnce() + Send>>,
         /// Keeps the protected memory mapped until the copy is done.
         _keep: Box<dyn Send>,
@@ -109,6 +113,13 @@ mod imp {
             }
             self.copied[c] = true;
             self.left -= 1;
+            if c == self.prefix {
+                while self.copied.get(self.prefix) == Some(&true) {
+                    self.prefix += 1;
+                }
+                let len = self.range.end - self.range.start;
+                (self.on_progress)((self.prefix * CHUNK).min(len));
+            }
         }
 
         /// Once every chunk is copied: forgets the range and publishes the copy.
@@ -716,9 +727,10 @@ mod imp {
         }
 
         /// Hands the copy of `range` (from [`Arming::protect`]) to the copier, which starts
-        /// on it at once: its bytes go to `dst` (exactly as long), then `on_copied` runs on the
-        /// copier thread. `keep` keeps the range mapped until then. (If the copier is gone, the
-        /// copy is made here, before this returns.)
+        /// on it at once: its bytes go to `dst` (exactly as long), `on_progress` hears how many
+        /// bytes from its start are copied as that grows, then `on_copied` runs on the copier
+        /// thread. `keep` keeps the range mapped until then. (If the copier is gone, the copy
+        /// is made here, before this returns.)
         ///
         /// # Safety
         /// `dst` must be valid for writes of the range's length until `on_copied` has run (or
@@ -728,6 +740,7 @@ mod imp {
             range: Range<usize>,
             dst: *mut u8,
             keep: Box<dyn Send>,
+            on_progress: Box<dyn Fn(usize) + Send>,
             on_copied: Box<dyn FnOnce() + Send>,
         ) {
             let Some(at) = self.unpushed.iter().position(|r| *r == range) else {
@@ -742,6 +755,8 @@ mod imp {
                 dst: Dst(dst),
                 copied: vec![false; chunks],
                 left: chunks,
+                prefix: 0,
+                on_progress,
                 on_copied: Some(on_copied),
                 _keep: keep,
             };
@@ -1033,6 +1048,7 @@ mod imp {
             _range: Range<usize>,
             _dst: *mut u8,
             _keep: Box<dyn Send>,
+            _on_progress: Box<dyn Fn(usize) + Send>,
             _on_copied: Box<dyn FnOnce() + Send>,
         ) {
         }

@@ -363,7 +363,24 @@ pub(crate) fn prepare(
     let mut views: HashMap<usize, HostTensor> = HashMap::with_capacity(live.len());
     let mut items = Vec::with_capacity(live.len());
     for ((l, &off), &len) in live.iter().zip(&offsets).zip(&lens) {
-        let (storage, filler) = Storage::pending(len, l.source().location());
+        let (storage, filler) = if len >= PROTECT_MIN {
+            // SAFETY: `off..off + len` is this item's region of the slab (in bounds: the slab
+            // holds `total`), which the slab (kept by the storage) keeps allocated. It is written
+            // once, by the copy, each byte before the storage's progress passes it
+            // (`copy_streamed` and `run_protected` advance it after each piece they copy), and
+            // never written again.
+            #[allow(unsafe_code)]
+            unsafe {
+                Storage::pending_in(
+                    len,
+                    l.source().location(),
+                    slab.base.wrapping_add(off),
+                    slab.clone(),
+                )
+            }
+        } else {
+            Storage::pending(len, l.source().location())
+        };
         views.insert(l.id(), l.host_view(storage)?);
         items.push(CopyItem {
             live: l.clone(),
@@ -430,7 +447,7 @@ impl CopyPlan {
                 // by exactly one thread (the index is claimed once), and published only below.
                 #[allow(unsafe_code)]
                 let dst = unsafe { self.slab.region_mut(item.off, len) };
-                match item.live.source().copy_to(dst) {
+                match copy_streamed(&item.live, dst, &filler) {
                     Ok(()) => filler.fill(Bytes::from_owner(Region {
                         slab: self.slab.clone(),
                         off: item.off,
@@ -475,6 +492,34 @@ impl CopyPlan {
         }
         result
     }
+}
+
+/// The piece a large tensor is copied in when its bytes can be read in place: the writer may
+/// write each piece as soon as it is copied.
+const STREAM_CHUNK: usize = 8 << 20;
+
+/// Copies `live` into `dst`, its region of the slab: a large tensor whose bytes can be read in
+/// place piece by piece, telling the storage's progress after each piece (so the writer can
+/// start on it), anything else in one `copy_to`.
+fn copy_streamed(live: &LiveTensor, dst: &mut [u8], filler: &StorageFiller) -> Result<()> {
+    if dst.len() >= PROTECT_MIN {
+        // SAFETY: the bytes are read only here, inside the snapshot's copy, while the caller
+        // does not write the tensor (an Eager save has not returned; a Deferred save's
+        // `staged()` has not resolved), and dropped before this returns.
+        #[allow(unsafe_code)]
+        let src = unsafe { live.source().borrow_bytes() };
+        if let Some(src) = src.filter(|b| b.len() == dst.len()) {
+            let progress = filler.progress();
+            let mut at = 0;
+            for (d, s) in dst.chunks_mut(STREAM_CHUNK).zip(src.chunks(STREAM_CHUNK)) {
+                d.copy_from_slice(s);
+                at += s.len();
+                progress.advance(at);
+            }
+            return Ok(());
+        }
+    }
+    live.source().copy_to(dst)
 }
 
 impl CopyPlan {
@@ -551,6 +596,10 @@ impl CopyPlan {
             let dst = unsafe { self.slab.region_mut(item.off, item.len) };
             dst[..head].copy_from_slice(&live_bytes[..head]);
             dst[tail..].copy_from_slice(&live_bytes[tail..]);
+            // The writer may read the region from its start as the copy advances: the head
+            // now, the middle as the copier copies it in order (the tail comes with the rest).
+            let progress = filler.progress();
+            progress.advance(head);
             let middle = dst[head..tail].as_mut_ptr();
             let (slab, off, len) = (self.slab.clone(), item.off, item.len);
             protected += (range.end - range.start) as u64;
@@ -562,6 +611,7 @@ impl CopyPlan {
                     range,
                     middle,
                     Box::new((live_bytes, item.live.clone())),
+                    Box::new(move |n| progress.advance(head + n)),
                     Box::new(move || filler.fill(Bytes::from_owner(Region { slab, off, len }))),
                 );
             }

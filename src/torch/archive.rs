@@ -55,14 +55,27 @@ pub(crate) fn write_archive<W: ZipSink>(
     z.entry(&format!("{prefix}/byteorder"), 6, [&b"little"[..]])
         .map_err(io)?;
     for (i, s) in table.storages.iter().enumerate() {
-        // A snapshot's storage may still be being copied: this waits for its bytes only, so
-        // the write of the first storages overlaps the copy of the last ones.
-        let b: &[u8] = s.try_bytes().map_err(|e| match e {
+        let storage_err = |e| match e {
             Error::Tensor { reason, .. } => Error::tensor(path, format!("storage {i}"), reason),
             other => other,
-        })?;
-        z.entry(&format!("{prefix}/data/{i}"), b.len() as u64, [b])
-            .map_err(io)?;
+        };
+        let name = format!("{prefix}/data/{i}");
+        if let Some(addr) = s.filling_at() {
+            // A large snapshot storage being copied front to back: written piece by piece as
+            // the copy advances.
+            z.entry_streamed(
+                &name,
+                s.len() as u64,
+                addr,
+                |at| s.try_prefix(at + 1).map(|b| &b[at..]).map_err(storage_err),
+                io,
+            )?;
+            continue;
+        }
+        // A snapshot's storage may still be being copied: this waits for its bytes only, so
+        // the write of the first storages overlaps the copy of the last ones.
+        let b: &[u8] = s.try_bytes().map_err(storage_err)?;
+        z.entry(&name, b.len() as u64, [b]).map_err(io)?;
     }
     z.entry(&format!("{prefix}/version"), 2, [&b"3\n"[..]])
         .map_err(io)?;

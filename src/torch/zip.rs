@@ -31,9 +31,10 @@ const PARALLEL_CRC_MIN: u64 = 8 << 20;
 /// Where a [`ZipWriter`]'s bytes go: any [`Write`], and sinks that can write large entries
 /// with no copy when their data is placed as they ask.
 pub(crate) trait ZipSink: Write {
-    /// `(granule, residue)`: `data` is best written at a file offset equal to `residue` modulo
-    /// `granule` (a multiple of 64); `None` for the usual 64-byte alignment.
-    fn placement(&self, _data: &[u8]) -> Option<(u64, u64)> {
+    /// `(granule, residue)`: `len` bytes of data at address `addr` are best written at a file
+    /// offset equal to `residue` modulo `granule` (a multiple of 64); `None` for the usual
+    /// 64-byte alignment.
+    fn placement(&self, _addr: usize, _len: usize) -> Option<(u64, u64)> {
         None
     }
     /// Writes entry data.
@@ -43,8 +44,8 @@ pub(crate) trait ZipSink: Write {
 }
 
 impl ZipSink for &mut FileSink {
-    fn placement(&self, data: &[u8]) -> Option<(u64, u64)> {
-        FileSink::placement(self, data)
+    fn placement(&self, addr: usize, len: usize) -> Option<(u64, u64)> {
+        FileSink::placement_at(self, addr, len)
     }
     fn write_in_place(&mut self, data: &[u8]) -> io::Result<()> {
         FileSink::write_in_place(self, data)
@@ -116,54 +117,9 @@ impl<W: ZipSink> ZipWriter<W> {
         size: u64,
         parts: impl IntoIterator<Item = &'b [u8]>,
     ) -> io::Result<()> {
-        let offset = self.pos;
-        let big_size = size >= self.zip64_threshold;
-        let big_offset = offset >= self.zip64_threshold;
-        let mut zip64 = Vec::new();
-        if big_size || big_offset {
-            let mut payload = Vec::new();
-            if big_size {
-                payload.extend_from_slice(&size.to_le_bytes());
-                payload.extend_from_slice(&size.to_le_bytes());
-            }
-            if big_offset {
-                payload.extend_from_slice(&offset.to_le_bytes());
-            }
-            zip64.extend_from_slice(&1u16.to_le_bytes());
-            zip64.extend_from_slice(&(payload.len() as u16).to_le_bytes());
-            zip64.extend_from_slice(&payload);
-        }
         let parts: Vec<&[u8]> = parts.into_iter().collect();
-        let start = offset + 30 + name.len() as u64 + zip64.len() as u64 + 4;
-        let (granule, residue) = match parts.first() {
-            Some(first) if size >= PLACEMENT_MIN as u64 => self
-                .sink
-                .placement(first)
-                .filter(|&(g, r)| g % ALIGNMENT == 0 && r % ALIGNMENT == 0 && r < g)
-                .unwrap_or((ALIGNMENT, 0)),
-            _ => (ALIGNMENT, 0),
-        };
-        let pad = (residue + granule - start % granule) % granule;
-        let mut h = Vec::with_capacity(30 + name.len() + zip64.len() + 4 + pad as usize);
-        h.extend_from_slice(&LOCAL_SIG.to_le_bytes());
-        h.extend_from_slice(&0u16.to_le_bytes()); // version needed (as torch writes it)
-        h.extend_from_slice(&FLAGS.to_le_bytes());
-        h.extend_from_slice(&0u16.to_le_bytes()); // stored
-        h.extend_from_slice(&0u32.to_le_bytes()); // dos time + date
-        h.extend_from_slice(&0u32.to_le_bytes()); // crc: in the data descriptor
-        let local_size = if big_size { U32_MAX as u32 } else { 0 };
-        h.extend_from_slice(&local_size.to_le_bytes());
-        h.extend_from_slice(&local_size.to_le_bytes());
-        h.extend_from_slice(&(name.len() as u16).to_le_bytes());
-        h.extend_from_slice(&((zip64.len() as u64 + 4 + pad) as u16).to_le_bytes());
-        h.extend_from_slice(name.as_bytes());
-        h.extend_from_slice(&zip64);
-        h.extend_from_slice(b"FB");
-        h.extend_from_slice(&(pad as u16).to_le_bytes());
-        h.resize(h.len() + pad as usize, b'Z');
-        self.put(&h)?;
-        debug_assert_eq!(self.pos % ALIGNMENT, 0);
-
+        let place = parts.first().map(|p| (p.as_ptr() as usize, p.len()));
+        let start = self.begin(name, size, place)?;
         let written: u64 = parts.iter().map(|p| p.len() as u64).sum();
         let crc = if written >= PARALLEL_CRC_MIN {
             // A large entry: its CRC-32 is computed on a second thread while the data is
@@ -194,7 +150,131 @@ impl<W: ZipSink> ZipWriter<W> {
                 format!("entry {name}: declared {size} bytes, wrote {written}"),
             ));
         }
-        let crc = crc.finalize();
+        self.end(name, size, start, crc.finalize())
+    }
+
+    /// Writes one entry of `size` bytes that will be at address `addr` and are still being
+    /// filled front to back: `ready(at)` waits until some bytes from offset `at` on are in and
+    /// returns them (at least one byte while `at < size`). Each piece is written, and hashed
+    /// (on a second thread for a large entry), as soon as it is in. Errors of `ready` are
+    /// returned as they are; the sink's go through `io_err`.
+    pub(crate) fn entry_streamed<'b, E: Send>(
+        &mut self,
+        name: &str,
+        size: u64,
+        addr: usize,
+        ready: impl Fn(usize) -> Result<&'b [u8], E> + Sync,
+        io_err: impl Fn(io::Error) -> E + Sync,
+    ) -> Result<(), E> {
+        let size_usize = usize::try_from(size).map_err(|_| {
+            io_err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("entry {name}: {size} bytes do not fit in memory"),
+            ))
+        })?;
+        let start = self
+            .begin(name, size, Some((addr, size_usize)))
+            .map_err(&io_err)?;
+        // Every piece from offset 0 to `size`, as it comes.
+        let each = |f: &mut dyn FnMut(&[u8]) -> Result<(), E>| -> Result<(), E> {
+            let mut at = 0;
+            while at < size_usize {
+                let piece = ready(at)?;
+                if piece.is_empty() {
+                    return Err(io_err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("entry {name}: no bytes at offset {at} of {size}"),
+                    )));
+                }
+                let piece = &piece[..piece.len().min(size_usize - at)];
+                f(piece)?;
+                at += piece.len();
+            }
+            Ok(())
+        };
+        let crc = if size >= PARALLEL_CRC_MIN {
+            std::thread::scope(|scope| -> Result<crc32fast::Hasher, E> {
+                let hasher = scope.spawn(|| {
+                    let mut h = crc32fast::Hasher::new();
+                    each(&mut |p| {
+                        h.update(p);
+                        Ok(())
+                    })
+                    .map(|()| h)
+                });
+                let wrote = each(&mut |p| self.put_data(p).map_err(&io_err));
+                let h = hasher
+                    .join()
+                    .map_err(|_| io_err(io::Error::other("CRC thread panicked")))?;
+                wrote?;
+                h
+            })?
+        } else {
+            let mut h = crc32fast::Hasher::new();
+            each(&mut |p| {
+                h.update(p);
+                self.put_data(p).map_err(&io_err)
+            })?;
+            h
+        };
+        self.end(name, size, start, crc.finalize()).map_err(io_err)
+    }
+
+    /// Writes an entry's local header, its data placed for `place` (the address and length of
+    /// its first piece) when the sink asks; returns the entry's offset.
+    fn begin(&mut self, name: &str, size: u64, place: Option<(usize, usize)>) -> io::Result<u64> {
+        let offset = self.pos;
+        let big_size = size >= self.zip64_threshold;
+        let big_offset = offset >= self.zip64_threshold;
+        let mut zip64 = Vec::new();
+        if big_size || big_offset {
+            let mut payload = Vec::new();
+            if big_size {
+                payload.extend_from_slice(&size.to_le_bytes());
+                payload.extend_from_slice(&size.to_le_bytes());
+            }
+            if big_offset {
+                payload.extend_from_slice(&offset.to_le_bytes());
+            }
+            zip64.extend_from_slice(&1u16.to_le_bytes());
+            zip64.extend_from_slice(&(payload.len() as u16).to_le_bytes());
+            zip64.extend_from_slice(&payload);
+        }
+        let start = offset + 30 + name.len() as u64 + zip64.len() as u64 + 4;
+        let (granule, residue) = match place {
+            Some((addr, len)) if size >= PLACEMENT_MIN as u64 => self
+                .sink
+                .placement(addr, len)
+                .filter(|&(g, r)| g % ALIGNMENT == 0 && r % ALIGNMENT == 0 && r < g)
+                .unwrap_or((ALIGNMENT, 0)),
+            _ => (ALIGNMENT, 0),
+        };
+        let pad = (residue + granule - start % granule) % granule;
+        let mut h = Vec::with_capacity(30 + name.len() + zip64.len() + 4 + pad as usize);
+        h.extend_from_slice(&LOCAL_SIG.to_le_bytes());
+        h.extend_from_slice(&0u16.to_le_bytes()); // version needed (as torch writes it)
+        h.extend_from_slice(&FLAGS.to_le_bytes());
+        h.extend_from_slice(&0u16.to_le_bytes()); // stored
+        h.extend_from_slice(&0u32.to_le_bytes()); // dos time + date
+        h.extend_from_slice(&0u32.to_le_bytes()); // crc: in the data descriptor
+        let local_size = if big_size { U32_MAX as u32 } else { 0 };
+        h.extend_from_slice(&local_size.to_le_bytes());
+        h.extend_from_slice(&local_size.to_le_bytes());
+        h.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        h.extend_from_slice(&((zip64.len() as u64 + 4 + pad) as u16).to_le_bytes());
+        h.extend_from_slice(name.as_bytes());
+        h.extend_from_slice(&zip64);
+        h.extend_from_slice(b"FB");
+        h.extend_from_slice(&(pad as u16).to_le_bytes());
+        h.resize(h.len() + pad as usize, b'Z');
+        self.put(&h)?;
+        debug_assert_eq!(self.pos % ALIGNMENT, 0);
+        Ok(offset)
+    }
+
+    /// Writes the data descriptor of the entry begun at `offset`, and records it.
+    fn end(&mut self, name: &str, size: u64, offset: u64, crc: u32) -> io::Result<()> {
+        let big_size = size >= self.zip64_threshold;
         let mut d = Vec::with_capacity(24);
         d.extend_from_slice(&DESCRIPTOR_SIG.to_le_bytes());
         d.extend_from_slice(&crc.to_le_bytes());
