@@ -464,16 +464,6 @@ fn a_file_written_while_its_tensors_were_still_being_copied_loads_in_pytorch() {
          assert torch.equal(d['b'], -r), 'b differs'\n\
          print('ok')"
     );
-    let out = std::process::Command::new(common::python())
-        .arg("-c")
-        .arg(script)
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
-        "torch.load: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = common::run_python_code(&script, &[path.as_os_str()]);
+    assert_eq!(out.trim(), "ok");
 }

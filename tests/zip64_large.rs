@@ -71,16 +71,6 @@ assert int(b[-1]) == (n - 1) % 251
 assert d['after'].tolist() == [1.5, 2.5]
 print("ok", n)
 "#;
-    let out = Command::new(common::python())
-        .arg("-c")
-        .arg(script)
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "python failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = common::run_python_code(script, &[path.as_os_str()]);
+    assert!(out.starts_with("ok "), "python said: {out}");
 }

@@ -31,9 +31,8 @@
 //! Each tensor goes to the copier as soon as it is protected, so the copy starts while `save`
 //! protects the rest, and a backend that accepts storages still being copied writes each large
 //! one piece by piece as its copy advances. What is saved is still the state at the moment
-//! `save` returned. Memory that is
-//! not private anonymous memory (shared, file-backed, CUDA-pinned), CUDA tensors and small
-//! tensors are copied as before. Do not grow a tensor in place (`resize_`) in the moments after
+//! `save` returned. Memory that is not private anonymous memory (shared, file-backed,
+//! CUDA-pinned), CUDA tensors and small tensors are copied as before. Do not grow a tensor in place (`resize_`) in the moments after
 //! `save`: that frees the memory being copied (see `protect.rs` for the other limits).
 //! [`Status::write_protected`] counts the bytes snapshotted this way;
 //! [`Builder::write_protect`]`(false)` turns it off.

@@ -528,8 +528,8 @@ impl CopyPlan {
     /// instead of copied (see [`protect`](super::protect)), and the copier thread copies it in
     /// the background; the rest is copied here, first, so that the protection is set up in one
     /// short step. Each tensor goes to the copier as soon as it is protected, and `on_first`
-    /// runs once the first has (the caller hands the save to the writer then, so the copy and
-    /// the write start while the rest is protected). Returns the bytes protected. The staging
+    /// runs once the first has (where the caller may hand the save to the writer, so that the
+    /// write also starts while the rest is protected). Returns the bytes protected. The staging
     /// (`setter`, and `done`'s staged state) is then ended by the copier once its copy is
     /// done; when nothing was protected, `setter` is left for the caller. Without `block`, a
     /// save that would wait for the previous protected snapshot's copy copies instead.

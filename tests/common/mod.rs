@@ -39,19 +39,30 @@ pub fn script(name: &str) -> PathBuf {
 
 /// Runs `tests/python/<name> args...`; returns its stdout, panics with its output on failure.
 pub fn run_python(name: &str, args: &[&std::ffi::OsStr]) -> String {
-    let py = python();
-    let out = Command::new(&py)
-        .arg(script(name))
-        .args(args)
+    let mut cmd = Command::new(python());
+    cmd.arg(script(name)).args(args);
+    output_of(cmd, name, args)
+}
+
+/// Runs `python -c CODE args...` (`sys.argv[1:]` are `args`); returns its stdout, panics with
+/// its output on failure.
+pub fn run_python_code(code: &str, args: &[&std::ffi::OsStr]) -> String {
+    let mut cmd = Command::new(python());
+    cmd.arg("-c").arg(code).args(args);
+    output_of(cmd, "-c", args)
+}
+
+fn output_of(mut cmd: Command, what: &str, args: &[&std::ffi::OsStr]) -> String {
+    let out = cmd
         .env("OMP_NUM_THREADS", "1")
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", py.display()));
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python().display()));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "{} {name} {:?} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{}",
-        py.display(),
+        "{} {what} {:?} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{}",
+        python().display(),
         args,
         out.status,
         String::from_utf8_lossy(&out.stderr)
@@ -59,7 +70,6 @@ pub fn run_python(name: &str, args: &[&std::ffi::OsStr]) -> String {
     stdout
 }
 
-/// Reads and parses a JSON file.
 pub fn read_json(path: &Path) -> Json {
     let text = std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
