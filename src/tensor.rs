@@ -351,8 +351,13 @@ pub(crate) struct StorageProgress {
 }
 
 impl StorageProgress {
-    /// The first `n` bytes are in, and will not be written again. Must only grow.
-    pub(crate) fn advance(&self, n: usize) {
+    /// Says the first `n` bytes are in: readers may read them from now on.
+    ///
+    /// # Safety
+    /// The first `n` bytes of the storage's memory must have been written, and must never be
+    /// written again.
+    #[allow(unsafe_code)]
+    pub(crate) unsafe fn advance(&self, n: usize) {
         if let Data::Pending(p) = &self.inner.data {
             p.advance(n);
         }
@@ -1089,8 +1094,11 @@ mod tests {
             unsafe { base.add(i).write(byte(i)) };
         }
         // Readers hear of whole pages only, short of the end.
-        progress.advance(P - 1);
-        progress.advance(2 * P + 10);
+        // SAFETY: those bytes were written above, and are not written again.
+        unsafe {
+            progress.advance(P - 1);
+            progress.advance(2 * P + 10);
+        }
         assert_eq!(reader.join().unwrap(), 2 * P);
         let prefix = s.try_prefix(1).unwrap();
         assert!(prefix.len() == 2 * P && prefix.iter().enumerate().all(|(i, &b)| b == byte(i)));
@@ -1100,7 +1108,8 @@ mod tests {
             unsafe { base.add(i).write(byte(i)) };
         }
         // The end is told as it is, page or not.
-        progress.advance(len);
+        // SAFETY: every byte is written.
+        unsafe { progress.advance(len) };
         assert_eq!(s.try_prefix(len).unwrap().len(), len);
         // SAFETY: the whole buffer, written.
         let all = unsafe { std::slice::from_raw_parts(base, len) }.to_vec();
@@ -1117,7 +1126,8 @@ mod tests {
         let raw = Raw::new(len);
         // SAFETY: as above (zeroed memory, never written).
         let (s, filler) = unsafe { Storage::pending_in(len, "cpu", raw.0, raw.clone()) };
-        filler.progress().advance(P);
+        // SAFETY: the zeroed memory counts as written; nothing writes it.
+        unsafe { filler.progress().advance(P) };
         assert_eq!(s.try_prefix(P).unwrap().len(), P);
         filler.fail("device lost");
         let e = s.try_prefix(2 * P).unwrap_err().to_string();

@@ -72,6 +72,15 @@ fn deferred_snapshot_of_tch_tensors_is_the_state_at_staged_time() {
     run(SnapshotMode::Deferred);
 }
 
+#[test]
+fn large_tensors_written_piece_by_piece_as_their_copy_advances_are_saved_exactly() {
+    // 46 MiB: copied in 8 MiB pieces (Deferred) or write-protected and copied chunk by chunk
+    // (Eager), the writer writing each piece as it comes.
+    for mode in [SnapshotMode::Deferred, SnapshotMode::Eager] {
+        run_on(mode, Device::Cpu, 40_000);
+    }
+}
+
 /// CUDA tensors: the device-to-host copy goes into pinned staging memory (on the staging thread
 /// in Deferred mode) and what lands on disk is the state at save / `staged()` time. Runs only
 /// where CUDA is available (it says so and returns elsewhere).

@@ -530,7 +530,9 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                 // With overlap on and room in the queue, the job goes to the writer before the
                 // copy, so the write of the first storages overlaps the copy of the last ones
                 // (the writer waits for each). Otherwise the copy goes first.
-                let mut held = if !self.shared.overlap || plan.is_none() {
+                // A write-protected save decides in `run_protected` (see `on_first` below).
+                let protecting = workers.protector.is_some();
+                let mut held = if !self.shared.overlap || plan.is_none() || protecting {
                     Some(job)
                 } else {
                     match queue(&self.shared, writer, job) {

@@ -472,10 +472,15 @@ mod imp {
             if items.is_empty() {
                 return;
             }
-            self.items.extend(items);
-            self.by_addr = (0..self.items.len()).collect();
-            let items = &self.items;
-            self.by_addr.sort_by_key(|&i| items[i].range.start);
+            for item in items {
+                let start = item.range.start;
+                let i = self.items.len();
+                self.items.push(item);
+                let at = self
+                    .by_addr
+                    .partition_point(|&k| self.items[k].range.start < start);
+                self.by_addr.insert(at, i);
+            }
         }
 
         /// Copies chunk `c` of item `i` unless done, then lifts its protection.
@@ -792,11 +797,16 @@ mod imp {
             let mut st = lock(&inner.state);
             st.arming = false;
             if st.dead || !self.pushed {
-                // Nothing for the copier: either nothing was handed over, or the copier died
-                // and dropped what was (lifting its protection; its storages fail as
-                // abandoned).
+                // Nothing for the copier: nothing was handed over (ranges pushed once the
+                // copier was gone were copied on this thread), or the copier died and dropped
+                // what was (lifting its protection; those storages fail as abandoned, and the
+                // write with them). Either way the snapshot is as done as it will be.
                 drop(st);
                 inner.idle.notify_all();
+                inner.notify();
+                if let Some(f) = on_done {
+                    f();
+                }
                 return;
             }
             st.sealed = Some(on_done);

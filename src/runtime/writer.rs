@@ -260,11 +260,12 @@ struct Slab {
     _buf: StagingBuf,
 }
 
-// SAFETY: the slab only hands out disjoint regions: each is written through `region_mut`
-// (by one thread, or for a write-protected tensor by the training thread at its two ends and
-// the copier thread in the middle) before it is published as a `Region`, and only read
-// afterwards (see `CopyPlan::run` and `CopyPlan::run_protected`); the pool buffer itself may
-// move between threads.
+// SAFETY: the slab only hands out disjoint regions: each is written (through `region_mut` by
+// one thread, or for a write-protected tensor by the training thread at its two ends and the
+// copier thread in the middle) before it is read: as a `Region` once it is published, or a
+// large one front to back as its storage's progress says its first bytes are in, and never
+// written again (see `CopyPlan::run`, `copy_streamed` and `CopyPlan::run_protected`); the pool
+// buffer itself may move between threads.
 #[allow(unsafe_code)]
 unsafe impl Send for Slab {}
 // SAFETY: as above.
@@ -442,12 +443,10 @@ impl CopyPlan {
                 let filler = item.filler.lock().unwrap_or_else(|e| e.into_inner()).take();
                 let Some(filler) = filler else { continue };
                 let len = item.len;
-                // SAFETY: each item's region is disjoint from every other's (offsets are
-                // cumulative, rounded up), in bounds (the slab holds the total; checked), taken
-                // by exactly one thread (the index is claimed once), and published only below.
-                #[allow(unsafe_code)]
-                let dst = unsafe { self.slab.region_mut(item.off, len) };
-                match copy_streamed(&item.live, dst, &filler) {
+                // Each item's region is disjoint from every other's (offsets are cumulative,
+                // rounded up), in bounds (the slab holds the total; checked), taken by exactly
+                // one thread (the index is claimed once), and published only below.
+                match copy_streamed(&item.live, &self.slab, item.off, len, &filler) {
                     Ok(()) => filler.fill(Bytes::from_owner(Region {
                         slab: self.slab.clone(),
                         off: item.off,
@@ -498,27 +497,41 @@ impl CopyPlan {
 /// write each piece as soon as it is copied.
 const STREAM_CHUNK: usize = 8 << 20;
 
-/// Copies `live` into `dst`, its region of the slab: a large tensor whose bytes can be read in
-/// place piece by piece, telling the storage's progress after each piece (so the writer can
-/// start on it), anything else in one `copy_to`.
-fn copy_streamed(live: &LiveTensor, dst: &mut [u8], filler: &StorageFiller) -> Result<()> {
-    if dst.len() >= PROTECT_MIN {
+/// Copies `live` into its region of the slab (`off..off + len`, which the calling thread alone
+/// writes and nobody has read yet): a large tensor whose bytes can be read in place piece by
+/// piece, telling the storage's progress after each piece (so the writer can start on it),
+/// anything else in one `copy_to`.
+#[allow(unsafe_code)]
+fn copy_streamed(
+    live: &LiveTensor,
+    slab: &Slab,
+    off: usize,
+    len: usize,
+    filler: &StorageFiller,
+) -> Result<()> {
+    if len >= PROTECT_MIN {
         // SAFETY: the bytes are read only here, inside the snapshot's copy, while the caller
         // does not write the tensor (an Eager save has not returned; a Deferred save's
         // `staged()` has not resolved), and dropped before this returns.
-        #[allow(unsafe_code)]
         let src = unsafe { live.source().borrow_bytes() };
-        if let Some(src) = src.filter(|b| b.len() == dst.len()) {
+        if let Some(src) = src.filter(|b| b.len() == len) {
             let progress = filler.progress();
             let mut at = 0;
-            for (d, s) in dst.chunks_mut(STREAM_CHUNK).zip(src.chunks(STREAM_CHUNK)) {
-                d.copy_from_slice(s);
-                at += s.len();
-                progress.advance(at);
+            for piece in src.chunks(STREAM_CHUNK) {
+                // SAFETY: a part of this item's region not yet written or read (see above);
+                // the slice ends before the progress below lets the writer read it.
+                let dst = unsafe { slab.region_mut(off + at, piece.len()) };
+                dst.copy_from_slice(piece);
+                at += piece.len();
+                // SAFETY: the first `at` bytes of the region are written, and never again.
+                unsafe { progress.advance(at) };
             }
             return Ok(());
         }
     }
+    // SAFETY: this item's region, written by this thread alone and read by nobody until it is
+    // filled (nothing advances its progress here).
+    let dst = unsafe { slab.region_mut(off, len) };
     live.source().copy_to(dst)
 }
 
@@ -528,13 +541,16 @@ impl CopyPlan {
     /// instead of copied (see [`protect`](super::protect)), and the copier thread copies it in
     /// the background; the rest is copied here, first, so that the protection is set up in one
     /// short step. Each tensor goes to the copier as soon as it is protected, and `on_first`
-    /// runs once the first has (where the caller may hand the save to the writer, so that the
-    /// write also starts while the rest is protected). Returns the bytes protected. The staging
+    /// runs once the first has, or before the copy when nothing will be protected (where the
+    /// caller may hand the save to the writer, so that the write also starts while the rest is
+    /// protected or copied). Returns the bytes protected. The staging
     /// (`setter`, and `done`'s staged state) is then ended by the copier once its copy is
     /// done; when nothing was protected, `setter` is left for the caller. Without `block`, a
     /// save that would wait for the previous protected snapshot's copy copies instead.
     ///
-    /// On failure nothing stays protected and every storage not filled fails.
+    /// On failure the ranges not yet handed to the copier are unprotected at once (those
+    /// handed over are copied, then unprotected, by the copier), and every storage that will
+    /// not be filled fails.
     #[allow(unsafe_code)]
     pub(crate) fn run_protected(
         self,
@@ -568,10 +584,12 @@ impl CopyPlan {
             .run(true)
         };
         if candidates.is_empty() {
+            on_first();
             return copy(rest).map(|()| 0);
         }
         copy(rest)?;
         let Some(mut arming) = protector.arm(block) else {
+            on_first();
             return copy(candidates.into_iter().map(|(i, _)| i).collect()).map(|()| 0);
         };
         let mut fallback = Vec::new();
@@ -590,28 +608,35 @@ impl CopyPlan {
                 continue;
             };
             let (head, tail) = (range.start - addr, range.end - addr);
-            // SAFETY: this item's region, disjoint from every other's and in bounds (see
-            // `run`); this thread writes its two ends now, the copier the middle (`push`'s
-            // contract), and it is read only once `on_copied` has published it.
-            let dst = unsafe { self.slab.region_mut(item.off, item.len) };
-            dst[..head].copy_from_slice(&live_bytes[..head]);
-            dst[tail..].copy_from_slice(&live_bytes[tail..]);
+            // SAFETY: the two ends of this item's region, disjoint from every other's and in
+            // bounds (see `run`), written by this thread now (the copier writes the middle,
+            // `push`'s contract); each slice ends here, before anyone may read the region.
+            unsafe { self.slab.region_mut(item.off, head) }.copy_from_slice(&live_bytes[..head]);
+            // SAFETY: as above.
+            unsafe { self.slab.region_mut(item.off + tail, item.len - tail) }
+                .copy_from_slice(&live_bytes[tail..]);
+            let middle = self.slab.base.wrapping_add(item.off + head);
             // The writer may read the region from its start as the copy advances: the head
             // now, the middle as the copier copies it in order (the tail comes with the rest).
             let progress = filler.progress();
-            progress.advance(head);
-            let middle = dst[head..tail].as_mut_ptr();
+            // SAFETY: the first `head` bytes of the region were written above, and never again.
+            unsafe { progress.advance(head) };
+            let on_progress: Box<dyn Fn(usize) + Send> = Box::new(move |n| {
+                // SAFETY: the copier tells `n` once the first `n` bytes of the range are
+                // copied (`Item::copy_chunk`), and never writes them again.
+                unsafe { progress.advance(head + n) }
+            });
             let (slab, off, len) = (self.slab.clone(), item.off, item.len);
             protected += (range.end - range.start) as u64;
             // SAFETY: `middle` is the range's length inside this item's region, which nothing
-            // else touches until `on_copied` publishes it, and which `slab` (owned by
-            // `on_copied`) keeps alive.
+            // else writes, and nobody reads before the copier has copied it (`on_progress`,
+            // `on_copied`); `slab` (owned by `on_copied`) keeps it alive.
             unsafe {
                 arming.push(
                     range,
                     middle,
                     Box::new((live_bytes, item.live.clone())),
-                    Box::new(move |n| progress.advance(head + n)),
+                    on_progress,
                     Box::new(move || filler.fill(Bytes::from_owner(Region { slab, off, len }))),
                 );
             }

@@ -175,10 +175,15 @@ impl<W: ZipSink> ZipWriter<W> {
         let start = self
             .begin(name, size, Some((addr, size_usize)))
             .map_err(&io_err)?;
+        // Set when the write fails, so the hashing thread stops at its next piece.
+        let failed = std::sync::atomic::AtomicBool::new(false);
         // Every piece from offset 0 to `size`, as it comes.
         let each = |f: &mut dyn FnMut(&[u8]) -> Result<(), E>| -> Result<(), E> {
             let mut at = 0;
             while at < size_usize {
+                if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Ok(());
+                }
                 let piece = ready(at)?;
                 if piece.is_empty() {
                     return Err(io_err(io::Error::new(
@@ -203,6 +208,9 @@ impl<W: ZipSink> ZipWriter<W> {
                     .map(|()| h)
                 });
                 let wrote = each(&mut |p| self.put_data(p).map_err(&io_err));
+                if wrote.is_err() {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 let h = hasher
                     .join()
                     .map_err(|_| io_err(io::Error::other("CRC thread panicked")))?;
