@@ -258,12 +258,19 @@ impl Pending {
             let prefix = unsafe { std::slice::from_raw_parts(p.base, n) };
             (n >= at_least).then_some(Ok(prefix))
         };
-        if let Some(r) = ready() {
+        self.wait_until(ready)
+    }
+
+    /// Waits until `check` has an answer: checked now, then under the lock after each
+    /// notification (`set` and `advance` take the lock between their store and their
+    /// notification, so none is missed).
+    fn wait_until<T>(&self, check: impl Fn() -> Option<T>) -> T {
+        if let Some(r) = check() {
             return r;
         }
         let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(r) = ready() {
+            if let Some(r) = check() {
                 return r;
             }
             g = self.filled.wait(g).unwrap_or_else(|e| e.into_inner());
@@ -287,16 +294,7 @@ impl Pending {
     }
 
     fn wait(&self) -> &std::result::Result<Bytes, String> {
-        if let Some(r) = self.cell.get() {
-            return r;
-        }
-        let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if let Some(r) = self.cell.get() {
-                return r;
-            }
-            g = self.filled.wait(g).unwrap_or_else(|e| e.into_inner());
-        }
+        self.wait_until(|| self.cell.get())
     }
 
     fn set(&self, r: std::result::Result<Bytes, String>) {

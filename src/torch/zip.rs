@@ -117,40 +117,35 @@ impl<W: ZipSink> ZipWriter<W> {
         size: u64,
         parts: impl IntoIterator<Item = &'b [u8]>,
     ) -> io::Result<()> {
-        let parts: Vec<&[u8]> = parts.into_iter().collect();
-        let place = parts.first().map(|p| (p.as_ptr() as usize, p.len()));
-        let start = self.begin(name, size, place)?;
-        let written: u64 = parts.iter().map(|p| p.len() as u64).sum();
-        let crc = if written >= PARALLEL_CRC_MIN {
-            // A large entry: its CRC-32 is computed on a second thread while the data is
-            // written (the data descriptor that carries it comes after the data).
-            std::thread::scope(|scope| -> io::Result<crc32fast::Hasher> {
-                let hasher = scope.spawn(|| {
-                    let mut h = crc32fast::Hasher::new();
-                    parts.iter().for_each(|p| h.update(p));
-                    h
-                });
-                let wrote = parts.iter().try_for_each(|p| self.put_data(p));
-                let h = hasher
-                    .join()
-                    .map_err(|_| io::Error::other("CRC thread panicked"))?;
-                wrote.map(|()| h)
-            })?
-        } else {
-            let mut h = crc32fast::Hasher::new();
-            for part in &parts {
-                h.update(part);
-                self.put_data(part)?;
-            }
-            h
-        };
-        if written != size {
+        let parts: Vec<&[u8]> = parts.into_iter().filter(|p| !p.is_empty()).collect();
+        let given: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        if given != size {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("entry {name}: declared {size} bytes, wrote {written}"),
+                format!("entry {name}: declared {size} bytes, given {given}"),
             ));
         }
-        self.end(name, size, start, crc.finalize())
+        let place = parts.first().map(|p| (p.as_ptr() as usize, p.len()));
+        // Where each part starts in the entry.
+        let starts: Vec<usize> = parts
+            .iter()
+            .scan(0, |at, p| {
+                let start = *at;
+                *at += p.len();
+                Some(start)
+            })
+            .collect();
+        self.write_entry(
+            name,
+            size,
+            place,
+            |at| {
+                // `at` is inside the entry, so some part starts at or before it.
+                let i = starts.partition_point(|&s| s <= at) - 1;
+                Ok(&parts[i][at - starts[i]..])
+            },
+            |e| e,
+        )
     }
 
     /// Writes one entry of `size` bytes that will be at address `addr` and are still being
@@ -166,15 +161,29 @@ impl<W: ZipSink> ZipWriter<W> {
         ready: impl Fn(usize) -> Result<&'b [u8], E> + Sync,
         io_err: impl Fn(io::Error) -> E + Sync,
     ) -> Result<(), E> {
+        let len = usize::try_from(size).unwrap_or(usize::MAX);
+        self.write_entry(name, size, Some((addr, len)), ready, io_err)
+    }
+
+    /// Writes an entry: its header (data placed for `place`, the address and length of its
+    /// first piece, when the sink asks), every piece `ready` gives from offset 0 to `size` as
+    /// it comes, its CRC-32 (computed on a second thread while a large entry is written: the
+    /// data descriptor that carries it comes after the data), and its data descriptor.
+    fn write_entry<'b, E: Send>(
+        &mut self,
+        name: &str,
+        size: u64,
+        place: Option<(usize, usize)>,
+        ready: impl Fn(usize) -> Result<&'b [u8], E> + Sync,
+        io_err: impl Fn(io::Error) -> E + Sync,
+    ) -> Result<(), E> {
         let size_usize = usize::try_from(size).map_err(|_| {
             io_err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("entry {name}: {size} bytes do not fit in memory"),
             ))
         })?;
-        let start = self
-            .begin(name, size, Some((addr, size_usize)))
-            .map_err(&io_err)?;
+        let start = self.begin(name, size, place).map_err(&io_err)?;
         // Set when the write fails, so the hashing thread stops at its next piece.
         let failed = std::sync::atomic::AtomicBool::new(false);
         // Every piece from offset 0 to `size`, as it comes.
