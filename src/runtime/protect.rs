@@ -12,6 +12,12 @@
 //! until the copier has copied that page's chunk first; then its write goes ahead. Either way
 //! the staging buffer holds the tensors exactly as they were when `save` returned.
 //!
+//! The copier starts on each tensor as soon as it is protected, while `save` protects the
+//! next. Until `save` is done protecting, the copier keeps the protection of what it has
+//! copied (lifting it takes the process's memory-map lock, which `save`'s next registration
+//! would then wait for, on the caller's time) and lifts it all at once afterwards; a write
+//! that reaches such a chunk meanwhile has its protection lifted at once.
+//!
 //! # When it applies
 //! Only to tensors of at least [`PROTECT_MIN`] bytes whose source offers
 //! [`TensorSource::protectable_bytes`](crate::TensorSource::protectable_bytes) (tch CPU tensors
@@ -123,11 +129,13 @@ mod imp {
         }
 
         /// Once every chunk is copied: forgets the range and publishes the copy.
+        /// Does nothing the second time.
         fn finish(&mut self, inner: &Inner) {
+            let Some(f) = self.on_copied.take() else {
+                return;
+            };
             inner.unregister(&self.range);
-            if let Some(f) = self.on_copied.take() {
-                f();
-            }
+            f();
         }
 
         /// Copies what is left of the range on this thread (while it is still protected),
@@ -450,6 +458,13 @@ mod imp {
         by_addr: Vec<usize>,
         /// Next chunk to copy in order: (item, chunk).
         cursor: (usize, usize),
+        /// While the save still protects ranges, copied chunks keep their protection (and
+        /// items copied whole stay registered) until it is done: lifting a protection takes
+        /// the process's memory-map lock, which the save's next registration then waits for,
+        /// and that wait is the caller's. Here are those chunks, as (item, chunk).
+        held: Vec<(usize, usize)>,
+        /// Set while the save is protecting ranges: chunks copied then are held.
+        hold: bool,
         /// Every range has arrived.
         sealed: bool,
         on_done: Option<OnDone>,
@@ -462,6 +477,8 @@ mod imp {
                 items: Vec::new(),
                 by_addr: Vec::new(),
                 cursor: (0, 0),
+                held: Vec::new(),
+                hold: false,
                 sealed: false,
                 on_done: None,
             }
@@ -483,13 +500,30 @@ mod imp {
             }
         }
 
-        /// Copies chunk `c` of item `i` unless done, then lifts its protection.
-        fn copy(&mut self, i: usize, c: usize) {
+        /// Copies chunk `c` of item `i` unless done, then lifts its protection (or, unless a
+        /// writer waits for it, holds it while the save still protects ranges: see `held`).
+        fn copy(&mut self, i: usize, c: usize, waited: bool) {
             let item = &mut self.items[i];
             if item.copied[c] {
                 return;
             }
             item.copy_chunk(c);
+            if self.hold && !waited {
+                self.held.push((i, c));
+                return;
+            }
+            self.release(i, c);
+        }
+
+        /// Lifts the protection of chunk `c` of item `i`, copied; forgets the item once it is
+        /// copied whole.
+        fn release(&mut self, i: usize, c: usize) {
+            let item = &mut self.items[i];
+            if item.left == 0 {
+                // Unregistering lifts the protection of the whole range at once.
+                item.finish(&self.inner);
+                return;
+            }
             if let Err(e) = self.inner.unprotect(&item.chunk(c)) {
                 tracing::error!(error = %e, "ckptio: cannot unprotect a copied chunk");
                 // Copy the rest while it is still protected, then lift everything.
@@ -501,6 +535,50 @@ mod imp {
             }
             if item.left == 0 {
                 item.finish(&self.inner);
+            }
+        }
+
+        /// Sets whether copied chunks are held (while the save protects ranges); when that
+        /// ends, lifts the protection of those held: one call per run of adjacent chunks, and
+        /// one per item copied whole.
+        fn set_hold(&mut self, hold: bool) {
+            self.hold = hold;
+            if hold || self.held.is_empty() {
+                return;
+            }
+            let mut held = std::mem::take(&mut self.held);
+            held.sort_unstable();
+            let mut k = 0;
+            while k < held.len() {
+                let (i, c) = held[k];
+                let mut end = c + 1;
+                k += 1;
+                while k < held.len() && held[k] == (i, end) {
+                    end += 1;
+                    k += 1;
+                }
+                let item = &mut self.items[i];
+                if item.left == 0 {
+                    // Every other held chunk of the item goes with it.
+                    while k < held.len() && held[k].0 == i {
+                        k += 1;
+                    }
+                    item.finish(&self.inner);
+                    continue;
+                }
+                let r = item.chunk(c).start..item.chunk(end - 1).end;
+                if let Err(e) = self.inner.unprotect(&r) {
+                    tracing::error!(error = %e, "ckptio: cannot unprotect a copied chunk");
+                    for x in 0..item.copied.len() {
+                        if !item.copied[x] {
+                            item.copy_chunk(x);
+                        }
+                    }
+                    item.finish(&self.inner);
+                    while k < held.len() && held[k].0 == i {
+                        k += 1;
+                    }
+                }
             }
         }
 
@@ -517,12 +595,17 @@ mod imp {
                 return false;
             }
             let c = (addr - item.range.start) / CHUNK;
-            if item.copied[c] {
+            if let Some(h) = self.held.iter().position(|&x| x == (i, c)) {
+                // Copied and held: the writer waits no longer.
+                self.held.swap_remove(h);
+                self.inner.waits.fetch_add(1, Ordering::Relaxed);
+                self.release(i, c);
+            } else if item.copied[c] {
                 // A fault reported after its chunk was released.
                 self.inner.wake(addr);
             } else {
                 self.inner.waits.fetch_add(1, Ordering::Relaxed);
-                self.copy(i, c);
+                self.copy(i, c, true);
             }
             true
         }
@@ -534,7 +617,7 @@ mod imp {
                     let (i, c) = self.cursor;
                     self.cursor.1 += 1;
                     if !self.items[i].copied[c] {
-                        self.copy(i, c);
+                        self.copy(i, c, false);
                         return true;
                     }
                 } else {
@@ -547,10 +630,13 @@ mod imp {
 
     impl Drop for Job {
         fn drop(&mut self) {
-            // Whatever happens (a panic, an abandoned job), no range stays protected.
-            for item in &self.items {
+            // Whatever happens (a panic, an abandoned job), no range stays protected; a range
+            // copied whole but held is published.
+            for item in &mut self.items {
                 if item.left > 0 {
                     self.inner.unregister(&item.range);
+                } else {
+                    item.finish(&self.inner);
                 }
             }
         }
@@ -941,6 +1027,9 @@ mod imp {
                 }
                 st.arming
             };
+            if let Some(j) = job.as_mut() {
+                j.set_hold(arming);
+            }
             if !early.is_empty() {
                 for addr in std::mem::take(&mut early) {
                     let served = job.as_mut().is_some_and(|j| j.fault(addr));
@@ -1021,6 +1110,75 @@ mod imp {
                 }
                 None => eprintln!("PROCMAP_QUERY not available: /proc/self/maps is read instead"),
             }
+        }
+
+        /// A send-able address, for the test threads.
+        #[derive(Clone, Copy)]
+        struct Addr(usize);
+
+        #[test]
+        fn a_write_to_a_range_copied_while_the_save_still_protects_others_goes_ahead_at_once() {
+            let Ok(p) = Protector::start(Arc::new(AtomicU64::new(0))) else {
+                eprintln!("userfaultfd not available here: nothing to check");
+                return;
+            };
+            let live = map(libc::MAP_PRIVATE);
+            let len = live.end - live.start;
+            // SAFETY: the fresh mapping of `len` bytes made above; no one else uses it yet.
+            unsafe { std::ptr::write_bytes(live.start as *mut u8, 7, len) };
+            let mut dst = vec![0u8; len];
+            let mut arming = p.arm(true).expect("no other save is arming");
+            let range = arming
+                .protect(live.start, len)
+                .expect("private memory is protected");
+            assert_eq!(range, live);
+            let (copied_tx, copied_rx) = std::sync::mpsc::channel();
+            let (published_tx, published_rx) = std::sync::mpsc::channel();
+            // SAFETY: `dst` is as long as the range and outlives the copy (this test waits for
+            // `on_copied` before reading it); the mapping is never unmapped.
+            unsafe {
+                arming.push(
+                    range,
+                    dst.as_mut_ptr(),
+                    Box::new(()),
+                    Box::new(move |n| {
+                        if n == len {
+                            let _ = copied_tx.send(());
+                        }
+                    }),
+                    Box::new(move || {
+                        let _ = published_tx.send(());
+                    }),
+                );
+            }
+            // The copier copies the range while the save is still arming (it could protect
+            // more ranges): the copy is done, its protection may still be held.
+            copied_rx
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .expect("the copier copies a range as soon as it is handed over");
+            let at = Addr(live.start + len / 2);
+            let (wrote_tx, wrote_rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let at = at;
+                // SAFETY: inside the mapping, which stays mapped; the test reads it only
+                // after this write is reported.
+                unsafe { std::ptr::write_volatile(at.0 as *mut u8, 9) };
+                let _ = wrote_tx.send(());
+            });
+            // The write must not wait for the save to finish arming.
+            let went_ahead = wrote_rx.recv_timeout(std::time::Duration::from_secs(10));
+            arming.submit(Box::new(|| {}));
+            went_ahead.expect("a write to a copied range goes ahead while the save arms");
+            published_rx
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .expect("the copy is published");
+            assert!(
+                dst.iter().all(|&b| b == 7),
+                "the copy holds the bytes before the write"
+            );
+            // SAFETY: the write above is over (reported), and nobody writes the mapping now.
+            let now = unsafe { std::ptr::read_volatile(at.0 as *const u8) };
+            assert_eq!(now, 9);
         }
     }
 }
