@@ -236,22 +236,21 @@ fn run(args: &Args, dir: &Path, mib: usize) -> Row {
     // protected, hashed on a second thread and written piece by piece like the large ones)
     // brings in the code, thread stacks and buffers every later save reuses. What it left
     // resident beyond its staging buffer is reported apart.
+    let small = [(
+        "warm_up".to_string(),
+        Tensor::randn([3 << 20], (Kind::Float, Device::Cpu)),
+    )];
     let before = common::rss_bytes();
-    {
-        let small = [(
-            "warm_up".to_string(),
-            Tensor::randn([3 << 20], (Kind::Float, Device::Cpu)),
-        )];
-        aios[0]
-            .save(&live_tree(&small, -1), &path)
-            .expect("save")
-            .wait()
-            .expect("write");
-    }
+    aios[0]
+        .save(&live_tree(&small, -1), &path)
+        .expect("save")
+        .wait()
+        .expect("write");
     let pool = aios[0].status().pool;
     res.one_time_rss = (common::rss_bytes().saturating_sub(before) as f64
         - (pool.in_use + pool.free) as f64)
         .max(0.0);
+    drop(small);
     // Peak RSS per save: from before the pool's allocation for this state (the warm-up save)
     // through one more save.
     let peak = RssPeak::start(Duration::from_millis(1));

@@ -607,6 +607,95 @@ mod tests {
         }
     }
 
+    /// Test bytes: `len` of them, not all alike, `shift` bytes into a page-aligned buffer (64-byte
+    /// aligned but not page-aligned, like a tensor inside an allocation).
+    fn shifted(len: usize, shift: usize) -> crate::aligned::AlignedBuf {
+        let mut mem = crate::aligned::AlignedBuf::filled(len + shift, 0);
+        for (i, b) in mem.as_mut_slice()[shift..].iter_mut().enumerate() {
+            *b = (i * 31 % 251) as u8;
+        }
+        mem
+    }
+
+    #[test]
+    fn an_entry_written_piece_by_piece_as_it_comes_reads_back_exactly_with_and_without_zip64() {
+        use crate::aligned::PAGE;
+        // Hashed on the second thread, with a ragged end.
+        let size = PARALLEL_CRC_MIN as usize + 3 * PAGE + 77;
+        let shift = 192;
+        let mem = shifted(size, shift);
+        let data = &mem.as_slice()[shift..];
+        let base = data.as_ptr() as usize;
+        for threshold in [U32_MAX, 0] {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("z.zip");
+            let mut sink = FileSink::create(&p, true).unwrap();
+            let mut w = ZipWriter::new(&mut sink).with_zip64_threshold(threshold);
+            w.entry("a/data.pkl", 3, [&b"abc"[..]]).unwrap();
+            // Pieces as a copy in progress hands them out: the first up to a page boundary of
+            // memory, then one to five whole pages at a time, then the ragged end.
+            w.entry_streamed(
+                "a/data/0",
+                size as u64,
+                base,
+                |at| -> Result<&[u8], io::Error> {
+                    let pages = 1 + (at / PAGE) % 5;
+                    let end = ((base + at) / PAGE + pages) * PAGE - base;
+                    Ok(&data[at..end.min(size)])
+                },
+                |e| e,
+            )
+            .unwrap();
+            w.entry("a/version", 1, [&b"3"[..]]).unwrap();
+            w.finish().unwrap();
+            let (_, stats) = sink.finish().unwrap();
+            let z = std::fs::read(&p).unwrap();
+            let d = read_directory(&z).unwrap();
+            let names: Vec<&str> = d.iter().map(|e| e.name.as_str()).collect();
+            assert_eq!(
+                names,
+                ["a/data.pkl", "a/data/0", "a/version"],
+                "{threshold}"
+            );
+            let e = &d[1];
+            assert_eq!(e.size, size as u64, "{threshold}");
+            assert_eq!(e.crc, crc32fast::hash(data), "{threshold}");
+            assert_eq!(e.data_offset % ALIGNMENT, 0, "{threshold}");
+            assert!(&z[e.data_offset as usize..][..size] == data, "{threshold}");
+            assert_eq!(&z[d[2].data_offset as usize..][..1], b"3", "{threshold}");
+            if stats.direct {
+                // Placed by its address: all but the partial pages at both ends went to the
+                // disk from its own memory.
+                assert_eq!(e.data_offset % PAGE as u64, (base % PAGE) as u64);
+                assert!(
+                    stats.direct_in_place >= (size - 2 * PAGE) as u64,
+                    "{threshold}: {stats:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_streamed_entry_whose_bytes_fail_midway_returns_that_error() {
+        let size = PARALLEL_CRC_MIN as usize * 2;
+        let mem = shifted(size, 0);
+        let data = mem.as_slice();
+        let mut w = ZipWriter::new(Plain(Vec::new()));
+        let got = w.entry_streamed(
+            "a/data/0",
+            size as u64,
+            data.as_ptr() as usize,
+            |at| {
+                if at >= size / 2 {
+                    return Err("the copy failed".to_string());
+                }
+                Ok(&data[at..(at + (1 << 20)).min(size)])
+            },
+            |e| e.to_string(),
+        );
+        assert_eq!(got, Err("the copy failed".to_string()));
+    }
+
     #[test]
     fn truncated_and_garbage_are_refused() {
         let z = build(U32_MAX);
