@@ -16,7 +16,9 @@
 //! next. Until `save` is done protecting, the copier keeps the protection of what it has
 //! copied (lifting it takes the process's memory-map lock, which `save`'s next registration
 //! would then wait for, on the caller's time) and lifts it all at once afterwards; a write
-//! that reaches such a chunk meanwhile has its protection lifted at once.
+//! that reaches such a chunk meanwhile has its protection lifted at once. Meanwhile the
+//! copier is also kept off the caller's CPU (where the scheduler tends to wake it, and where
+//! the two would take turns) when another CPU is allowed to it.
 //!
 //! # When it applies
 //! Only to tensors of at least [`PROTECT_MIN`] bytes whose source offers
@@ -322,6 +324,8 @@ mod imp {
         maps: Option<std::fs::File>,
         /// Faults that waited for a copy.
         waits: Arc<AtomicU64>,
+        /// The copier thread's id (0 until it has started).
+        copier_tid: std::sync::atomic::AtomicI32,
         state: Mutex<State>,
         idle: Condvar,
     }
@@ -666,6 +670,7 @@ mod imp {
                 pid: std::process::id(),
                 maps: std::fs::File::open("/proc/self/maps").ok(),
                 waits,
+                copier_tid: std::sync::atomic::AtomicI32::new(0),
                 state: Mutex::new(State {
                     incoming: Vec::new(),
                     sealed: None,
@@ -706,6 +711,8 @@ mod imp {
                 return None;
             }
             st.arming = true;
+            drop(st);
+            let step_aside = StepAside::new(self.inner.copier_tid.load(Ordering::Acquire));
             Some(Arming {
                 p: self,
                 maps: None,
@@ -713,6 +720,7 @@ mod imp {
                 unpushed: Vec::new(),
                 pushed: false,
                 submitted: false,
+                step_aside,
             })
         }
     }
@@ -746,6 +754,62 @@ mod imp {
         /// Some range was handed to the copier.
         pushed: bool,
         submitted: bool,
+        /// The copier's CPUs before `arm` took the caller's away, to give back at the seal.
+        step_aside: Option<StepAside>,
+    }
+
+    /// Keeps the copier off the CPU of the thread that is protecting ranges, until dropped.
+    ///
+    /// The copier starts on each range as soon as it is handed over, while the save protects
+    /// the next. Woken by the save, the scheduler tends to place it on the save's own CPU, where
+    /// the two then take turns and the caller waits for the copy after all (traced on the
+    /// project's 2-core machine: 3 to 5 ms of a 64 MiB save's 8). Other CPUs are left to it
+    /// while the save protects; its CPUs are given back as they were when the save is done.
+    struct StepAside {
+        tid: i32,
+        saved: libc::cpu_set_t,
+    }
+
+    impl StepAside {
+        /// `None` when the copier is not running yet, the caller's CPU is unknown, or no other
+        /// CPU is allowed to it.
+        fn new(tid: i32) -> Option<StepAside> {
+            if tid <= 0 {
+                return None;
+            }
+            // SAFETY: sched_getcpu has no preconditions.
+            let cpu = unsafe { libc::sched_getcpu() };
+            let cpu = usize::try_from(cpu).ok()?;
+            let size = std::mem::size_of::<libc::cpu_set_t>();
+            // SAFETY: cpu_set_t is a plain bit array, valid when zeroed.
+            let mut saved: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            // SAFETY: `saved` is a cpu_set_t of `size` bytes, written by the call.
+            if unsafe { libc::sched_getaffinity(tid, size, &mut saved) } != 0 {
+                return None;
+            }
+            let mut away = saved;
+            // SAFETY: `cpu` is below CPU_SETSIZE (sched_getcpu returns a CPU number the
+            // kernel's masks hold, and `CPU_CLR` ignores larger ones), `away` a valid set.
+            unsafe { libc::CPU_CLR(cpu, &mut away) };
+            // SAFETY: as above, read only.
+            if unsafe { libc::CPU_COUNT(&away) } == 0 {
+                return None;
+            }
+            // SAFETY: `away` is a valid cpu_set_t of `size` bytes for the call.
+            if unsafe { libc::sched_setaffinity(tid, size, &away) } != 0 {
+                return None;
+            }
+            Some(StepAside { tid, saved })
+        }
+    }
+
+    impl Drop for StepAside {
+        fn drop(&mut self) {
+            let size = std::mem::size_of::<libc::cpu_set_t>();
+            // SAFETY: `saved` is the valid cpu_set_t read in `new`. A copier that has exited
+            // since makes the call fail, which is fine.
+            unsafe { libc::sched_setaffinity(self.tid, size, &self.saved) };
+        }
     }
 
     impl Arming<'_> {
@@ -876,6 +940,8 @@ mod imp {
                 return;
             }
             self.submitted = true;
+            // The copier may use every CPU again.
+            self.step_aside = None;
             for r in std::mem::take(&mut self.unpushed) {
                 self.p.inner.unregister(&r);
             }
@@ -980,6 +1046,8 @@ mod imp {
 
     impl Drop for DeadOnExit {
         fn drop(&mut self) {
+            // Its thread id may soon be another thread's.
+            self.0.copier_tid.store(0, Ordering::Release);
             let mut st = lock(&self.0.state);
             st.dead = true;
             st.busy = false;
@@ -997,6 +1065,9 @@ mod imp {
 
     fn copier(inner: Arc<Inner>) {
         let _dead = DeadOnExit(inner.clone());
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
+        inner.copier_tid.store(tid, Ordering::Release);
         let mut job: Option<Job> = None;
         // Faults on ranges being set up, served once they are handed over.
         let mut early: VecDeque<usize> = VecDeque::new();
@@ -1110,6 +1181,54 @@ mod imp {
                 }
                 None => eprintln!("PROCMAP_QUERY not available: /proc/self/maps is read instead"),
             }
+        }
+
+        fn affinity(tid: i32) -> libc::cpu_set_t {
+            // SAFETY: a zeroed cpu_set_t is valid; the call writes at most its size.
+            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            let size = std::mem::size_of::<libc::cpu_set_t>();
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::sched_getaffinity(tid, size, &mut set) }, 0);
+            set
+        }
+
+        fn count(set: &libc::cpu_set_t) -> i32 {
+            // SAFETY: a valid set, read only.
+            unsafe { libc::CPU_COUNT(set) }
+        }
+
+        #[test]
+        fn while_a_save_protects_ranges_the_copier_keeps_off_its_cpu_and_gets_it_back_after() {
+            let Ok(p) = Protector::start(Arc::new(AtomicU64::new(0))) else {
+                eprintln!("userfaultfd not available here: nothing to check");
+                return;
+            };
+            let tid = loop {
+                let tid = p.inner.copier_tid.load(Ordering::Acquire);
+                if tid > 0 {
+                    break tid;
+                }
+                std::thread::yield_now();
+            };
+            let before = affinity(tid);
+            if count(&before) < 2 {
+                eprintln!("one CPU: the copier has nowhere else to go");
+                return;
+            }
+            let arming = p.arm(true).expect("no other save is arming");
+            let during = affinity(tid);
+            assert_eq!(
+                count(&during),
+                count(&before) - 1,
+                "one CPU, the caller's, is taken"
+            );
+            drop(arming);
+            let after = affinity(tid);
+            // SAFETY: valid sets, read only.
+            assert!(
+                unsafe { libc::CPU_EQUAL(&before, &after) },
+                "given back as it was"
+            );
         }
 
         /// A send-able address, for the test threads.
