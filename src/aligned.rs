@@ -14,13 +14,18 @@ pub(crate) const PAGE: usize = 4096;
 pub(crate) const HUGE_MIN: usize = 4 << 20;
 const HUGE: usize = 2 << 20;
 
+/// Nothing, aligned like a page: the address of an empty [`AlignedBuf`].
+#[repr(align(4096))]
+struct PageAligned;
+
 /// A heap buffer of `len` bytes whose first byte is page-aligned (2 MiB-aligned, with huge
 /// pages asked for, from [`HUGE_MIN`] bytes). Every page is written when it is created, so its
 /// first use does not pay page faults.
 pub(crate) struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
-    layout: std::alloc::Layout,
+    /// `None` for an empty buffer, which allocates nothing.
+    layout: Option<std::alloc::Layout>,
 }
 
 // SAFETY: an `AlignedBuf` owns its allocation alone (like a `Vec<u8>`), and hands out slices
@@ -35,13 +40,20 @@ impl AlignedBuf {
     /// `len` bytes, each set to `fill`.
     #[allow(unsafe_code)]
     pub(crate) fn filled(len: usize, fill: u8) -> AlignedBuf {
+        if len == 0 {
+            return AlignedBuf {
+                // A page-aligned address that is never read or written (the slices are empty).
+                ptr: std::ptr::NonNull::<PageAligned>::dangling().cast(),
+                len: 0,
+                layout: None,
+            };
+        }
         let huge = len >= HUGE_MIN;
         let align = if huge { HUGE } else { PAGE };
-        // Whole pages, at least one (an allocation may not be empty). Like `Vec`, a length no
-        // allocation can hold is a panic (the callers ask for the sizes of tensors in memory).
+        // Whole pages. Like `Vec`, a length no allocation can hold is a panic (the callers ask
+        // for the sizes of tensors in memory).
         let layout = len
             .div_ceil(PAGE)
-            .max(1)
             .checked_mul(PAGE)
             .and_then(|size| std::alloc::Layout::from_size_align(size, align).ok())
             .unwrap_or_else(|| panic!("a buffer of {len} bytes cannot be allocated"));
@@ -59,7 +71,11 @@ impl AlignedBuf {
         }
         // SAFETY: the allocation is `size` bytes, writable, and ours alone.
         unsafe { std::ptr::write_bytes(raw, fill, size) };
-        AlignedBuf { ptr, len, layout }
+        AlignedBuf {
+            ptr,
+            len,
+            layout: Some(layout),
+        }
     }
 
     /// Length in bytes.
@@ -71,7 +87,8 @@ impl AlignedBuf {
     #[allow(unsafe_code)]
     pub(crate) fn as_slice(&self) -> &[u8] {
         // SAFETY: the allocation holds `layout.size() >= len` initialised bytes (written in
-        // `filled`) and lives as long as `self`, which the slice borrows.
+        // `filled`) and lives as long as `self`, which the slice borrows; an empty buffer's
+        // pointer is dangling but aligned and non-null, which an empty slice allows.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
@@ -86,8 +103,10 @@ impl AlignedBuf {
 impl Drop for AlignedBuf {
     #[allow(unsafe_code)]
     fn drop(&mut self) {
-        // SAFETY: allocated in `filled` with this very layout, and freed once.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+        if let Some(layout) = self.layout {
+            // SAFETY: allocated in `filled` with this very layout, and freed once.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
+        }
     }
 }
 

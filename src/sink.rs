@@ -82,6 +82,26 @@ pub struct FileSink {
     padded: bool,
 }
 
+thread_local! {
+    /// The write buffer of the last file this thread finished, for its next: a thread that
+    /// writes checkpoint after checkpoint (a writer thread) allocates it once.
+    static SPARE: std::cell::RefCell<Option<AlignedBuf>> = const { std::cell::RefCell::new(None) };
+}
+
+fn take_buffer() -> AlignedBuf {
+    SPARE
+        .try_with(|s| s.borrow_mut().take())
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| AlignedBuf::filled(BUFFER, 0))
+}
+
+fn give_back_buffer(buf: AlignedBuf) {
+    if buf.len() == BUFFER {
+        let _ = SPARE.try_with(|s| *s.borrow_mut() = Some(buf));
+    }
+}
+
 impl std::fmt::Debug for FileSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FileSink")
@@ -99,7 +119,7 @@ impl FileSink {
         Ok(FileSink {
             file,
             direct,
-            buf: AlignedBuf::filled(BUFFER, 0),
+            buf: take_buffer(),
             filled: 0,
             flushed: 0,
             writeback: durable,
@@ -173,6 +193,7 @@ impl FileSink {
     pub fn finish(mut self) -> io::Result<(File, SinkStats)> {
         let len = self.pos();
         self.flush_buf(true)?;
+        give_back_buffer(std::mem::replace(&mut self.buf, AlignedBuf::filled(0, 0)));
         if self.padded {
             self.file.set_len(len)?;
         }
@@ -453,6 +474,21 @@ mod tests {
         // All but the first partial block and the ragged end went with no copy.
         assert!(stats.direct_in_place >= (3 << 20) - 8192, "{stats:?}");
         assert_eq!(std::fs::metadata(&p).unwrap().len(), stats.bytes);
+    }
+
+    #[test]
+    fn a_thread_writing_file_after_file_allocates_its_write_buffer_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = FileSink::create(&dir.path().join("a"), true).unwrap();
+        let buf = first.buf.as_slice().as_ptr();
+        first.write_all(&[7u8; 5000]).unwrap();
+        first.finish().unwrap();
+        let mut second = FileSink::create(&dir.path().join("b"), true).unwrap();
+        assert_eq!(second.buf.as_slice().as_ptr(), buf, "the same buffer again");
+        // What the first file left in it never reaches the second.
+        second.write_all(b"short").unwrap();
+        second.finish().unwrap();
+        assert_eq!(std::fs::read(dir.path().join("b")).unwrap(), b"short");
     }
 
     #[test]

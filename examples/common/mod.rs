@@ -27,16 +27,23 @@ pub struct RssPeak {
 
 impl RssPeak {
     pub fn start(every: Duration) -> RssPeak {
-        let base = rss_bytes();
         let stop = Arc::new(AtomicBool::new(false));
-        let peak = Arc::new(AtomicU64::new(base));
+        let peak = Arc::new(AtomicU64::new(0));
         let (s, p) = (stop.clone(), peak.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let t = std::thread::spawn(move || {
+            // One sample before the base is read: the sampler's own stack and allocations are
+            // then part of the base, not of what is measured.
+            let _ = rss_bytes();
+            let _ = ready_tx.send(());
             while !s.load(Ordering::Relaxed) {
                 p.fetch_max(rss_bytes(), Ordering::Relaxed);
                 std::thread::sleep(every);
             }
         });
+        let _ = ready_rx.recv();
+        let base = rss_bytes();
+        peak.fetch_max(base, Ordering::Relaxed);
         RssPeak {
             stop,
             peak,
