@@ -50,6 +50,10 @@ struct Args {
     /// Print every save's stall, queue wait, write and time to durable.
     #[arg(long)]
     verbose: bool,
+    /// Leave the state's pages as the allocator made them (`Builder::huge_pages(false)`):
+    /// for a side-by-side run against the default.
+    #[arg(long)]
+    no_huge_pages: bool,
     /// Where to write results.json and results.md.
     #[arg(long, default_value = "results/async_bench")]
     out: PathBuf,
@@ -205,6 +209,7 @@ fn run(args: &Args, dir: &Path, mib: usize) -> Row {
             Builder::default()
                 .snapshot_mode(mode)
                 .write_protect(protect)
+                .huge_pages(!args.no_huge_pages)
                 .build(TorchCheckpointIo::new())
         })
         .collect();
