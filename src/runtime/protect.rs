@@ -1384,30 +1384,21 @@ mod imp {
             // SAFETY: the fresh mapping of `len` bytes made above; no one else uses it yet.
             unsafe { std::ptr::write_bytes(live.start as *mut u8, 7, len) };
             let mut dst = vec![0u8; len];
-            let mut arming = p.arm(true).expect("no other save is arming");
-            let range = arming
-                .protect(live.start, len)
-                .expect("private memory is protected");
-            assert_eq!(range, live);
             let (copied_tx, copied_rx) = std::sync::mpsc::channel();
-            let (published_tx, published_rx) = std::sync::mpsc::channel();
-            // SAFETY: `dst` is as long as the range and outlives the copy (this test waits for
-            // `on_copied` before reading it); the mapping is never unmapped.
-            unsafe {
-                arming.push(
-                    range,
-                    dst.as_mut_ptr(),
-                    Box::new(()),
+            // SAFETY: `dst` outlives the copy: this test waits for it to be published before
+            // reading or dropping `dst`.
+            let (arming, published_rx) = unsafe {
+                protect_and_push(
+                    &p,
+                    &live,
+                    &mut dst,
                     Box::new(move |n| {
                         if n == len {
                             let _ = copied_tx.send(());
                         }
                     }),
-                    Box::new(move || {
-                        let _ = published_tx.send(());
-                    }),
-                );
-            }
+                )
+            };
             // The copier copies the range while the save is still arming (it could protect
             // more ranges): the copy is done, its protection may still be held.
             copied_rx
@@ -1483,28 +1474,48 @@ mod imp {
             huge_kib(&map) > 0
         }
 
-        /// One protected save of `live` into `dst`; `after` runs once `save` has returned
-        /// (the range is protected), before the copy is waited for.
-        fn save_once(p: &Protector, live: &Range<usize>, dst: &mut [u8], after: impl FnOnce()) {
+        /// Starts a save that protects `live` (a mapping that is never unmapped) and hands it
+        /// to the copier, which copies it into `dst`; the receiver hears when the copy is
+        /// published.
+        ///
+        /// # Safety
+        /// `dst` must outlive the copy: the caller waits for the receiver before it reads or
+        /// drops `dst`.
+        unsafe fn protect_and_push<'p>(
+            p: &'p Protector,
+            live: &Range<usize>,
+            dst: &mut [u8],
+            on_progress: Box<dyn Fn(usize) + Send>,
+        ) -> (Arming<'p>, std::sync::mpsc::Receiver<()>) {
+            assert_eq!(dst.len(), live.end - live.start);
             let mut arming = p.arm(true).expect("no other save is arming");
             let range = arming
                 .protect(live.start, live.end - live.start)
                 .expect("private memory is protected");
             assert_eq!(&range, live);
             let (published_tx, published_rx) = std::sync::mpsc::channel();
-            // SAFETY: `dst` is as long as the range and outlives the copy (this waits for
-            // `on_copied` before returning); the mapping is never unmapped.
+            // SAFETY: `dst` is as long as the range and outlives the copy (the caller's
+            // promise); the mapping is never unmapped.
             unsafe {
                 arming.push(
                     range,
                     dst.as_mut_ptr(),
                     Box::new(()),
-                    Box::new(|_| {}),
+                    on_progress,
                     Box::new(move || {
                         let _ = published_tx.send(());
                     }),
                 );
             }
+            (arming, published_rx)
+        }
+
+        /// One protected save of `live` into `dst`; `after` runs once `save` has returned
+        /// (the range is protected), before the copy is waited for.
+        fn save_once(p: &Protector, live: &Range<usize>, dst: &mut [u8], after: impl FnOnce()) {
+            // SAFETY: this waits for the copy to be published before it returns.
+            let (arming, published_rx) =
+                unsafe { protect_and_push(p, live, dst, Box::new(|_| {})) };
             arming.submit(Box::new(|| {}));
             after();
             published_rx
