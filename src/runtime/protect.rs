@@ -1177,10 +1177,6 @@ mod imp {
             // block's protection (the kernel refuses to collapse a block any of whose pages
             // is write-protected; a protection lifted halfway through would defeat that).
             let r = unsafe { libc::madvise(b as *mut libc::c_void, HUGE, MADV_COLLAPSE) };
-            if t.elapsed() > COLLAPSE_SLOW {
-                // The rest waits for the next save, when memory may be freer.
-                self.todo.clear();
-            }
             let n = self.asked.entry(b).or_insert(0);
             if r == 0 {
                 *n = COLLAPSED;
@@ -1188,6 +1184,10 @@ mod imp {
                 let e = io::Error::last_os_error();
                 tracing::trace!(error = %e, block = b, "ckptio: no huge page for a block");
                 *n += 1;
+            }
+            if t.elapsed() > COLLAPSE_SLOW {
+                // The rest waits for the next save, when memory may be freer.
+                self.todo.clear();
             }
             true
         }
