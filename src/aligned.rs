@@ -12,7 +12,7 @@ pub(crate) const PAGE: usize = 4096;
 /// page-table entries. (Only whole 2 MiB extents can be huge; the rest of the buffer, and all
 /// of it where the kernel has no huge page to give, uses ordinary pages.)
 pub(crate) const HUGE_MIN: usize = 4 << 20;
-const HUGE: usize = 2 << 20;
+use crate::huge::HUGE;
 
 /// Nothing, aligned like a page: the address of an empty [`AlignedBuf`].
 #[repr(align(4096))]

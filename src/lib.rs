@@ -30,6 +30,7 @@
 mod aligned;
 pub mod atomic;
 mod error;
+mod huge;
 mod io;
 pub mod json;
 pub mod manager;

@@ -1080,10 +1080,7 @@ mod imp {
         }
     }
 
-    /// The huge page size on x86_64, and on aarch64 with 4 KiB pages.
-    const HUGE: usize = 2 << 20;
-    /// `MADV_COLLAPSE` (Linux 6.1).
-    const MADV_COLLAPSE: libc::c_int = 25;
+    use crate::huge::HUGE;
     /// Attempts on one huge page's worth of memory before giving up on it.
     const COLLAPSE_TRIES: u8 = 2;
 
@@ -1115,15 +1112,6 @@ mod imp {
     /// A block the kernel has collapsed.
     const COLLAPSED: u8 = u8::MAX;
 
-    /// Whether the kernel's transparent huge pages are 2 MiB and not turned off by the
-    /// administrator (`MADV_COLLAPSE` would ignore that setting).
-    fn huge_pages_allowed() -> bool {
-        let sys = "/sys/kernel/mm/transparent_hugepage";
-        let enabled = std::fs::read_to_string(format!("{sys}/enabled")).unwrap_or_default();
-        let size = std::fs::read_to_string(format!("{sys}/hpage_pmd_size")).unwrap_or_default();
-        !enabled.contains("[never]") && size.trim().parse() == Ok(HUGE)
-    }
-
     /// A call that took longer than this (the kernel had to reclaim or compact memory to find
     /// a huge page) ends the requests until the next save: the copier serves no page fault
     /// meanwhile.
@@ -1132,7 +1120,7 @@ mod imp {
     impl Collapse {
         fn new(on: bool) -> Collapse {
             Collapse {
-                on: on && huge_pages_allowed(),
+                on: on && crate::huge::allowed(),
                 last: Vec::new(),
                 todo: VecDeque::new(),
                 asked: std::collections::HashMap::new(),
@@ -1148,12 +1136,10 @@ mod imp {
             self.todo.clear();
             let last: std::collections::HashSet<_> = self.last.iter().cloned().collect();
             for r in ranges.iter().filter(|r| last.contains(r)) {
-                let mut b = r.start.next_multiple_of(HUGE);
-                while b + HUGE <= r.end {
+                for b in crate::huge::blocks(r) {
                     if self.asked.get(&b).is_none_or(|&n| n < COLLAPSE_TRIES) {
                         self.todo.push_back(b);
                     }
-                    b += HUGE;
                 }
             }
             let mut sorted = ranges.clone();
@@ -1171,19 +1157,17 @@ mod imp {
                 return false;
             };
             let t = std::time::Instant::now();
-            // SAFETY: `MADV_COLLAPSE` never changes the contents of memory, only how it is
-            // mapped; on a range no longer mapped (a tensor freed since) it fails, harmlessly.
-            // It runs on the copier thread only, never while the copier lifts part of a
-            // block's protection (the kernel refuses to collapse a block any of whose pages
-            // is write-protected; a protection lifted halfway through would defeat that).
-            let r = unsafe { libc::madvise(b as *mut libc::c_void, HUGE, MADV_COLLAPSE) };
+            // On the copier thread only, never while the copier lifts part of a block's
+            // protection (the kernel refuses to collapse a block any of whose pages is
+            // write-protected; a protection lifted halfway through would defeat that).
+            let r = crate::huge::collapse(b);
             let n = self.asked.entry(b).or_insert(0);
-            if r == 0 {
-                *n = COLLAPSED;
-            } else {
-                let e = io::Error::last_os_error();
-                tracing::trace!(error = %e, block = b, "ckptio: no huge page for a block");
-                *n += 1;
+            match r {
+                Ok(()) => *n = COLLAPSED,
+                Err(e) => {
+                    tracing::trace!(error = %e, block = b, "ckptio: no huge page for a block");
+                    *n += 1;
+                }
             }
             if t.elapsed() > COLLAPSE_SLOW {
                 // The rest waits for the next save, when memory may be freer.
@@ -1280,6 +1264,7 @@ mod imp {
     #[cfg(test)]
     mod tests {
         use super::*;
+        use crate::huge::{huge_kib, kernel_collapses};
 
         fn map(flags: libc::c_int) -> Range<usize> {
             map_len(flags, 4 << 20)
@@ -1427,51 +1412,6 @@ mod imp {
             // SAFETY: the write above is over (reported), and nobody writes the mapping now.
             let now = unsafe { std::ptr::read_volatile(at.0 as *const u8) };
             assert_eq!(now, 9);
-        }
-
-        /// Kilobytes of `r` mapped with transparent huge pages, from `/proc/self/smaps`.
-        fn huge_kib(r: &Range<usize>) -> u64 {
-            let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-            let mut inside = false;
-            let mut kib = 0;
-            for line in smaps.lines() {
-                let head = line.split_whitespace().next().unwrap_or("");
-                if let Some((a, b)) = head.split_once('-') {
-                    if let (Ok(a), Ok(b)) =
-                        (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
-                    {
-                        inside = a < r.end && r.start < b;
-                        continue;
-                    }
-                }
-                if let Some(v) = line.strip_prefix("AnonHugePages:") {
-                    if inside {
-                        kib += v
-                            .trim()
-                            .trim_end_matches("kB")
-                            .trim()
-                            .parse::<u64>()
-                            .unwrap();
-                    }
-                }
-            }
-            kib
-        }
-
-        /// Whether the copier may ask for huge pages here and the kernel gives one when asked
-        /// for a block of fresh memory.
-        fn kernel_collapses() -> bool {
-            if !huge_pages_allowed() {
-                return false;
-            }
-            let map = map_len(libc::MAP_PRIVATE, 2 * HUGE);
-            let block = map.start.next_multiple_of(HUGE);
-            // SAFETY: a block inside the fresh mapping; nobody else uses it.
-            unsafe {
-                std::ptr::write_bytes(block as *mut u8, 1, HUGE);
-                libc::madvise(block as *mut libc::c_void, HUGE, MADV_COLLAPSE);
-            }
-            huge_kib(&map) > 0
         }
 
         /// Starts a save that protects `live` (a mapping that is never unmapped) and hands it
