@@ -24,8 +24,10 @@ struct PageAligned;
 pub(crate) struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
-    /// `None` for an empty buffer, which allocates nothing.
+    /// `None` for an empty buffer, which allocates nothing, and for a mapped one.
     layout: Option<std::alloc::Layout>,
+    /// A buffer made by [`AlignedBuf::zeroed_lazy`]: the mapping's start and length.
+    mapped: Option<(usize, usize)>,
 }
 
 // SAFETY: an `AlignedBuf` owns its allocation alone (like a `Vec<u8>`), and hands out slices
@@ -46,6 +48,7 @@ impl AlignedBuf {
                 ptr: std::ptr::NonNull::<PageAligned>::dangling().cast(),
                 len: 0,
                 layout: None,
+                mapped: None,
             };
         }
         let huge = len >= HUGE_MIN;
@@ -75,7 +78,60 @@ impl AlignedBuf {
             ptr,
             len,
             layout: Some(layout),
+            mapped: None,
         }
+    }
+
+    /// `len` zero bytes whose pages the kernel maps only when they are first written (on
+    /// Linux; elsewhere, as [`AlignedBuf::filled`]): for a buffer that another thread fills,
+    /// so that the page faults are that thread's time. Aligned like `filled`'s, with huge
+    /// pages asked for likewise.
+    #[allow(unsafe_code)]
+    pub(crate) fn zeroed_lazy(len: usize) -> AlignedBuf {
+        #[cfg(target_os = "linux")]
+        if len > 0 {
+            let huge = len >= HUGE_MIN;
+            let align = if huge { HUGE } else { PAGE };
+            let size = len
+                .div_ceil(PAGE)
+                .checked_mul(PAGE)
+                .unwrap_or_else(|| panic!("a buffer of {len} bytes cannot be allocated"));
+            let map_len = size
+                .checked_add(align - PAGE)
+                .unwrap_or_else(|| panic!("a buffer of {len} bytes cannot be allocated"));
+            // SAFETY: a new private anonymous mapping; no address is asked for.
+            let base = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    map_len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if base == libc::MAP_FAILED {
+                std::alloc::handle_alloc_error(
+                    std::alloc::Layout::from_size_align(size, align)
+                        .unwrap_or(std::alloc::Layout::new::<PageAligned>()),
+                );
+            }
+            let start = (base as usize).next_multiple_of(align);
+            if huge {
+                // SAFETY: advice on the mapping just made, whose `size` bytes from `start`
+                // are ours; it changes how the kernel backs the memory, never its contents.
+                unsafe { libc::madvise(start as *mut libc::c_void, size, libc::MADV_HUGEPAGE) };
+            }
+            return AlignedBuf {
+                // `start` lies inside the mapping, which is not at address 0.
+                ptr: std::ptr::NonNull::new(start as *mut u8)
+                    .unwrap_or_else(|| std::ptr::NonNull::<PageAligned>::dangling().cast()),
+                len,
+                layout: None,
+                mapped: Some((base as usize, map_len)),
+            };
+        }
+        AlignedBuf::filled(len, 0)
     }
 
     /// Length in bytes.
@@ -87,8 +143,9 @@ impl AlignedBuf {
     #[allow(unsafe_code)]
     pub(crate) fn as_slice(&self) -> &[u8] {
         // SAFETY: the allocation holds `layout.size() >= len` initialised bytes (written in
-        // `filled`) and lives as long as `self`, which the slice borrows; an empty buffer's
-        // pointer is dangling but aligned and non-null, which an empty slice allows.
+        // `filled`; a mapping made by `zeroed_lazy` reads as zeros until written) and lives as
+        // long as `self`, which the slice borrows; an empty buffer's pointer is dangling but
+        // aligned and non-null, which an empty slice allows.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
@@ -106,6 +163,11 @@ impl Drop for AlignedBuf {
         if let Some(layout) = self.layout {
             // SAFETY: allocated in `filled` with this very layout, and freed once.
             unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
+        }
+        #[cfg(target_os = "linux")]
+        if let Some((base, len)) = self.mapped {
+            // SAFETY: the mapping `zeroed_lazy` made, unmapped once; nothing borrows it now.
+            unsafe { libc::munmap(base as *mut libc::c_void, len) };
         }
     }
 }
@@ -183,6 +245,42 @@ mod tests {
                 assert_eq!(b.as_slice()[len - 1], 1);
             }
         }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    #[allow(unsafe_code)]
+    fn a_lazy_buffer_takes_memory_only_as_it_is_written_and_reads_as_zeros() {
+        // Pages of `b` in memory, by `mincore`.
+        fn resident(b: &AlignedBuf) -> usize {
+            let pages = b.len().div_ceil(PAGE);
+            let mut vec = vec![0u8; pages];
+            // SAFETY: the buffer's own pages (page-aligned start), one byte per page in `vec`.
+            let r = unsafe {
+                libc::mincore(
+                    b.as_slice().as_ptr() as *mut libc::c_void,
+                    b.len(),
+                    vec.as_mut_ptr(),
+                )
+            };
+            assert_eq!(r, 0);
+            vec.iter().filter(|&&v| v & 1 == 1).count()
+        }
+        for len in [PAGE + 1, 3 << 20, HUGE_MIN + 4097] {
+            let mut b = AlignedBuf::zeroed_lazy(len);
+            assert_eq!(b.len(), len);
+            assert_eq!(b.as_slice().as_ptr() as usize % PAGE, 0);
+            if len >= HUGE_MIN {
+                assert_eq!(b.as_slice().as_ptr() as usize % HUGE, 0, "{len}");
+            }
+            assert_eq!(resident(&b), 0, "nothing in memory before it is written");
+            b.as_mut_slice()[..PAGE].fill(7);
+            b.as_mut_slice()[len - 1] = 8;
+            assert!(resident(&b) >= 2, "written pages are in memory");
+            assert!(b.as_slice()[PAGE..len - 1].iter().all(|&x| x == 0));
+            assert!(b.as_slice()[..PAGE].iter().all(|&x| x == 7));
+        }
+        assert_eq!(AlignedBuf::zeroed_lazy(0).len(), 0);
     }
 
     #[test]

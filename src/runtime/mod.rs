@@ -535,7 +535,11 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                     return self.refuse(done, handle, &path);
                 }
                 let start = Instant::now();
-                let prepared = prepare(&self.shared.pool, tree, policy == Backpressure::Block)?;
+                // A write-protected save's staging is filled by the background copier, which
+                // may as well fault in new pages itself.
+                let protecting = workers.protector.is_some();
+                let block = policy == Backpressure::Block;
+                let prepared = prepare(&self.shared.pool, tree, block, !protecting)?;
                 let Some((snap, plan)) = prepared else {
                     return self.refuse(done, handle, &path);
                 };
@@ -559,7 +563,6 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                 // copy, so the write of the first storages overlaps the copy of the last ones
                 // (the writer waits for each). Otherwise the copy goes first.
                 // A write-protected save decides in `run_protected` (see `on_first` below).
-                let protecting = workers.protector.is_some();
                 let mut held = if !self.shared.overlap || plan.is_none() || protecting {
                     Some(job)
                 } else {

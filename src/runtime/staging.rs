@@ -175,16 +175,21 @@ impl StagingPool {
 
     /// A buffer of `len` bytes, waiting for returns while the budget is exhausted.
     pub fn acquire(&self, len: usize) -> StagingBuf {
-        self.get(len, true)
+        self.get(len, true, true)
             .expect("blocking acquire always succeeds")
     }
 
     /// A buffer of `len` bytes, or `None` when the budget is exhausted now.
     pub fn try_acquire(&self, len: usize) -> Option<StagingBuf> {
-        self.get(len, false)
+        self.get(len, false, true)
     }
 
-    fn get(&self, len: usize, block: bool) -> Option<StagingBuf> {
+    /// As [`StagingPool::acquire`] (with `block`) or [`StagingPool::try_acquire`]; without
+    /// `fault_in`, new memory (not pinned) has its pages mapped only when first written, by
+    /// whichever thread writes them: for a buffer another thread fills (a write-protected
+    /// save's background copy), so that the first save does not fault it in on the caller's
+    /// time.
+    pub(crate) fn get(&self, len: usize, block: bool, fault_in: bool) -> Option<StagingBuf> {
         let inner = &self.inner;
         let mut s = lock(&inner.state);
         loop {
@@ -223,7 +228,7 @@ impl StagingPool {
                 }
                 s.allocations += 1;
                 drop(s);
-                let m = alloc(len, inner.pinned);
+                let m = alloc(len, inner.pinned, fault_in);
                 s = lock(&inner.state);
                 m
             }
@@ -241,7 +246,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn alloc(len: usize, pinned: bool) -> Mem {
+fn alloc(len: usize, pinned: bool, fault_in: bool) -> Mem {
     #[cfg(feature = "tch")]
     if pinned {
         if let Some(p) = PinnedBuf::new(len.max(1)) {
@@ -250,9 +255,14 @@ fn alloc(len: usize, pinned: bool) -> Mem {
     }
     let _ = pinned;
     // Page-aligned, so storages copied into it can be written with direct I/O and no second
-    // copy; every page is written now (unlike a zeroed allocation, which the kernel maps
-    // lazily), so the first snapshot into it does not pay for page faults.
-    Mem::Heap(AlignedBuf::filled(len, 1))
+    // copy; unless another thread fills it, every page is written now (unlike a zeroed
+    // allocation, which the kernel maps lazily), so the first snapshot into it does not pay
+    // for page faults.
+    if fault_in {
+        Mem::Heap(AlignedBuf::filled(len, 1))
+    } else {
+        Mem::Heap(AlignedBuf::zeroed_lazy(len))
+    }
 }
 
 /// Whether CUDA is available (feature `tch`); `false` otherwise.

@@ -330,11 +330,13 @@ struct CopyItem {
 /// no copy. The tree can go to the writer before the copy starts: the writer waits for each
 /// storage's bytes only when it reaches that storage.
 ///
-/// `None` when `block` is false and the budget is exhausted.
+/// `None` when `block` is false and the budget is exhausted. Without `fault_in`, new staging
+/// memory is faulted in by whoever writes it (see [`StagingPool::get`]).
 pub(crate) fn prepare(
     pool: &StagingPool,
     tree: &Value,
     block: bool,
+    fault_in: bool,
 ) -> Result<Option<(Value, Option<CopyPlan>)>> {
     let live = tree.live_tensors();
     if live.is_empty() {
@@ -352,13 +354,8 @@ pub(crate) fn prepare(
             .and_then(|n| n.checked_add(total))
             .ok_or_else(|| Error::InvalidArgument("snapshot size overflows".into()))?;
     }
-    let buf = if block {
-        pool.acquire(total)
-    } else {
-        match pool.try_acquire(total) {
-            Some(b) => b,
-            None => return Ok(None),
-        }
+    let Some(buf) = pool.get(total, block, fault_in) else {
+        return Ok(None);
     };
     let slab = Arc::new(Slab::new(buf));
     let mut views: HashMap<usize, HostTensor> = HashMap::with_capacity(live.len());
@@ -679,7 +676,7 @@ pub(crate) fn stage_loop<I: CheckpointIo>(
                 let start = Instant::now();
                 // Deferred snapshots overlap the training step: one thread, so the copy leaves the
                 // compute its cores.
-                let r = guarded(&path, || prepare(&shared.pool, &tree, true));
+                let r = guarded(&path, || prepare(&shared.pool, &tree, true, true));
                 match r {
                     Ok(Some((snap, plan))) => {
                         let bytes = storage_bytes(&snap);
