@@ -27,6 +27,7 @@ pub(crate) struct AlignedBuf {
     /// `None` for an empty buffer, which allocates nothing, and for a mapped one.
     layout: Option<std::alloc::Layout>,
     /// A buffer made by [`AlignedBuf::zeroed_lazy`]: the mapping's start and length.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     mapped: Option<(usize, usize)>,
 }
 
@@ -92,10 +93,13 @@ impl AlignedBuf {
         if len > 0 {
             let huge = len >= HUGE_MIN;
             let align = if huge { HUGE } else { PAGE };
-            let size = len
+            // As in `filled`: a length no allocation can hold is a panic.
+            let layout = len
                 .div_ceil(PAGE)
                 .checked_mul(PAGE)
+                .and_then(|size| std::alloc::Layout::from_size_align(size, align).ok())
                 .unwrap_or_else(|| panic!("a buffer of {len} bytes cannot be allocated"));
+            let size = layout.size();
             let map_len = size
                 .checked_add(align - PAGE)
                 .unwrap_or_else(|| panic!("a buffer of {len} bytes cannot be allocated"));
@@ -111,21 +115,22 @@ impl AlignedBuf {
                 )
             };
             if base == libc::MAP_FAILED {
-                std::alloc::handle_alloc_error(
-                    std::alloc::Layout::from_size_align(size, align)
-                        .unwrap_or(std::alloc::Layout::new::<PageAligned>()),
-                );
+                std::alloc::handle_alloc_error(layout);
             }
-            let start = (base as usize).next_multiple_of(align);
+            // The first `align`-aligned address in the mapping: `size` bytes from it still lie
+            // inside (the mapping is `align - PAGE` longer, and starts on a page).
+            let skip = (base as usize).next_multiple_of(align) - base as usize;
+            let start = base.cast::<u8>().wrapping_add(skip);
+            let Some(ptr) = std::ptr::NonNull::new(start) else {
+                std::alloc::handle_alloc_error(layout);
+            };
             if huge {
                 // SAFETY: advice on the mapping just made, whose `size` bytes from `start`
                 // are ours; it changes how the kernel backs the memory, never its contents.
-                unsafe { libc::madvise(start as *mut libc::c_void, size, libc::MADV_HUGEPAGE) };
+                unsafe { libc::madvise(start.cast(), size, libc::MADV_HUGEPAGE) };
             }
             return AlignedBuf {
-                // `start` lies inside the mapping, which is not at address 0.
-                ptr: std::ptr::NonNull::new(start as *mut u8)
-                    .unwrap_or_else(|| std::ptr::NonNull::<PageAligned>::dangling().cast()),
+                ptr,
                 len,
                 layout: None,
                 mapped: Some((base as usize, map_len)),
@@ -226,7 +231,7 @@ pub(crate) fn page_start_vec(cap: usize) -> (Vec<u8>, usize) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -251,36 +256,41 @@ mod tests {
     #[test]
     #[allow(unsafe_code)]
     fn a_lazy_buffer_takes_memory_only_as_it_is_written_and_reads_as_zeros() {
-        // Pages of `b` in memory, by `mincore`.
-        fn resident(b: &AlignedBuf) -> usize {
-            let pages = b.len().div_ceil(PAGE);
-            let mut vec = vec![0u8; pages];
-            // SAFETY: the buffer's own pages (page-aligned start), one byte per page in `vec`.
-            let r = unsafe {
-                libc::mincore(
-                    b.as_slice().as_ptr() as *mut libc::c_void,
-                    b.len(),
-                    vec.as_mut_ptr(),
-                )
-            };
-            assert_eq!(r, 0);
-            vec.iter().filter(|&&v| v & 1 == 1).count()
-        }
-        for len in [PAGE + 1, 3 << 20, HUGE_MIN + 4097] {
+        // SAFETY: sysconf has no preconditions.
+        let system_page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        for len in [2 * system_page + 1, 3 << 20, HUGE_MIN + 4097] {
             let mut b = AlignedBuf::zeroed_lazy(len);
             assert_eq!(b.len(), len);
             assert_eq!(b.as_slice().as_ptr() as usize % PAGE, 0);
             if len >= HUGE_MIN {
                 assert_eq!(b.as_slice().as_ptr() as usize % HUGE, 0, "{len}");
             }
-            assert_eq!(resident(&b), 0, "nothing in memory before it is written");
+            assert_eq!(
+                resident(b.as_slice()),
+                0,
+                "nothing in memory before it is written"
+            );
             b.as_mut_slice()[..PAGE].fill(7);
             b.as_mut_slice()[len - 1] = 8;
-            assert!(resident(&b) >= 2, "written pages are in memory");
+            assert!(resident(b.as_slice()) >= 2, "written pages are in memory");
             assert!(b.as_slice()[PAGE..len - 1].iter().all(|&x| x == 0));
             assert!(b.as_slice()[..PAGE].iter().all(|&x| x == 7));
         }
         assert_eq!(AlignedBuf::zeroed_lazy(0).len(), 0);
+    }
+
+    /// Pages of `b` in memory, by `mincore`.
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    pub(crate) fn resident(b: &[u8]) -> usize {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let mut vec = vec![0u8; b.len().div_ceil(page)];
+        // SAFETY: the slice's own pages (its start must be page-aligned), one byte per page.
+        let r =
+            unsafe { libc::mincore(b.as_ptr() as *mut libc::c_void, b.len(), vec.as_mut_ptr()) };
+        assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
+        vec.iter().filter(|&&v| v & 1 == 1).count()
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! only how they are mapped, so it is harmless on memory that has been freed or reused since.
 //! It ignores the administrator's THP setting, so [`allowed`] checks that setting first.
 
-// Only the write-protect copier asks for huge pages, and it exists on these targets only.
+// Only the write-protect copier collapses memory, and it exists on these targets only.
 #![cfg_attr(
     not(all(
         target_os = "linux",

@@ -535,8 +535,9 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                     return self.refuse(done, handle, &path);
                 }
                 let start = Instant::now();
-                // A write-protected save's staging is filled by the background copier, which
-                // may as well fault in new pages itself.
+                // A write-protected save's staging is filled mostly by the background copier,
+                // which may as well fault in new pages itself (what `save` still copies, small
+                // tensors and the ends of protected ones, it faults in as it copies).
                 let protecting = workers.protector.is_some();
                 let block = policy == Backpressure::Block;
                 let prepared = prepare(&self.shared.pool, tree, block, !protecting)?;

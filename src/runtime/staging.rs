@@ -331,6 +331,23 @@ impl Drop for StagingBuf {
 mod tests {
     use super::*;
 
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_buffer_asked_for_without_fault_in_takes_memory_only_as_it_is_written() {
+        use crate::aligned::tests::resident;
+        let pool = StagingPool::new(64 << 20, false);
+        let mut lazy = pool.get(16 << 20, true, false).expect("within budget");
+        assert_eq!(resident(lazy.as_ref()), 0, "nothing in memory yet");
+        lazy.as_mut_slice()[..4096].fill(1);
+        assert!(resident(lazy.as_ref()) > 0);
+        let eager = pool.acquire(8 << 20);
+        assert_eq!(
+            resident(eager.as_ref()),
+            (8usize << 20).div_ceil(4096),
+            "faulted in"
+        );
+    }
+
     #[test]
     fn buffers_are_reused_after_warm_up() {
         let pool = StagingPool::new(1 << 20, false);
