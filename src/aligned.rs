@@ -40,6 +40,20 @@ unsafe impl Send for AlignedBuf {}
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
+    /// The layout of a buffer of `len` (non-zero) bytes: whole pages, 2 MiB-aligned from
+    /// [`HUGE_MIN`] bytes (and whether it is that large). Like `Vec`, a length no allocation
+    /// can hold is a panic (the callers ask for the sizes of tensors in memory).
+    fn layout(len: usize) -> (std::alloc::Layout, bool) {
+        let huge = len >= HUGE_MIN;
+        let align = if huge { HUGE } else { PAGE };
+        let layout = len
+            .div_ceil(PAGE)
+            .checked_mul(PAGE)
+            .and_then(|size| std::alloc::Layout::from_size_align(size, align).ok())
+            .unwrap_or_else(|| panic!("a buffer of {len} bytes cannot be allocated"));
+        (layout, huge)
+    }
+
     /// `len` bytes, each set to `fill`.
     #[allow(unsafe_code)]
     pub(crate) fn filled(len: usize, fill: u8) -> AlignedBuf {
@@ -52,15 +66,7 @@ impl AlignedBuf {
                 mapped: None,
             };
         }
-        let huge = len >= HUGE_MIN;
-        let align = if huge { HUGE } else { PAGE };
-        // Whole pages. Like `Vec`, a length no allocation can hold is a panic (the callers ask
-        // for the sizes of tensors in memory).
-        let layout = len
-            .div_ceil(PAGE)
-            .checked_mul(PAGE)
-            .and_then(|size| std::alloc::Layout::from_size_align(size, align).ok())
-            .unwrap_or_else(|| panic!("a buffer of {len} bytes cannot be allocated"));
+        let (layout, huge) = Self::layout(len);
         let size = layout.size();
         // SAFETY: `layout` has a non-zero size.
         let raw = unsafe { std::alloc::alloc(layout) };
@@ -91,15 +97,8 @@ impl AlignedBuf {
     pub(crate) fn zeroed_lazy(len: usize) -> AlignedBuf {
         #[cfg(target_os = "linux")]
         if len > 0 {
-            let huge = len >= HUGE_MIN;
-            let align = if huge { HUGE } else { PAGE };
-            // As in `filled`: a length no allocation can hold is a panic.
-            let layout = len
-                .div_ceil(PAGE)
-                .checked_mul(PAGE)
-                .and_then(|size| std::alloc::Layout::from_size_align(size, align).ok())
-                .unwrap_or_else(|| panic!("a buffer of {len} bytes cannot be allocated"));
-            let size = layout.size();
+            let (layout, huge) = Self::layout(len);
+            let (size, align) = (layout.size(), layout.align());
             let map_len = size
                 .checked_add(align - PAGE)
                 .unwrap_or_else(|| panic!("a buffer of {len} bytes cannot be allocated"));
