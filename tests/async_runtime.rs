@@ -441,6 +441,62 @@ fn staging_buffers_are_reused_after_warm_up() {
 }
 
 #[test]
+fn after_reserve_no_save_allocates_even_the_first_ones() {
+    // Saves in pairs: the second is queued while the first is written (20 ms each), so two
+    // staging buffers are in use at once.
+    let io = Builder::default().capacity(1).build(slow_mem(20));
+    let a = Param::new(10_000, 1.0);
+    let b = Param::new(3_000, 2.0);
+    let tree = |s: i64| {
+        let mut d = Dict::new();
+        d.insert("a", LiveTensor::new(a.clone()));
+        d.insert("b", LiveTensor::new(b.clone()));
+        d.insert("step", s);
+        Value::Dict(d)
+    };
+    let reserved = io.reserve(&tree(0), 2).unwrap();
+    let st = io.status().pool;
+    assert_eq!(st.allocations, 2, "{st:?}");
+    assert_eq!(reserved, st.free, "{st:?}");
+    assert!(reserved >= 2 * 13_000 * 4, "{reserved}");
+    assert_eq!(io.reserve(&tree(0), 2).unwrap(), 0, "already ready");
+    for pair in 0..3 {
+        let h1 = io.save(&tree(2 * pair), format!("r{pair}a")).unwrap();
+        let h2 = io.save(&tree(2 * pair + 1), format!("r{pair}b")).unwrap();
+        let st = io.status().pool;
+        assert_eq!(st.in_use, reserved, "pair {pair}: two in flight: {st:?}");
+        h1.wait().unwrap();
+        h2.wait().unwrap();
+    }
+    let st = io.status().pool;
+    assert_eq!(st.allocations, 2, "{st:?}");
+    assert_eq!(st.reuses, 6, "{st:?}");
+    io.teardown().unwrap();
+}
+
+#[test]
+fn a_reserve_beyond_the_pool_budget_fails_and_allocates_nothing() {
+    let p = Param::new(100_000, 1.0); // 400 kB of staging per save
+    let io = Builder::default()
+        .pool_budget(600_000)
+        .build(MemIo::default());
+    match io.reserve(&tree_of(&p, 0), 2) {
+        Err(Error::InvalidArgument(m)) => assert!(m.contains("budget is 600000"), "{m}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+    assert_eq!(io.status().pool.allocations, 0);
+    // One fits, and the save after it uses it.
+    assert!(io.reserve(&tree_of(&p, 0), 1).unwrap() >= 400_000);
+    io.save(&tree_of(&p, 1), "ok").unwrap().wait().unwrap();
+    assert_eq!(io.status().pool.allocations, 1);
+    // A tree with no live tensor takes no staging.
+    let mut d = Dict::new();
+    d.insert("step", 1i64);
+    assert_eq!(io.reserve(&Value::Dict(d), 4).unwrap(), 0);
+    io.teardown().unwrap();
+}
+
+#[test]
 fn shared_live_tensor_is_snapshotted_once_and_stays_shared() {
     let dir = tempfile::tempdir().unwrap();
     let io = AsyncCheckpointIo::new(TorchCheckpointIo::new());

@@ -51,6 +51,11 @@
 //! Staging memory never exceeds [`Builder::pool_budget`] (one save larger than the budget may
 //! run alone).
 //!
+//! The first save of a given size allocates its staging buffer and maps its pages; later saves
+//! reuse it. Mapping huge pages may make the kernel compact memory first, which costs up to
+//! seconds per GiB, once. [`AsyncCheckpointIo::reserve`] pays that before the training loop
+//! starts, so that no save in the loop allocates.
+//!
 //! # Errors
 //! A failed write (or a panic in the inner backend, which becomes [`Error::Panic`]) resolves its
 //! handle with the error. If nobody took it from the handle, the next call (`save`, `remove`,
@@ -99,8 +104,8 @@ pub use self::protect::write_protect_available;
 use self::protect::Protector;
 pub use self::staging::{cuda_available, PoolStats, StagingBuf, StagingPool};
 use self::writer::{
-    abandon, fail_job, guarded, prepare, queue, send_held, stage_loop, storage_bytes, writer_loop,
-    Job, Queued, StageJob, Staging,
+    abandon, fail_job, guarded, prepare, queue, send_held, stage_loop, staging_len, storage_bytes,
+    writer_loop, Job, Queued, StageJob, Staging,
 };
 use crate::error::{Error, Result};
 use crate::io::{CheckpointIo, LoadOptions, Restore, SaveOptions};
@@ -361,6 +366,60 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
     /// The staging pool.
     pub fn pool(&self) -> &StagingPool {
         &self.shared.pool
+    }
+
+    /// Readies the staging pool for `saves` saves of trees like `tree` in flight at once (the
+    /// same live tensor sizes), before the training loop: afterwards the pool holds that many
+    /// free buffers large enough for `tree`, with their pages mapped (pinned where the pool
+    /// pins), so the first saves take their staging from the pool as later ones do, with no
+    /// allocation and no page fault on the training thread. Returns the bytes allocated (0 when
+    /// the pool already held them). Build the tree as the loop will save it: an optimizer whose
+    /// state is created at its first step has no state to reserve for before it.
+    ///
+    /// One save in flight at a time (`saves = 1`) is the steady state when each write ends
+    /// before the next save; a save that starts while the previous one is written needs a
+    /// second buffer.
+    ///
+    /// Fails with [`Error::InvalidArgument`] when the buffers would not fit
+    /// [`Builder::pool_budget`] beside the staging in use now (see
+    /// [`StagingPool::reserve`]); nothing is allocated then.
+    ///
+    /// ```
+    /// use ckptio::runtime::Builder;
+    /// use ckptio::{DType, Dict, LiveTensor, TensorSource, Value};
+    ///
+    /// // A tensor source of the caller's own (with tch, `ckptio::tch::live(&tensor)`).
+    /// struct Weights(Vec<f32>);
+    /// impl TensorSource for Weights {
+    ///     fn dtype(&self) -> DType { DType::Float32 }
+    ///     fn shape(&self) -> Vec<usize> { vec![self.0.len()] }
+    ///     fn copy_to(&self, dst: &mut [u8]) -> ckptio::Result<()> {
+    ///         for (d, x) in dst.chunks_exact_mut(4).zip(&self.0) {
+    ///             d.copy_from_slice(&x.to_le_bytes());
+    ///         }
+    ///         Ok(())
+    ///     }
+    /// }
+    /// # fn main() -> ckptio::Result<()> {
+    /// let dir = tempfile::tempdir().expect("a temporary directory");
+    /// let io = Builder::default().build(ckptio::TorchCheckpointIo::new());
+    /// let w = LiveTensor::new(Weights(vec![0.5; 1 << 20]));
+    /// let tree = |step: i64| {
+    ///     let mut d = Dict::new();
+    ///     d.insert("w", w.clone());
+    ///     d.insert("step", step);
+    ///     Value::from(d)
+    /// };
+    /// io.reserve(&tree(0), 1)?; // before the loop: allocates and maps 4 MiB once
+    /// for step in 1..=3 {
+    ///     io.save(&tree(step), dir.path().join(format!("step-{step}.pt")))?.wait()?;
+    /// }
+    /// assert_eq!(io.status().pool.allocations, 1, "no save allocated");
+    /// io.teardown()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn reserve(&self, tree: &Value, saves: usize) -> Result<usize> {
+        self.shared.pool.reserve(staging_len(tree)?, saves)
     }
 
     /// Counters and gauges.

@@ -184,6 +184,80 @@ impl StagingPool {
         self.get(len, false, true)
     }
 
+    /// Readies `count` free buffers of at least `len` bytes each, with their pages mapped
+    /// (page-locked when the pool pins), so that the next `count` requests of up to `len`
+    /// bytes held at once take no new memory and fault no page: allocation and page faults
+    /// (huge pages may make the kernel compact memory first, which can take seconds per GiB)
+    /// happen now instead of in a save. Free buffers that already fit count; free buffers too
+    /// small for `len` are released when the budget needs their room. Returns the bytes
+    /// allocated.
+    ///
+    /// Fails with [`Error::InvalidArgument`](crate::Error::InvalidArgument), allocating
+    /// nothing, when the buffers would not fit the budget beside the bytes in use now (one
+    /// buffer larger than the whole budget is allowed while nothing is in use, as in
+    /// [`StagingPool::acquire`]).
+    ///
+    /// ```
+    /// use ckptio::runtime::StagingPool;
+    ///
+    /// let pool = StagingPool::new(64 << 20, false);
+    /// assert_eq!(pool.reserve(8 << 20, 2).unwrap(), 16 << 20);
+    /// assert_eq!(pool.reserve(4 << 20, 2).unwrap(), 0, "the two buffers fit");
+    /// let (a, b) = (pool.acquire(8 << 20), pool.acquire(6 << 20));
+    /// assert_eq!(pool.stats().allocations, 2, "both taken from the reserve");
+    /// # drop((a, b));
+    /// assert!(pool.reserve(40 << 20, 2).is_err(), "80 MiB is over the budget");
+    /// ```
+    pub fn reserve(&self, len: usize, count: usize) -> crate::Result<usize> {
+        let inner = &self.inner;
+        let mut s = lock(&inner.state);
+        if len == 0 || count == 0 {
+            return Ok(0);
+        }
+        let fitting = s.free.iter().filter(|m| m.len() >= len);
+        let (have, kept) = (
+            fitting.clone().count(),
+            fitting.map(Mem::len).sum::<usize>(),
+        );
+        let need = count.saturating_sub(have);
+        if need == 0 {
+            return Ok(0);
+        }
+        let new = need.checked_mul(len);
+        let footprint = new
+            .and_then(|n| n.checked_add(kept))
+            .and_then(|n| n.checked_add(s.in_use));
+        let alone = count == 1 && s.in_use == 0;
+        if !alone && footprint.is_none_or(|f| f > inner.budget) {
+            return Err(crate::Error::InvalidArgument(format!(
+                "cannot reserve {count} staging buffer(s) of {len} bytes: the pool's budget is \
+                 {} bytes and {} bytes are in use now",
+                inner.budget, s.in_use
+            )));
+        }
+        let new = new.unwrap_or(usize::MAX);
+        // Make room: release free buffers too small for `len`, largest first.
+        while s.in_use + s.free_bytes + new > inner.budget {
+            let Some(i) = (0..s.free.len())
+                .filter(|&i| s.free[i].len() < len)
+                .max_by_key(|&i| s.free[i].len())
+            else {
+                break;
+            };
+            let m = s.free.swap_remove(i);
+            s.free_bytes -= m.len();
+        }
+        drop(s);
+        let made: Vec<Mem> = (0..need).map(|_| alloc(len, inner.pinned, true)).collect();
+        let mut s = lock(&inner.state);
+        for m in made {
+            s.free_bytes += m.len();
+            s.allocations += 1;
+            s.free.push(m);
+        }
+        Ok(new)
+    }
+
     /// As [`StagingPool::acquire`] (with `block`) or [`StagingPool::try_acquire`]; without
     /// `fault_in`, new memory (not pinned) has its pages mapped only when first written, by
     /// whichever thread writes them: for a buffer another thread fills (a write-protected
@@ -346,6 +420,28 @@ mod tests {
             (8usize << 20).div_ceil(4096),
             "faulted in"
         );
+    }
+
+    #[test]
+    fn a_reserve_maps_its_buffers_and_makes_room_by_releasing_smaller_free_ones() {
+        let pool = StagingPool::new(24 << 20, false);
+        drop((pool.acquire(6 << 20), pool.acquire(6 << 20)));
+        assert_eq!(pool.stats().free, 12 << 20);
+        // 2 x 8 MiB beside 12 MiB of free buffers too small for them: over the 24 MiB budget
+        // until one 6 MiB buffer goes, and only one.
+        assert_eq!(pool.reserve(8 << 20, 2).unwrap(), 16 << 20);
+        let s = pool.stats();
+        assert_eq!((s.free, s.allocations), (22 << 20, 4), "{s:?}");
+        let (a, b) = (pool.acquire(7 << 20), pool.acquire(7 << 20));
+        assert_eq!((a.len(), pool.stats().allocations), (7 << 20, 4));
+        #[cfg(target_os = "linux")]
+        for buf in [&a, &b] {
+            // SAFETY: sysconf has no preconditions.
+            #[allow(unsafe_code)]
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+            let mapped = crate::aligned::tests::resident(buf.as_ref());
+            assert_eq!(mapped, (7usize << 20) / page, "every page mapped");
+        }
     }
 
     #[test]

@@ -344,16 +344,7 @@ pub(crate) fn prepare(
     }
     // Sizes are read once: a source whose shape changes later cannot grow its region.
     let lens: Vec<usize> = live.iter().map(LiveTensor::nbytes).collect();
-    let mut offsets = Vec::with_capacity(live.len());
-    let mut total = 0usize;
-    for &len in &lens {
-        offsets.push(total);
-        total = len
-            .div_ceil(SLICE_ALIGN)
-            .checked_mul(SLICE_ALIGN)
-            .and_then(|n| n.checked_add(total))
-            .ok_or_else(|| Error::InvalidArgument("snapshot size overflows".into()))?;
-    }
+    let (offsets, total) = slab_layout(&lens)?;
     let Some(buf) = pool.get(total, block, fault_in) else {
         return Ok(None);
     };
@@ -394,6 +385,28 @@ pub(crate) fn prepare(
             .ok_or_else(|| Error::InvalidArgument("live tensor vanished".into()))
     })?;
     Ok(Some((out, Some(CopyPlan { slab, items }))))
+}
+
+/// Where each region of a slab starts (each rounded up to [`SLICE_ALIGN`]) and the slab's size.
+fn slab_layout(lens: &[usize]) -> Result<(Vec<usize>, usize)> {
+    let mut offsets = Vec::with_capacity(lens.len());
+    let mut total = 0usize;
+    for &len in lens {
+        offsets.push(total);
+        total = len
+            .div_ceil(SLICE_ALIGN)
+            .checked_mul(SLICE_ALIGN)
+            .and_then(|n| n.checked_add(total))
+            .ok_or_else(|| Error::InvalidArgument("snapshot size overflows".into()))?;
+    }
+    Ok((offsets, total))
+}
+
+/// The staging bytes a save of `tree` takes from the pool (what [`prepare`] asks for): 0 when
+/// it holds no live tensor.
+pub(crate) fn staging_len(tree: &Value) -> Result<usize> {
+    let lens: Vec<usize> = tree.live_tensors().iter().map(LiveTensor::nbytes).collect();
+    Ok(slab_layout(&lens)?.1)
 }
 
 /// Snapshots below this size are copied on the calling thread alone.
