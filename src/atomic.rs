@@ -11,6 +11,7 @@
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::sink::{FileSink, SinkStats};
@@ -61,8 +62,9 @@ pub fn clean_temp_files(dir: &Path) -> Result<usize> {
 /// Writes `path` atomically with `write`, creating parent directories, and returns what was
 /// written.
 ///
-/// With `durable`, the file and its directory are fsynced before this returns, and the file is
-/// written with direct I/O where the file system allows it (see [`FileSink`]).
+/// With `durable`, the file and its directory are fsynced before this returns (traced as the
+/// span `ckptio_fsync`, timed in [`SinkStats::fsync`]), and the file is written with direct
+/// I/O where the file system allows it (see [`FileSink`]).
 pub fn write_atomic<F>(path: &Path, durable: bool, write: F) -> Result<SinkStats>
 where
     F: FnOnce(&mut FileSink) -> Result<()>,
@@ -101,9 +103,14 @@ where
         let mut sink = FileSink::create(&tmp, durable)
             .map_err(|e| Error::io("create temporary file", &tmp, e))?;
         write(&mut sink)?;
-        let (file, stats) = sink.finish().map_err(|e| Error::io("write", &tmp, e))?;
+        let (file, mut stats) = sink.finish().map_err(|e| Error::io("write", &tmp, e))?;
         if durable {
+            let _span =
+                tracing::debug_span!("ckptio_fsync", path = %tmp.display(), bytes = stats.bytes)
+                    .entered();
+            let t = Instant::now();
             file.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
+            stats.fsync = t.elapsed();
         }
         drop(file);
         let replaced = hold_large_file(path);
@@ -111,14 +118,22 @@ where
         Ok((stats, replaced))
     })();
     guard.1 = false;
-    let (stats, replaced) = match result {
+    let (mut stats, replaced) = match result {
         Ok(s) => s,
         Err(e) => {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
     };
-    let synced = if durable { sync_dir(&dir) } else { Ok(()) };
+    let synced = if durable {
+        let _span = tracing::debug_span!("ckptio_fsync", path = %dir.display()).entered();
+        let t = Instant::now();
+        let r = sync_dir(&dir);
+        stats.fsync += t.elapsed();
+        r
+    } else {
+        Ok(())
+    };
     if let Some(old) = replaced {
         release_later(old);
     }

@@ -58,6 +58,26 @@ pub struct SaveOptions {
     pub durable: bool,
 }
 
+/// What a backend measured while saving ([`CheckpointIo::save_checkpoint_measured`]): `None`
+/// where it did not measure. [`AsyncCheckpointIo`](crate::AsyncCheckpointIo) puts it in each
+/// save's [`SaveReport`](crate::SaveReport).
+///
+/// ```
+/// use ckptio::WriteStats;
+/// let mut s = WriteStats::default();
+/// s.fsync = Some(std::time::Duration::from_millis(3));
+/// assert_eq!(s.file_bytes, None);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WriteStats {
+    /// Bytes in the file (or files) written.
+    pub file_bytes: Option<u64>,
+    /// Time spent making the checkpoint durable (fsync of the file and of its directory);
+    /// `Some(ZERO)` when the save was not durable.
+    pub fsync: Option<std::time::Duration>,
+}
+
 impl Default for SaveOptions {
     fn default() -> Self {
         SaveOptions { durable: true }
@@ -146,6 +166,21 @@ pub trait CheckpointIo: Send + Sync {
     fn save_checkpoint(&self, checkpoint: &Value, path: &Path, options: &SaveOptions)
         -> Result<()>;
 
+    /// [`save_checkpoint`](Self::save_checkpoint), returning what the backend measured while
+    /// saving (the time its fsyncs took, the bytes in the file): the method
+    /// [`AsyncCheckpointIo`](crate::AsyncCheckpointIo)'s writer calls. The default calls
+    /// `save_checkpoint` and measures nothing; a backend that measures overrides this one and
+    /// makes `save_checkpoint` call it.
+    fn save_checkpoint_measured(
+        &self,
+        checkpoint: &Value,
+        path: &Path,
+        options: &SaveOptions,
+    ) -> Result<WriteStats> {
+        self.save_checkpoint(checkpoint, path, options)
+            .map(|()| WriteStats::default())
+    }
+
     /// Loads the checkpoint at `path`.
     ///
     /// Without `state`, returns `Some(tree)`. With a `state`, restores it in place and returns
@@ -208,6 +243,14 @@ macro_rules! forward_checkpoint_io {
         impl<T: CheckpointIo + ?Sized> CheckpointIo for $ptr<T> {
             fn save_checkpoint(&self, c: &Value, p: &Path, o: &SaveOptions) -> Result<()> {
                 (**self).save_checkpoint(c, p, o)
+            }
+            fn save_checkpoint_measured(
+                &self,
+                c: &Value,
+                p: &Path,
+                o: &SaveOptions,
+            ) -> Result<WriteStats> {
+                (**self).save_checkpoint_measured(c, p, o)
             }
             fn load_checkpoint(
                 &self,

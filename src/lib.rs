@@ -47,7 +47,9 @@ pub mod optim;
 pub mod tch;
 
 pub use crate::error::{Error, Result};
-pub use crate::io::{finish_load, CheckpointIo, LoadOptions, MapLocation, Restore, SaveOptions};
+pub use crate::io::{
+    finish_load, CheckpointIo, LoadOptions, MapLocation, Restore, SaveOptions, WriteStats,
+};
 pub use crate::runtime::{AsyncCheckpointIo, Backpressure, SaveHandle, SaveReport, SnapshotMode};
 pub use crate::tensor::{
     contiguous_strides, DType, Element, HostTensor, LiveTensor, Storage, TensorSource,

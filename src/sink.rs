@@ -63,6 +63,10 @@ pub struct SinkStats {
     pub direct_in_place: u64,
     /// Whether the file was written with direct I/O to the end.
     pub direct: bool,
+    /// Time spent making it durable: fsync of the file, then of its directory after the
+    /// rename ([`write_atomic`](crate::atomic::write_atomic) with `durable`; zero otherwise, and
+    /// from [`FileSink::finish`], which does not sync).
+    pub fsync: std::time::Duration,
 }
 
 /// A file written front to back; see the [module docs](self).
@@ -201,6 +205,7 @@ impl FileSink {
             bytes: len,
             direct_in_place: self.direct_in_place,
             direct: self.direct,
+            fsync: std::time::Duration::ZERO,
         };
         Ok((self.file, stats))
     }

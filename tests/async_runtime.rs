@@ -890,3 +890,69 @@ fn eager_saves_reach_the_writer_copied_unless_overlap_is_asked_for() {
         io.teardown().unwrap();
     }
 }
+
+#[test]
+fn a_report_holds_the_fsync_time_and_the_file_size_the_backend_measured() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Param::new(1 << 16, 0.5);
+    let io = Builder::default().build(TorchCheckpointIo::new());
+    let path = dir.path().join("d.pt");
+    let r = io.save(&tree_of(&p, 1), &path).unwrap().wait().unwrap();
+    let fsync = r.fsync.expect("TorchCheckpointIo measures its fsyncs");
+    assert!(
+        fsync > std::time::Duration::ZERO && fsync <= r.write,
+        "{r:?}"
+    );
+    assert_eq!(r.file_bytes, Some(std::fs::metadata(&path).unwrap().len()));
+    assert!(
+        r.file_bytes.unwrap() > r.bytes,
+        "headers and pickle beside the storages"
+    );
+    // Not durable: no fsync at all.
+    let quick = io
+        .save_with_options(
+            &tree_of(&p, 2),
+            dir.path().join("q.pt"),
+            &SaveOptions::default().durable(false),
+        )
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(quick.fsync, Some(std::time::Duration::ZERO), "{quick:?}");
+    assert!(!quick.durable);
+    io.teardown().unwrap();
+    // A backend that measures nothing reports nothing.
+    let plain = Builder::default().build(Arc::new(NoMeasure(TorchCheckpointIo::new())));
+    let r = plain
+        .save(&tree_of(&p, 1), dir.path().join("p.pt"))
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!((r.fsync, r.file_bytes), (None, None), "{r:?}");
+    plain.teardown().unwrap();
+}
+
+/// Forwards `save_checkpoint` only, so `save_checkpoint_measured` is the trait's default.
+struct NoMeasure(TorchCheckpointIo);
+
+impl ckptio::CheckpointIo for NoMeasure {
+    fn save_checkpoint(
+        &self,
+        c: &Value,
+        p: &std::path::Path,
+        o: &SaveOptions,
+    ) -> ckptio::Result<()> {
+        self.0.save_checkpoint(c, p, o)
+    }
+    fn load_checkpoint(
+        &self,
+        p: &std::path::Path,
+        o: &ckptio::LoadOptions,
+        s: Option<&mut dyn ckptio::Restore>,
+    ) -> ckptio::Result<Option<Value>> {
+        self.0.load_checkpoint(p, o, s)
+    }
+    fn remove_checkpoint(&self, p: &std::path::Path) -> ckptio::Result<()> {
+        self.0.remove_checkpoint(p)
+    }
+}

@@ -33,6 +33,14 @@ pub struct SaveReport {
     pub write: Duration,
     /// Whether it was made durable (fsync) before the handle resolved.
     pub durable: bool,
+    /// The part of `write` spent in fsync (of the file and of its directory), as the inner
+    /// backend measured it ([`CheckpointIo::save_checkpoint_measured`](crate::CheckpointIo::save_checkpoint_measured);
+    /// [`TorchCheckpointIo`](crate::TorchCheckpointIo) does): `None` when the backend does not
+    /// measure it, `Some(ZERO)` when the save was not durable.
+    pub fsync: Option<Duration>,
+    /// Bytes in the file written, when the inner backend tells (the tensor storages in
+    /// `bytes`, plus the pickled tree and the archive's headers).
+    pub file_bytes: Option<u64>,
     /// Whether the save was skipped by [`Backpressure::Skip`](super::Backpressure::Skip)
     /// (then nothing was written).
     pub skipped: bool,

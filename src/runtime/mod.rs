@@ -594,6 +594,7 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                     return self.refuse(done, handle, &path);
                 }
                 let start = Instant::now();
+                let stage_span = tracing::debug_span!("ckptio_stage", mode = "eager").entered();
                 // A write-protected save's staging is filled mostly by the background copier,
                 // which may as well fault in new pages itself (what `save` still copies, small
                 // tensors and the ends of protected ones, it faults in as it copies).
@@ -697,6 +698,7 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                     stage_ms = stage.as_secs_f64() * 1e3,
                     "snapshot taken"
                 );
+                drop(stage_span);
                 if let Some(job) = held {
                     if policy == Backpressure::Block {
                         send_held(&self.shared, writer, job);

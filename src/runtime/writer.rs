@@ -93,6 +93,10 @@ pub(crate) fn writer_loop<I: CheckpointIo>(shared: Arc<Shared<I>>, rx: Receiver<
                 let queue_wait = enqueued.elapsed();
                 let span = tracing::info_span!("ckptio_write", path = %path.display(), bytes);
                 let _g = span.enter();
+                tracing::debug!(
+                    queue_ms = queue_wait.as_secs_f64() * 1e3,
+                    "ckptio: write starts after its queue wait"
+                );
                 let start = Instant::now();
                 // A snapshot whose copy already failed is not written at all; one that fails
                 // while being written makes the backend fail on that storage (before its
@@ -104,7 +108,9 @@ pub(crate) fn writer_loop<I: CheckpointIo>(shared: Arc<Shared<I>>, rx: Receiver<
                 let r = match staging.failed() {
                     Some(e) => Err(Arc::clone(&e)),
                     None => guarded(&path, || {
-                        shared.inner.save_checkpoint(&tree, &path, &options)
+                        shared
+                            .inner
+                            .save_checkpoint_measured(&tree, &path, &options)
                     })
                     .map_err(Arc::new),
                 };
@@ -116,15 +122,17 @@ pub(crate) fn writer_loop<I: CheckpointIo>(shared: Arc<Shared<I>>, rx: Receiver<
                 // The copy's own error explains a failure better than what the backend saw.
                 let r = match (staged, r) {
                     (Err(e), _) => Err(e),
-                    (Ok(stage), Ok(())) => Ok(stage),
+                    (Ok(stage), Ok(measured)) => Ok((stage, measured)),
                     (Ok(_), Err(e)) => Err(e),
                 };
                 match r {
-                    Ok(stage) => {
+                    Ok((stage, measured)) => {
                         tracing::info!(
+                            bytes,
                             stage_ms = stage.as_secs_f64() * 1e3,
                             queue_ms = queue_wait.as_secs_f64() * 1e3,
                             write_ms = write.as_secs_f64() * 1e3,
+                            fsync_ms = measured.fsync.map(|d| d.as_secs_f64() * 1e3),
                             durable = options.durable,
                             "checkpoint durable"
                         );
@@ -136,6 +144,8 @@ pub(crate) fn writer_loop<I: CheckpointIo>(shared: Arc<Shared<I>>, rx: Receiver<
                             queue_wait,
                             write,
                             durable: options.durable,
+                            fsync: measured.fsync,
+                            file_bytes: measured.file_bytes,
                             skipped: false,
                         }));
                     }
@@ -687,6 +697,9 @@ pub(crate) fn stage_loop<I: CheckpointIo>(
                 done,
             } => {
                 let start = Instant::now();
+                let stage_span =
+                    tracing::debug_span!("ckptio_stage", path = %path.display(), mode = "deferred")
+                        .entered();
                 // Deferred snapshots overlap the training step: one thread, so the copy leaves the
                 // compute its cores.
                 let r = guarded(&path, || prepare(&shared.pool, &tree, true, true));
@@ -721,6 +734,12 @@ pub(crate) fn stage_loop<I: CheckpointIo>(
                             Some(plan) => guarded(&path, || plan.run(false)),
                             None => Ok(()),
                         };
+                        tracing::debug!(
+                            bytes,
+                            stage_ms = start.elapsed().as_secs_f64() * 1e3,
+                            "snapshot taken"
+                        );
+                        drop(stage_span);
                         drop(tree);
                         // Staged first: the writer may finish as soon as the setter is set.
                         match copied {

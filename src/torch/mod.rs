@@ -28,7 +28,7 @@ pub use self::archive::archive_prefix;
 pub use self::pickle::reader::Limits;
 use crate::atomic::{remove_path, write_atomic};
 use crate::error::{Error, Result};
-use crate::io::{finish_load, CheckpointIo, LoadOptions, Restore, SaveOptions};
+use crate::io::{finish_load, CheckpointIo, LoadOptions, Restore, SaveOptions, WriteStats};
 use crate::value::Value;
 
 /// Saves `value` to `path` in the `torch.save` format, atomically and durably.
@@ -143,6 +143,16 @@ impl CheckpointIo for TorchCheckpointIo {
         path: &Path,
         options: &SaveOptions,
     ) -> Result<()> {
+        self.save_checkpoint_measured(checkpoint, path, options)
+            .map(drop)
+    }
+
+    fn save_checkpoint_measured(
+        &self,
+        checkpoint: &Value,
+        path: &Path,
+        options: &SaveOptions,
+    ) -> Result<WriteStats> {
         let start = std::time::Instant::now();
         let prefix = archive_prefix(path);
         // SAFETY: the borrowed tree is dropped before this returns; live tensors must not be
@@ -158,10 +168,14 @@ impl CheckpointIo for TorchCheckpointIo {
             bytes = stats.bytes,
             direct = stats.direct,
             direct_in_place = stats.direct_in_place,
+            fsync_ms = stats.fsync.as_secs_f64() * 1e3,
             elapsed_ms = start.elapsed().as_secs_f64() * 1e3,
             "torch save"
         );
-        Ok(())
+        Ok(WriteStats {
+            file_bytes: Some(stats.bytes),
+            fsync: Some(stats.fsync),
+        })
     }
 
     fn load_checkpoint(
