@@ -105,9 +105,13 @@ where
         write(&mut sink)?;
         let (file, mut stats) = sink.finish().map_err(|e| Error::io("write", &tmp, e))?;
         if durable {
-            let _span =
-                tracing::debug_span!("ckptio_fsync", path = %tmp.display(), bytes = stats.bytes)
-                    .entered();
+            let _span = tracing::debug_span!(
+                "ckptio_fsync",
+                path = %path.display(),
+                target = "file",
+                bytes = stats.bytes
+            )
+            .entered();
             let t = Instant::now();
             file.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
             stats.fsync = t.elapsed();
@@ -126,7 +130,9 @@ where
         }
     };
     let synced = if durable {
-        let _span = tracing::debug_span!("ckptio_fsync", path = %dir.display()).entered();
+        let _span =
+            tracing::debug_span!("ckptio_fsync", path = %path.display(), target = "directory")
+                .entered();
         let t = Instant::now();
         let r = sync_dir(&dir);
         stats.fsync += t.elapsed();

@@ -170,7 +170,8 @@ pub trait CheckpointIo: Send + Sync {
     /// saving (the time its fsyncs took, the bytes in the file): the method
     /// [`AsyncCheckpointIo`](crate::AsyncCheckpointIo)'s writer calls. The default calls
     /// `save_checkpoint` and measures nothing; a backend that measures overrides this one and
-    /// makes `save_checkpoint` call it.
+    /// makes `save_checkpoint` call it. A backend that wraps another forwards both methods
+    /// (as `Box` and `Arc` do), or the inner backend's figures are lost.
     fn save_checkpoint_measured(
         &self,
         checkpoint: &Value,

@@ -56,6 +56,7 @@ fn writeback_every() -> u64 {
 
 /// What a [`FileSink`] wrote, and how.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SinkStats {
     /// Bytes in the file.
     pub bytes: u64,

@@ -38,8 +38,9 @@ pub struct SaveReport {
     /// [`TorchCheckpointIo`](crate::TorchCheckpointIo) does): `None` when the backend does not
     /// measure it, `Some(ZERO)` when the save was not durable.
     pub fsync: Option<Duration>,
-    /// Bytes in the file written, when the inner backend tells (the tensor storages in
-    /// `bytes`, plus the pickled tree and the archive's headers).
+    /// Bytes in the file (or files) written, when the inner backend tells: the storages in
+    /// `bytes` plus whatever the format adds (for `TorchCheckpointIo`, the pickled tree and
+    /// the archive's headers).
     pub file_bytes: Option<u64>,
     /// Whether the save was skipped by [`Backpressure::Skip`](super::Backpressure::Skip)
     /// (then nothing was written).

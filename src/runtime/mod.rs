@@ -56,6 +56,15 @@
 //! seconds per GiB, once. [`AsyncCheckpointIo::reserve`] pays that before the training loop
 //! starts, so that no save in the loop allocates.
 //!
+//! # Tracing
+//! Spans: `ckptio_save` (the `save` call), `ckptio_stage` (the snapshot: on the caller's thread
+//! in Eager mode, on the staging thread in Deferred mode), `ckptio_write` (the writer's call
+//! to the inner backend) and, inside it for [`TorchCheckpointIo`](crate::TorchCheckpointIo),
+//! `ckptio_fsync` (the file's fsync, then its directory's). Events: "snapshot taken" (bytes,
+//! `stage_ms`), the write's start (`queue_ms`), "checkpoint durable" (bytes, `stage_ms`,
+//! `queue_ms`, `write_ms`, `fsync_ms`), and errors. The same figures are in each
+//! [`SaveReport`], and the counters in [`AsyncCheckpointIo::status`].
+//!
 //! # Errors
 //! A failed write (or a panic in the inner backend, which becomes [`Error::Panic`]) resolves its
 //! handle with the error. If nobody took it from the handle, the next call (`save`, `remove`,

@@ -31,7 +31,8 @@ pub struct PoolStats {
     pub in_use: usize,
     /// Bytes in free buffers kept for reuse.
     pub free: usize,
-    /// Buffers allocated since the pool was made (growth means saves are allocating).
+    /// Buffers allocated since the pool was made, by saves and by
+    /// [`StagingPool::reserve`] (growth between saves means saves are allocating).
     pub allocations: u64,
     /// Times a request was served from a free buffer.
     pub reuses: u64,
@@ -106,6 +107,8 @@ struct State {
     free: Vec<Mem>,
     free_bytes: usize,
     in_use: usize,
+    /// Bytes being allocated now (outside the lock), counted against the budget already.
+    pending: usize,
     allocations: u64,
     reuses: u64,
 }
@@ -152,6 +155,7 @@ impl StagingPool {
                     free: Vec::new(),
                     free_bytes: 0,
                     in_use: 0,
+                    pending: 0,
                     allocations: 0,
                     reuses: 0,
                 }),
@@ -188,14 +192,17 @@ impl StagingPool {
     /// (page-locked when the pool pins), so that the next `count` requests of up to `len`
     /// bytes held at once take no new memory and fault no page: allocation and page faults
     /// (huge pages may make the kernel compact memory first, which can take seconds per GiB)
-    /// happen now instead of in a save. Free buffers that already fit count; free buffers too
-    /// small for `len` are released when the budget needs their room. Returns the bytes
-    /// allocated.
+    /// happen now instead of in a save. Returns the bytes allocated.
     ///
-    /// Fails with [`Error::InvalidArgument`](crate::Error::InvalidArgument), allocating
-    /// nothing, when the buffers would not fit the budget beside the bytes in use now (one
-    /// buffer larger than the whole budget is allowed while nothing is in use, as in
-    /// [`StagingPool::acquire`]).
+    /// The smallest free buffers that fit count toward `count`; when the budget needs the room,
+    /// free buffers too small for `len` are released first, then fitting ones larger than
+    /// `len`, which new buffers of `len` replace. Call it before saves start: a save running at
+    /// the same time may take the buffers it readies.
+    ///
+    /// Fails with [`Error::InvalidArgument`](crate::Error::InvalidArgument), allocating and
+    /// releasing nothing, when the buffers would not fit the budget beside the bytes in use
+    /// now, or when `len` alone is larger than the budget: the pool does not keep such a
+    /// buffer (one save that large runs alone, with a buffer allocated for it and freed after).
     ///
     /// ```
     /// use ckptio::runtime::StagingPool;
@@ -209,47 +216,70 @@ impl StagingPool {
     /// assert!(pool.reserve(40 << 20, 2).is_err(), "80 MiB is over the budget");
     /// ```
     pub fn reserve(&self, len: usize, count: usize) -> crate::Result<usize> {
-        let inner = &self.inner;
-        let mut s = lock(&inner.state);
         if len == 0 || count == 0 {
             return Ok(0);
         }
-        let fitting = s.free.iter().filter(|m| m.len() >= len);
-        let (have, kept) = (
-            fitting.clone().count(),
-            fitting.map(Mem::len).sum::<usize>(),
-        );
-        let need = count.saturating_sub(have);
+        let inner = &self.inner;
+        let refuse = |why: String| {
+            crate::Error::InvalidArgument(format!(
+                "cannot reserve {count} staging buffer(s) of {len} bytes: {why}"
+            ))
+        };
+        if len > inner.budget {
+            return Err(refuse(format!(
+                "each is larger than the pool's budget of {} bytes, and the pool keeps no \
+                 buffer larger than its budget (raise it with Builder::pool_budget)",
+                inner.budget
+            )));
+        }
+        let mut s = lock(&inner.state);
+        let taken = s.in_use + s.pending;
+        // The free buffers that will serve: the smallest that fit, up to `count`; the others
+        // may be released to make room.
+        let mut all = std::mem::take(&mut s.free);
+        all.sort_by_key(Mem::len);
+        let first_fit = all.partition_point(|m| m.len() < len);
+        let mut others: Vec<Mem> = all.drain(..first_fit).collect();
+        let mut kept = all;
+        others.extend(kept.drain(count.min(kept.len())..));
+        let footprint = |kept: &[Mem]| {
+            (count - kept.len())
+                .checked_mul(len)
+                .and_then(|n| n.checked_add(kept.iter().map(Mem::len).sum()))
+                .and_then(|n| n.checked_add(taken))
+        };
+        // Kept buffers larger than `len` make way for new ones of `len` if that is what fits.
+        while footprint(&kept).is_none_or(|f| f > inner.budget) {
+            match kept.last() {
+                Some(m) if m.len() > len => others.extend(kept.pop()),
+                _ => {
+                    s.free = kept.into_iter().chain(others).collect();
+                    return Err(refuse(format!(
+                        "the pool's budget is {} bytes, and {} bytes are in use now",
+                        inner.budget, taken
+                    )));
+                }
+            }
+        }
+        let need = count - kept.len();
+        let new = need * len; // bounded by the footprint checked above
+                              // Make room: release free buffers not kept, largest first.
+        let kept_bytes: usize = kept.iter().map(Mem::len).sum();
+        let mut others_bytes: usize = others.iter().map(Mem::len).sum();
+        while taken + kept_bytes + others_bytes + new > inner.budget {
+            let Some(m) = others.pop() else { break };
+            others_bytes -= m.len();
+        }
+        s.free = kept.into_iter().chain(others).collect();
+        s.free_bytes = kept_bytes + others_bytes;
         if need == 0 {
             return Ok(0);
         }
-        let new = need.checked_mul(len);
-        let footprint = new
-            .and_then(|n| n.checked_add(kept))
-            .and_then(|n| n.checked_add(s.in_use));
-        let alone = count == 1 && s.in_use == 0;
-        if !alone && footprint.is_none_or(|f| f > inner.budget) {
-            return Err(crate::Error::InvalidArgument(format!(
-                "cannot reserve {count} staging buffer(s) of {len} bytes: the pool's budget is \
-                 {} bytes and {} bytes are in use now",
-                inner.budget, s.in_use
-            )));
-        }
-        let new = new.unwrap_or(usize::MAX);
-        // Make room: release free buffers too small for `len`, largest first.
-        while s.in_use + s.free_bytes + new > inner.budget {
-            let Some(i) = (0..s.free.len())
-                .filter(|&i| s.free[i].len() < len)
-                .max_by_key(|&i| s.free[i].len())
-            else {
-                break;
-            };
-            let m = s.free.swap_remove(i);
-            s.free_bytes -= m.len();
-        }
+        s.pending += new;
         drop(s);
         let made: Vec<Mem> = (0..need).map(|_| alloc(len, inner.pinned, true)).collect();
         let mut s = lock(&inner.state);
+        s.pending -= new;
         for m in made {
             s.free_bytes += m.len();
             s.allocations += 1;
@@ -267,7 +297,8 @@ impl StagingPool {
         let inner = &self.inner;
         let mut s = lock(&inner.state);
         loop {
-            let fits = s.in_use == 0 || s.in_use + len <= inner.budget;
+            let taken = s.in_use + s.pending;
+            let fits = taken == 0 || taken.saturating_add(len) <= inner.budget;
             if fits {
                 break;
             }
@@ -293,7 +324,9 @@ impl StagingPool {
             }
             None => {
                 // Make room: drop free buffers until the footprint fits the budget.
-                while !s.free.is_empty() && s.in_use + s.free_bytes + len > inner.budget {
+                while !s.free.is_empty()
+                    && (s.in_use + s.pending + s.free_bytes).saturating_add(len) > inner.budget
+                {
                     let i = (0..s.free.len())
                         .max_by_key(|&i| s.free[i].len())
                         .unwrap_or(0);
@@ -301,9 +334,11 @@ impl StagingPool {
                     s.free_bytes -= m.len();
                 }
                 s.allocations += 1;
+                s.pending += len;
                 drop(s);
                 let m = alloc(len, inner.pinned, fault_in);
                 s = lock(&inner.state);
+                s.pending -= len;
                 m
             }
         };
@@ -391,7 +426,7 @@ impl Drop for StagingBuf {
         if let Some(m) = self.mem.take() {
             let mut s = lock(&self.pool.state);
             s.in_use -= m.len();
-            if s.in_use + s.free_bytes + m.len() <= self.pool.budget {
+            if s.in_use + s.pending + s.free_bytes + m.len() <= self.pool.budget {
                 s.free_bytes += m.len();
                 s.free.push(m);
             }
@@ -442,6 +477,41 @@ mod tests {
             let mapped = crate::aligned::tests::resident(buf.as_ref());
             assert_eq!(mapped, (7usize << 20) / page, "every page mapped");
         }
+    }
+
+    #[test]
+    fn a_reserve_replaces_a_larger_free_buffer_when_only_that_fits_and_refuses_what_cannot() {
+        let pool = StagingPool::new(24 << 20, false);
+        drop(pool.acquire(20 << 20));
+        // Keeping the 20 MiB buffer and adding one of 5 MiB is over budget: two of 5 MiB fit.
+        assert_eq!(pool.reserve(5 << 20, 2).unwrap(), 10 << 20);
+        let s = pool.stats();
+        assert_eq!((s.free, s.allocations), (10 << 20, 3), "{s:?}");
+        // One of them fits as it is.
+        assert_eq!(pool.reserve(4 << 20, 1).unwrap(), 0);
+        // Refused, and nothing released: the 30 MiB asked for is over the budget, and so is
+        // any buffer over 24 MiB (the pool never keeps one).
+        let held = pool.acquire(5 << 20);
+        for (len, count, why) in [
+            (
+                10 << 20,
+                3,
+                "budget is 25165824 bytes, and 5242880 bytes are in use",
+            ),
+            (25 << 20, 1, "larger than the pool's budget"),
+        ] {
+            let e = pool.reserve(len, count).unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
+        }
+        let s = pool.stats();
+        assert_eq!(
+            (s.free, s.in_use, s.allocations),
+            (5 << 20, 5 << 20, 3),
+            "{s:?}"
+        );
+        drop(held);
+        assert!(pool.reserve(1 << 20, usize::MAX).is_err(), "no overflow");
+        assert_eq!(pool.stats().free, 10 << 20);
     }
 
     #[test]
