@@ -12,6 +12,13 @@
 //!   staging thread takes it and [`SaveHandle::staged`] resolves when it has: do not mutate the
 //!   tensors before that (wait on it just before the optimizer step).
 //!
+//! CUDA tensors are copied device to host with libtorch's `copy_` into the pinned staging
+//! buffer, which waits for the transfer: on the caller's thread in Eager mode, on the staging
+//! thread in Deferred mode (so `save` returns at once and `staged()` resolves once the transfer
+//! is complete). The copy runs on the device's default stream, after the work queued there
+//! before it; a tensor written by work on another stream must have that work synchronized
+//! before `save`.
+//!
 //! A dedicated writer thread calls the inner backend's `save_checkpoint`; the handle resolves
 //! when the checkpoint is durable, and the staging buffer goes back to the pool. In Deferred mode
 //! (or with [`Builder::write_while_copying`]), when the queue has room, the save reaches the

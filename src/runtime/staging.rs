@@ -15,7 +15,11 @@
 //! # Memory kind
 //! Buffers are ordinary heap memory, written once when allocated so that their pages are
 //! faulted in before the first snapshot. Page-locked (CUDA pinned) buffers are used when the
-//! `tch` feature is on and CUDA is available, so device-to-host copies can run asynchronously.
+//! `tch` feature is on and CUDA is available, so device-to-host copies are direct DMA
+//! transfers. If pinning fails, ordinary memory is used and a warning is logged. libtorch's
+//! pinned allocator rounds sizes up (to a power of two by default) and caches freed pinned
+//! memory, so the page-locked memory a pinned pool holds can exceed its budget by up to that
+//! rounding.
 
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -361,6 +365,11 @@ fn alloc(len: usize, pinned: bool, fault_in: bool) -> Mem {
         if let Some(p) = PinnedBuf::new(len.max(1)) {
             return Mem::Pinned(p);
         }
+        tracing::warn!(
+            len,
+            "ckptio: cannot allocate page-locked (pinned) staging memory; using ordinary memory, \
+             into which device-to-host copies are slower"
+        );
     }
     let _ = pinned;
     // Page-aligned, so storages copied into it can be written with direct I/O and no second

@@ -133,14 +133,16 @@ pub fn copy_into(t: &Tensor, dst: &mut [u8]) -> Result<()> {
     if numel == 0 {
         return Ok(());
     }
-    let src = t.detach();
+    let src = t.f_detach().map_err(torch_err)?;
     let src = if src.is_sparse() || src.is_mkldnn() {
         src.f_to_dense(None, false).map_err(torch_err)?
     } else {
         src
     };
-    let plain =
-        src.device() == Device::Cpu && src.is_contiguous() && !src.is_conj() && !src.is_neg();
+    let plain = src.device() == Device::Cpu
+        && src.is_contiguous()
+        && !src.f_is_conj().map_err(torch_err)?
+        && !src.f_is_neg().map_err(torch_err)?;
     if plain {
         return src.f_copy_data_u8(dst, numel).map_err(torch_err);
     }
@@ -179,7 +181,29 @@ pub fn to_host(t: &Tensor) -> Result<HostTensor> {
 }
 
 /// A new tch tensor on `device` holding the elements of `t`.
+///
+/// Fails with [`Error::InvalidArgument`] (never a panic) when `device` is a CUDA device this
+/// process does not have, as when a checkpoint saved on a GPU is loaded with its saved
+/// locations on a machine without one: load it with [`MapLocation::Cpu`](crate::MapLocation).
 pub fn to_tch(t: &HostTensor, device: Device) -> Result<Tensor> {
+    if let Device::Cuda(i) = device {
+        let have = if tch::Cuda::is_available() {
+            tch::Cuda::device_count().max(0) as usize
+        } else {
+            0
+        };
+        if i >= have {
+            let why = if have == 0 {
+                "CUDA is not available in this process".to_string()
+            } else {
+                format!("this process sees {have} CUDA device(s)")
+            };
+            return Err(Error::InvalidArgument(format!(
+                "cannot place a tensor on cuda:{i}: {why}; load with map_location \
+                 (MapLocation::Cpu, or another device) to read it here"
+            )));
+        }
+    }
     let kind = kind_of(t.dtype()).ok_or_else(|| {
         Error::unsupported("", format!("tch has no kind for {} tensors", t.dtype()))
     })?;
@@ -189,10 +213,10 @@ pub fn to_tch(t: &HostTensor, device: Device) -> Result<Tensor> {
     let out = if device == Device::Cpu {
         out
     } else {
-        out.to_device(device)
+        out.f_to(device).map_err(torch_err)?
     };
     Ok(if t.requires_grad() {
-        out.set_requires_grad(true)
+        out.f_set_requires_grad(true).map_err(torch_err)?
     } else {
         out
     })
@@ -265,8 +289,8 @@ impl TchSource {
             && !t.is_sparse()
             && !t.is_mkldnn()
             && t.is_contiguous()
-            && !t.is_conj()
-            && !t.is_neg()
+            && t.f_is_conj().ok() == Some(false)
+            && t.f_is_neg().ok() == Some(false)
             && t.f_kind().ok().and_then(dtype_of) == Some(self.dtype)
             && t.numel() * self.dtype.size() == len;
         let ptr = t.data_ptr() as *const u8;
@@ -523,6 +547,35 @@ impl Restore for StateDictRestore<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tensor_saved_on_a_cuda_device_this_process_lacks_is_an_error_not_a_panic() {
+        let missing = if tch::Cuda::is_available() {
+            tch::Cuda::device_count() as usize
+        } else {
+            0
+        };
+        let bytes: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let storage = Storage::with_location(bytes, format!("cuda:{missing}"));
+        let h = HostTensor::from_parts(storage, DType::Float32, vec![2], vec![1], 0).unwrap();
+        // As saved: refused with a way out.
+        match to_tch_mapped(&h, &LoadOptions::default()) {
+            Err(Error::InvalidArgument(m)) => {
+                assert!(m.contains(&format!("cuda:{missing}")), "{m}");
+                assert!(m.contains("map_location"), "{m}");
+            }
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("placed on a device the process lacks"),
+        }
+        // The way out works.
+        let to_cpu = LoadOptions {
+            map_location: MapLocation::Cpu,
+            ..LoadOptions::default()
+        };
+        let t = to_tch_mapped(&h, &to_cpu).unwrap();
+        assert_eq!(t.device(), Device::Cpu);
+        assert_eq!(Vec::<f32>::try_from(&t).unwrap(), vec![1.0, 2.0]);
+    }
 
     #[test]
     fn tensors_round_trip_through_tch() {
