@@ -325,6 +325,13 @@ fn run(args: &Args, dir: &Path, mib: usize) -> Row {
     res.eager_durable_ratio = median(r_p);
     res.copy_durable_ratio = median(r_c);
     res.deferred_durable_ratio = median(r_d);
+    if args.verbose {
+        let st = aios[0].status();
+        eprintln!(
+            "  write-protected saves' tensors: {} blocks of 2 MiB moved into huge pages, {} requests refused",
+            st.huge_page_blocks, st.huge_page_refusals
+        );
+    }
     // The loop writing every tensor at once after `save` returns: with protection, the writes
     // that reach a part not yet copied wait for it; both ways, the background work competes
     // for the cores.

@@ -76,7 +76,7 @@ where
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
+    create_dirs(&dir, durable)?;
     if path.is_dir() {
         return Err(Error::io(
             "save",
@@ -144,6 +144,32 @@ where
         release_later(old);
     }
     synced.map(|()| stats)
+}
+
+/// Creates `dir` and its missing ancestors. With `durable`, each directory that holds a new one
+/// is fsynced, so the new entries survive a crash as the file saved in them does (`dir` itself
+/// is fsynced after the rename).
+fn create_dirs(dir: &Path, durable: bool) -> Result<()> {
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(d) = at.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        missing.push(d.to_path_buf());
+        at = d.parent();
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
+    if durable {
+        for d in missing.iter().rev() {
+            let parent = match d.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
 }
 
 /// Files at least this large are freed by the release thread (see the module docs).
@@ -241,6 +267,24 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("c.pt")]);
+    }
+
+    #[test]
+    fn new_directories_are_made_and_a_file_in_their_way_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("runs/7/step-1.pt");
+        let stats = write_atomic(&p, true, |w| {
+            w.write_all(b"ok").map_err(|e| Error::io("write", "x", e))
+        })
+        .unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"ok");
+        assert!(stats.fsync > std::time::Duration::ZERO);
+        let blocker = dir.path().join("file");
+        fs::write(&blocker, b"x").unwrap();
+        let e = write_atomic(&blocker.join("sub/c.pt"), true, |_| Ok(())).unwrap_err();
+        assert!(matches!(e, Error::Io { .. }), "{e}");
+        assert!(e.to_string().contains("file"), "{e}");
+        assert_eq!(fs::read(&blocker).unwrap(), b"x", "nothing written over it");
     }
 
     #[test]

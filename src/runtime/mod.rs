@@ -173,6 +173,13 @@ pub struct Status {
     /// Writes to write-protected tensors that had to wait for their chunk's copy (each waited
     /// for at most 8 MiB to be copied).
     pub write_protect_waits: u64,
+    /// 2 MiB blocks of saved tensors the kernel has moved into huge pages at the background
+    /// copier's request ([`Builder::huge_pages`]), since the wrapper was made.
+    pub huge_page_blocks: u64,
+    /// Requests for such a block that the kernel refused (no free huge page, most often); a
+    /// block refused twice is not asked for again while it stays saved. Refused blocks keep
+    /// 4 KiB pages, whose protection costs more at each save.
+    pub huge_page_refusals: u64,
 }
 
 #[derive(Default)]
@@ -183,7 +190,7 @@ pub(crate) struct Counters {
     errors: AtomicU64,
     protected: AtomicU64,
     /// Shared with the copier of write-protected snapshots.
-    protect_waits: Arc<AtomicU64>,
+    protect: Arc<protect::ProtectCounters>,
 }
 
 impl Counters {
@@ -454,7 +461,9 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
             errors: c.errors.load(Ordering::Relaxed),
             pool: self.shared.pool.stats(),
             write_protected: c.protected.load(Ordering::Relaxed),
-            write_protect_waits: c.protect_waits.load(Ordering::Relaxed),
+            write_protect_waits: c.protect.waits.load(Ordering::Relaxed),
+            huge_page_blocks: c.protect.huge_collapsed.load(Ordering::Relaxed),
+            huge_page_refusals: c.protect.huge_refused.load(Ordering::Relaxed),
         }
     }
 
@@ -491,10 +500,8 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                 None
             };
             let protector = if self.config.mode == SnapshotMode::Eager && self.config.protect {
-                match Protector::start(
-                    self.shared.counters.protect_waits.clone(),
-                    self.config.huge_pages,
-                ) {
+                match Protector::start(self.shared.counters.protect.clone(), self.config.huge_pages)
+                {
                     Ok(p) => Some(p),
                     Err(e) => {
                         tracing::debug!(error = %e, "write protection not available: Eager saves copy");

@@ -64,6 +64,17 @@
 /// time.
 pub(crate) const PROTECT_MIN: usize = 1 << 20;
 
+/// What the copier counts, for [`Status`](super::Status).
+#[derive(Default)]
+pub(crate) struct ProtectCounters {
+    /// Writes that waited for their chunk's copy.
+    pub(crate) waits: std::sync::atomic::AtomicU64,
+    /// 2 MiB blocks the kernel moved into huge pages at the copier's request.
+    pub(crate) huge_collapsed: std::sync::atomic::AtomicU64,
+    /// Requests for a block the kernel refused.
+    pub(crate) huge_refused: std::sync::atomic::AtomicU64,
+}
+
 #[cfg(all(
     target_os = "linux",
     any(target_arch = "x86_64", target_arch = "aarch64")
@@ -75,7 +86,7 @@ mod imp {
     use std::ops::Range;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     use std::os::unix::fs::OpenOptionsExt;
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::Ordering;
     use std::sync::{Arc, Condvar, Mutex, MutexGuard};
     use std::thread::JoinHandle;
 
@@ -335,7 +346,7 @@ mod imp {
         /// `/proc/self/maps`, for `PROCMAP_QUERY`.
         maps: Option<std::fs::File>,
         /// Faults that waited for a copy.
-        waits: Arc<AtomicU64>,
+        counters: Arc<super::ProtectCounters>,
         /// The copier thread's id (0 until it has started).
         copier_tid: std::sync::atomic::AtomicI32,
         /// Whether the copier asks for huge pages between saves (see [`Collapse`]).
@@ -616,13 +627,13 @@ mod imp {
             if let Some(h) = self.held.iter().position(|&x| x == (i, c)) {
                 // Copied and held: the writer waits no longer.
                 self.held.swap_remove(h);
-                self.inner.waits.fetch_add(1, Ordering::Relaxed);
+                self.inner.counters.waits.fetch_add(1, Ordering::Relaxed);
                 self.release(i, c);
             } else if item.copied[c] {
                 // A fault reported after its chunk was released.
                 self.inner.wake(addr);
             } else {
-                self.inner.waits.fetch_add(1, Ordering::Relaxed);
+                self.inner.counters.waits.fetch_add(1, Ordering::Relaxed);
                 self.copy(i, c, true);
             }
             true
@@ -670,7 +681,10 @@ mod imp {
         /// Starts the copier, or says why write protection is not available here.
         /// With `huge_pages`, the copier asks the kernel between saves to back the tensors
         /// that stay in place from one save to the next with huge pages (see [`Collapse`]).
-        pub(crate) fn start(waits: Arc<AtomicU64>, huge_pages: bool) -> io::Result<Protector> {
+        pub(crate) fn start(
+            counters: Arc<super::ProtectCounters>,
+            huge_pages: bool,
+        ) -> io::Result<Protector> {
             let uffd = open_uffd()?;
             // SAFETY: eventfd takes an initial value and flags and returns a new fd or -1.
             let ev = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -685,7 +699,7 @@ mod imp {
                 page: page_size(),
                 pid: std::process::id(),
                 maps: std::fs::File::open("/proc/self/maps").ok(),
-                waits,
+                counters,
                 copier_tid: std::sync::atomic::AtomicI32::new(0),
                 huge_pages,
                 state: Mutex::new(State {
@@ -1102,6 +1116,7 @@ mod imp {
     /// a kernel without `MADV_COLLAPSE`) are not asked for again either.
     struct Collapse {
         on: bool,
+        counters: Arc<super::ProtectCounters>,
         /// The ranges of the last save copied.
         last: Vec<Range<usize>>,
         /// Blocks (their start) to ask for.
@@ -1120,9 +1135,10 @@ mod imp {
     const COLLAPSE_SLOW: std::time::Duration = std::time::Duration::from_millis(20);
 
     impl Collapse {
-        fn new(on: bool) -> Collapse {
+        fn new(on: bool, counters: Arc<super::ProtectCounters>) -> Collapse {
             Collapse {
                 on: on && crate::huge::allowed(),
+                counters,
                 last: Vec::new(),
                 todo: VecDeque::new(),
                 asked: std::collections::HashMap::new(),
@@ -1165,10 +1181,14 @@ mod imp {
             let r = crate::huge::collapse(b);
             let n = self.asked.entry(b).or_insert(0);
             match r {
-                Ok(()) => *n = COLLAPSED,
+                Ok(()) => {
+                    *n = COLLAPSED;
+                    self.counters.huge_collapsed.fetch_add(1, Ordering::Relaxed);
+                }
                 Err(e) => {
                     tracing::trace!(error = %e, block = b, "ckptio: no huge page for a block");
                     *n += 1;
+                    self.counters.huge_refused.fetch_add(1, Ordering::Relaxed);
                 }
             }
             if t.elapsed() > COLLAPSE_SLOW {
@@ -1185,7 +1205,7 @@ mod imp {
         let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
         inner.copier_tid.store(tid, Ordering::Release);
         let mut job: Option<Job> = None;
-        let mut collapse = Collapse::new(inner.huge_pages);
+        let mut collapse = Collapse::new(inner.huge_pages, inner.counters.clone());
         // Faults on ranges being set up, served once they are handed over.
         let mut early: VecDeque<usize> = VecDeque::new();
         loop {
@@ -1324,7 +1344,7 @@ mod imp {
 
         #[test]
         fn while_a_save_protects_ranges_the_copier_keeps_off_its_cpu_and_gets_it_back_after() {
-            let Ok(p) = Protector::start(Arc::new(AtomicU64::new(0)), true) else {
+            let Ok(p) = Protector::start(Arc::default(), true) else {
                 eprintln!("userfaultfd not available here: nothing to check");
                 return;
             };
@@ -1362,7 +1382,7 @@ mod imp {
 
         #[test]
         fn a_write_to_a_range_copied_while_the_save_still_protects_others_goes_ahead_at_once() {
-            let Ok(p) = Protector::start(Arc::new(AtomicU64::new(0)), true) else {
+            let Ok(p) = Protector::start(Arc::default(), true) else {
                 eprintln!("userfaultfd not available here: nothing to check");
                 return;
             };
@@ -1467,7 +1487,8 @@ mod imp {
 
         #[test]
         fn a_range_saved_twice_in_place_gets_huge_pages_and_later_saves_still_hold_their_bytes() {
-            let Ok(p) = Protector::start(Arc::new(AtomicU64::new(0)), true) else {
+            let counters: Arc<super::super::ProtectCounters> = Arc::default();
+            let Ok(p) = Protector::start(counters.clone(), true) else {
                 eprintln!("userfaultfd not available here: nothing to check");
                 return;
             };
@@ -1510,6 +1531,19 @@ mod imp {
                     huge <= all,
                     "only blocks inside the range: {huge} KiB > {all} KiB"
                 );
+                // Counted as the kernel did them, each block once (the count follows each
+                // call's return, so it may trail what smaps shows for a moment).
+                let seen = huge / (HUGE as u64 / 1024);
+                let count = || counters.huge_collapsed.load(Ordering::Relaxed);
+                let t = std::time::Instant::now();
+                while count() < seen && t.elapsed().as_secs() < 2 {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                assert!(
+                    (seen..=blocks).contains(&count()),
+                    "{} counted, {seen} seen, {blocks} blocks",
+                    count()
+                );
             }
             // A third save, now protecting huge pages: writes right after it, in the middle
             // of a huge page and at the range's ends, wait for their copy.
@@ -1542,14 +1576,16 @@ mod imp {
 mod imp {
     use std::io;
     use std::ops::Range;
-    use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
 
     /// Write protection needs Linux's userfaultfd: never available here.
     pub(crate) struct Protector(());
 
     impl Protector {
-        pub(crate) fn start(_waits: Arc<AtomicU64>, _huge_pages: bool) -> io::Result<Protector> {
+        pub(crate) fn start(
+            _counters: Arc<super::ProtectCounters>,
+            _huge_pages: bool,
+        ) -> io::Result<Protector> {
             Err(io::Error::from(io::ErrorKind::Unsupported))
         }
         pub(crate) fn arm(&self, _block: bool) -> Option<Arming<'_>> {

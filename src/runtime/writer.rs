@@ -134,7 +134,12 @@ pub(crate) fn writer_loop<I: CheckpointIo>(shared: Arc<Shared<I>>, rx: Receiver<
                             write_ms = write.as_secs_f64() * 1e3,
                             fsync_ms = measured.fsync.map(|d| d.as_secs_f64() * 1e3),
                             durable = options.durable,
-                            "checkpoint durable"
+                            "{}",
+                            if options.durable {
+                                "checkpoint durable"
+                            } else {
+                                "checkpoint written (not durable: no fsync)"
+                            }
                         );
                         shared.counters.saved(bytes);
                         done.finish(Ok(SaveReport {
