@@ -97,6 +97,75 @@ fn cuda_snapshots_are_the_state_at_save_and_staged_time() {
     }
 }
 
+/// CUDA, harder: kernels that write the tensors are still queued when `save` is called (no
+/// synchronization), the state includes a transposed view and a half-precision tensor, two saves
+/// go through one wrapper (its staging buffer reused), and what was saved loads back on the CPU
+/// and on the GPU. The file must hold the state the queued kernels leave, not the writes made
+/// right after `save` (Eager) or `staged()` (Deferred). Runs only where CUDA is available.
+#[test]
+fn cuda_saves_behind_queued_kernels_hold_the_state_those_kernels_leave() {
+    if !tch::Cuda::is_available() {
+        eprintln!("skipped: CUDA is not available on this machine");
+        return;
+    }
+    use ckptio::{MapLocation, Value};
+    let dev = Device::Cuda(0);
+    let dir = tempfile::tempdir().unwrap();
+    for mode in [SnapshotMode::Eager, SnapshotMode::Deferred] {
+        let io = Builder::default()
+            .snapshot_mode(mode)
+            .build(TorchCheckpointIo::new());
+        let a = Tensor::randn([2048, 2048], (Kind::Float, dev)) / 64.0;
+        let mut w = Tensor::zeros([2048, 2048], (Kind::Float, dev));
+        let mut h = Tensor::zeros([512, 300], (Kind::Half, dev));
+        for round in 0..2i64 {
+            // Queued, not waited for: a chain of matmuls ends by writing `w` and `h`.
+            let mut t = a.shallow_clone();
+            for _ in 0..16 {
+                t = t.matmul(&a);
+            }
+            w.copy_(&t);
+            h.copy_(&t.narrow(0, 0, 512).narrow(1, 0, 300).to_kind(Kind::Half));
+            // What the file must hold, taken on the GPU in stream order.
+            let (want_w, want_h) = (w.copy(), h.copy());
+            let mut d = ckptio::Dict::ordered();
+            d.insert("w_t", ckptio::tch::live(&w.transpose(0, 1)).unwrap());
+            d.insert("h", ckptio::tch::live(&h).unwrap());
+            let path = dir.path().join(format!("{mode:?}-{round}.pt"));
+            let handle = io.save(&Value::Dict(d), &path).unwrap();
+            if mode == SnapshotMode::Deferred {
+                handle.wait_staged().unwrap();
+            }
+            let _ = w.fill_(-1.0);
+            let _ = h.fill_(-1.0);
+            handle.wait().unwrap();
+            let back = ckptio::torch::load(&path, &LoadOptions::default()).unwrap();
+            let tensor = |k: &str| back.get(k).unwrap().as_tensor().unwrap().clone();
+            let on_cpu = LoadOptions::default().map_location(MapLocation::Cpu);
+            for (k, want) in [("w_t", want_w.transpose(0, 1)), ("h", want_h)] {
+                let host = tensor(k);
+                assert_eq!(host.storage().location(), "cuda:0", "{mode:?} {k}");
+                let cpu = ckptio::tch::to_tch_mapped(&host, &on_cpu).unwrap();
+                assert_eq!(cpu.device(), Device::Cpu);
+                assert!(
+                    cpu.equal(&want.to_device(Device::Cpu)),
+                    "{mode:?} {round} {k}"
+                );
+                let gpu = ckptio::tch::to_tch_mapped(&host, &LoadOptions::default()).unwrap();
+                assert_eq!(gpu.device(), dev);
+                assert!(gpu.equal(&want), "{mode:?} {round} {k} on the GPU");
+            }
+        }
+        let st = io.status();
+        assert!(st.pool.pinned, "{st:?}");
+        assert_eq!(
+            st.pool.allocations, 1,
+            "the second save reused the buffer: {st:?}"
+        );
+        io.teardown().unwrap();
+    }
+}
+
 #[test]
 fn varstore_round_trips_through_the_async_wrapper_and_restore() {
     use ckptio::tch::{live_state_dict, StateDictRestore};

@@ -568,10 +568,7 @@ mod tests {
             Ok(_) => panic!("placed on a device the process lacks"),
         }
         // The way out works.
-        let to_cpu = LoadOptions {
-            map_location: MapLocation::Cpu,
-            ..LoadOptions::default()
-        };
+        let to_cpu = LoadOptions::default().map_location(MapLocation::Cpu);
         let t = to_tch_mapped(&h, &to_cpu).unwrap();
         assert_eq!(t.device(), Device::Cpu);
         assert_eq!(Vec::<f32>::try_from(&t).unwrap(), vec![1.0, 2.0]);
