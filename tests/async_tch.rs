@@ -59,6 +59,7 @@ fn run_on(mode: SnapshotMode, device: Device, rows: i64) {
     );
     // Staging memory is page-locked exactly when CUDA is there to use it.
     assert_eq!(io.status().pool.pinned, tch::Cuda::is_available());
+    assert_eq!(io.status().pool.pinned_fallbacks, 0, "pinning worked");
     io.teardown().unwrap();
 }
 
@@ -157,7 +158,7 @@ fn cuda_saves_behind_queued_kernels_hold_the_state_those_kernels_leave() {
             }
         }
         let st = io.status();
-        assert!(st.pool.pinned, "{st:?}");
+        assert!(st.pool.pinned && st.pool.pinned_fallbacks == 0, "{st:?}");
         assert_eq!(
             st.pool.allocations, 1,
             "the second save reused the buffer: {st:?}"

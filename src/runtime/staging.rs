@@ -42,6 +42,9 @@ pub struct PoolStats {
     pub reuses: u64,
     /// Whether buffers are page-locked (CUDA pinned).
     pub pinned: bool,
+    /// Buffers allocated in ordinary memory because pinning them failed (with `pinned`; a
+    /// warning is logged for each).
+    pub pinned_fallbacks: u64,
 }
 
 enum Mem {
@@ -51,6 +54,13 @@ enum Mem {
 }
 
 impl Mem {
+    fn is_pinned(&self) -> bool {
+        match self {
+            Mem::Heap(_) => false,
+            #[cfg(feature = "tch")]
+            Mem::Pinned(_) => true,
+        }
+    }
     fn len(&self) -> usize {
         match self {
             Mem::Heap(v) => v.len(),
@@ -115,6 +125,7 @@ struct State {
     pending: usize,
     allocations: u64,
     reuses: u64,
+    pinned_fallbacks: u64,
 }
 
 struct Inner {
@@ -162,6 +173,7 @@ impl StagingPool {
                     pending: 0,
                     allocations: 0,
                     reuses: 0,
+                    pinned_fallbacks: 0,
                 }),
                 returned: Condvar::new(),
             }),
@@ -178,6 +190,7 @@ impl StagingPool {
             allocations: s.allocations,
             reuses: s.reuses,
             pinned: self.inner.pinned,
+            pinned_fallbacks: s.pinned_fallbacks,
         }
     }
 
@@ -285,6 +298,7 @@ impl StagingPool {
         let mut s = lock(&inner.state);
         s.pending -= new;
         for m in made {
+            s.pinned_fallbacks += u64::from(inner.pinned && !m.is_pinned());
             s.free_bytes += m.len();
             s.allocations += 1;
             s.free.push(m);
@@ -343,6 +357,7 @@ impl StagingPool {
                 let m = alloc(len, inner.pinned, fault_in);
                 s = lock(&inner.state);
                 s.pending -= len;
+                s.pinned_fallbacks += u64::from(inner.pinned && !m.is_pinned());
                 m
             }
         };
