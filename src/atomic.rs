@@ -279,11 +279,15 @@ mod tests {
         .unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"ok");
         assert!(stats.fsync > std::time::Duration::ZERO);
-        let blocker = dir.path().join("file");
+        let blocker = dir.path().join("blocker");
         fs::write(&blocker, b"x").unwrap();
         let e = write_atomic(&blocker.join("sub/c.pt"), true, |_| Ok(())).unwrap_err();
         assert!(matches!(e, Error::Io { .. }), "{e}");
-        assert!(e.to_string().contains("file"), "{e}");
+        let m = e.to_string();
+        assert!(
+            m.contains("create directory") && m.contains("blocker/sub"),
+            "{m}"
+        );
         assert_eq!(fs::read(&blocker).unwrap(), b"x", "nothing written over it");
     }
 

@@ -445,9 +445,18 @@ fn staging_buffers_are_reused_after_warm_up() {
 
 #[test]
 fn after_reserve_no_save_allocates_even_the_first_ones() {
-    // Saves in pairs: the second is queued while the first is written (200 ms each), so two
-    // staging buffers are in use at once.
-    let io = Builder::default().capacity(1).build(slow_mem(200));
+    within_20s(reserve_then_save_in_pairs);
+}
+
+fn reserve_then_save_in_pairs() {
+    // Saves in pairs: the second is queued while the backend holds the first, so two staging
+    // buffers are in use at once.
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let io = Builder::default().capacity(1).build(Held {
+        started: Mutex::new(started_tx),
+        release: Mutex::new(release_rx),
+    });
     let a = Param::new(10_000, 1.0);
     let b = Param::new(3_000, 2.0);
     let tree = |s: i64| tree_of_two(&a, &b, s);
@@ -463,16 +472,57 @@ fn after_reserve_no_save_allocates_even_the_first_ones() {
     assert_eq!(io.reserve(&tree(0), 2).unwrap(), 0, "already ready");
     for pair in 0..3 {
         let h1 = io.save(&tree(2 * pair), format!("r{pair}a")).unwrap();
-        let h2 = io.save(&tree(2 * pair + 1), format!("r{pair}b")).unwrap();
+        started.recv_timeout(Duration::from_secs(20)).unwrap(); // held by the backend
+        let h2 = io.save(&tree(2 * pair + 1), format!("r{pair}b")).unwrap(); // queued
         let st = io.status().pool;
         assert_eq!(st.in_use, reserved, "pair {pair}: two in flight: {st:?}");
+        release.send(()).unwrap();
+        release.send(()).unwrap();
         h1.wait().unwrap();
         h2.wait().unwrap();
+        started.recv_timeout(Duration::from_secs(20)).unwrap(); // the second's start
     }
     let st = io.status().pool;
     assert_eq!(st.allocations, 2, "{st:?}");
     assert_eq!(st.reuses, 6, "{st:?}");
     io.teardown().unwrap();
+}
+
+/// A tensor that claims more bytes than any allocation can hold.
+struct Enormous;
+
+impl TensorSource for Enormous {
+    fn dtype(&self) -> DType {
+        DType::Float32
+    }
+    fn shape(&self) -> Vec<usize> {
+        vec![1 << 61]
+    }
+    fn copy_to(&self, _dst: &mut [u8]) -> ckptio::Result<()> {
+        unreachable!("never asked to copy")
+    }
+}
+
+#[test]
+fn a_snapshot_too_large_to_allocate_is_refused_and_the_pool_still_serves() {
+    let io = Builder::default().build(MemIo::default());
+    let mut d = Dict::new();
+    d.insert("w", LiveTensor::new(Enormous));
+    let tree = Value::Dict(d);
+    for r in [
+        io.save(&tree, "e").map(drop),
+        io.reserve(&tree, 1).map(drop),
+    ] {
+        match r {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains("overflows"), "{m}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    let p = Param::new(1000, 1.0);
+    within_20s(move || {
+        io.save(&tree_of(&p, 1), "ok").unwrap().wait().unwrap();
+        io.teardown().unwrap();
+    });
 }
 
 #[test]

@@ -152,6 +152,7 @@ pub enum Backpressure {
 
 /// Counters and gauges a user can read.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Status {
     /// Operations submitted and not finished yet.
     pub pending: usize,

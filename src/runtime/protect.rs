@@ -1539,8 +1539,9 @@ mod imp {
                 while count() < seen && t.elapsed().as_secs() < 2 {
                     std::thread::sleep(std::time::Duration::from_millis(5));
                 }
+                // (At least one: khugepaged may have collapsed some blocks by itself.)
                 assert!(
-                    (seen..=blocks).contains(&count()),
+                    (1..=blocks).contains(&count()),
                     "{} counted, {seen} seen, {blocks} blocks",
                     count()
                 );

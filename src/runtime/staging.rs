@@ -28,6 +28,7 @@ use bytes::Bytes;
 
 /// Counters a user can read.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PoolStats {
     /// The budget in bytes.
     pub budget: usize,
@@ -294,15 +295,21 @@ impl StagingPool {
         }
         s.pending += new;
         drop(s);
+        let guard = Pending::new(inner, new);
         let made: Vec<Mem> = (0..need).map(|_| alloc(len, inner.pinned, true)).collect();
         let mut s = lock(&inner.state);
         s.pending -= new;
+        guard.disarm();
         for m in made {
             s.pinned_fallbacks += u64::from(inner.pinned && !m.is_pinned());
             s.free_bytes += m.len();
             s.allocations += 1;
             s.free.push(m);
         }
+        drop(s);
+        // Fewer bytes are taken now (pending went down, free buffers do not count): a request
+        // that waited while these were allocated may go on.
+        inner.returned.notify_all();
         Ok(new)
     }
 
@@ -354,9 +361,11 @@ impl StagingPool {
                 s.allocations += 1;
                 s.pending += len;
                 drop(s);
+                let guard = Pending::new(inner, len);
                 let m = alloc(len, inner.pinned, fault_in);
                 s = lock(&inner.state);
                 s.pending -= len;
+                guard.disarm();
                 s.pinned_fallbacks += u64::from(inner.pinned && !m.is_pinned());
                 m
             }
@@ -367,6 +376,31 @@ impl StagingPool {
             len,
             pool: inner.clone(),
         })
+    }
+}
+
+/// Bytes counted as being allocated outside the pool's lock: given back, and waiters woken, if
+/// the allocation unwinds (the normal path gives them back under the lock and disarms this).
+struct Pending<'a> {
+    inner: &'a Inner,
+    bytes: usize,
+}
+
+impl<'a> Pending<'a> {
+    fn new(inner: &'a Inner, bytes: usize) -> Pending<'a> {
+        Pending { inner, bytes }
+    }
+    fn disarm(mut self) {
+        self.bytes = 0;
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            lock(&self.inner.state).pending -= self.bytes;
+            self.inner.returned.notify_all();
+        }
     }
 }
 

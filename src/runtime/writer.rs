@@ -412,6 +412,7 @@ fn slab_layout(lens: &[usize]) -> Result<(Vec<usize>, usize)> {
             .div_ceil(SLICE_ALIGN)
             .checked_mul(SLICE_ALIGN)
             .and_then(|n| n.checked_add(total))
+            .filter(|&n| n <= isize::MAX as usize)
             .ok_or_else(|| Error::InvalidArgument("snapshot size overflows".into()))?;
     }
     Ok((offsets, total))
