@@ -451,12 +451,8 @@ fn after_reserve_no_save_allocates_even_the_first_ones() {
 fn reserve_then_save_in_pairs() {
     // Saves in pairs: the second is queued while the backend holds the first, so two staging
     // buffers are in use at once.
-    let (started_tx, started) = std::sync::mpsc::channel();
-    let (release, release_rx) = std::sync::mpsc::channel();
-    let io = Builder::default().capacity(1).build(Held {
-        started: Mutex::new(started_tx),
-        release: Mutex::new(release_rx),
-    });
+    let (held, started, release) = Held::new();
+    let io = Builder::default().capacity(1).build(held);
     let a = Param::new(10_000, 1.0);
     let b = Param::new(3_000, 2.0);
     let tree = |s: i64| tree_of_two(&a, &b, s);
@@ -846,6 +842,21 @@ struct Held {
 }
 
 impl Held {
+    /// The backend, the receiver that hears each save start, and the sender that lets one end.
+    fn new() -> (
+        Held,
+        std::sync::mpsc::Receiver<()>,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        let held = Held {
+            started: Mutex::new(started_tx),
+            release: Mutex::new(release_rx),
+        };
+        (held, started, release)
+    }
+
     fn save(&self, _c: &Value) -> ckptio::Result<()> {
         let _ = self.started.lock().unwrap().send(());
         self.release
@@ -864,15 +875,11 @@ fn deferred_staged_does_not_wait_for_earlier_writes_when_the_queue_is_full() {
 }
 
 fn deferred_staged_with_a_full_queue() {
-    let (started_tx, started) = std::sync::mpsc::channel();
-    let (release, release_rx) = std::sync::mpsc::channel();
+    let (held, started, release) = Held::new();
     let io = Builder::default()
         .snapshot_mode(SnapshotMode::Deferred)
         .capacity(1)
-        .build(Held {
-            started: Mutex::new(started_tx),
-            release: Mutex::new(release_rx),
-        });
+        .build(held);
     let p = Param::new(64, 1.0);
     let a = io.save(&tree_of(&p, 1), "a").unwrap();
     started.recv_timeout(Duration::from_secs(20)).unwrap(); // the writer is busy with "a"

@@ -280,8 +280,9 @@ impl StagingPool {
             }
         }
         let need = count - kept.len();
-        let new = need * len; // bounded by the footprint checked above
-                              // Make room: release free buffers not kept, largest first.
+        // Bounded by the footprint checked above.
+        let new = need * len;
+        // Make room: release free buffers not kept, largest first.
         let kept_bytes: usize = kept.iter().map(Mem::len).sum();
         let mut others_bytes: usize = others.iter().map(Mem::len).sum();
         while taken + kept_bytes + others_bytes + new > inner.budget {
@@ -293,17 +294,9 @@ impl StagingPool {
         if need == 0 {
             return Ok(0);
         }
-        s.pending += new;
-        drop(s);
-        let guard = Pending::new(inner, new);
-        let made: Vec<Mem> = (0..need).map(|_| alloc(len, inner.pinned, true)).collect();
-        let mut s = lock(&inner.state);
-        s.pending -= new;
-        guard.disarm();
+        let (mut s, made) = inner.allocate(s, len, need, true);
         for m in made {
-            s.pinned_fallbacks += u64::from(inner.pinned && !m.is_pinned());
             s.free_bytes += m.len();
-            s.allocations += 1;
             s.free.push(m);
         }
         drop(s);
@@ -358,16 +351,9 @@ impl StagingPool {
                     let m = s.free.swap_remove(i);
                     s.free_bytes -= m.len();
                 }
-                s.allocations += 1;
-                s.pending += len;
-                drop(s);
-                let guard = Pending::new(inner, len);
-                let m = alloc(len, inner.pinned, fault_in);
-                s = lock(&inner.state);
-                s.pending -= len;
-                guard.disarm();
-                s.pinned_fallbacks += u64::from(inner.pinned && !m.is_pinned());
-                m
+                let (relocked, mut made) = inner.allocate(s, len, 1, fault_in);
+                s = relocked;
+                made.pop().expect("one buffer was made")
             }
         };
         s.in_use += mem.len();
@@ -379,20 +365,41 @@ impl StagingPool {
     }
 }
 
+impl Inner {
+    /// Allocates `count` buffers of `len` bytes (their total fits a `usize`: the caller checked
+    /// it against the budget) with the lock released, their bytes counted as pending meanwhile;
+    /// returns the lock again, with the buffers counted as allocated.
+    fn allocate<'a>(
+        &'a self,
+        mut s: std::sync::MutexGuard<'a, State>,
+        len: usize,
+        count: usize,
+        fault_in: bool,
+    ) -> (std::sync::MutexGuard<'a, State>, Vec<Mem>) {
+        let bytes = len * count;
+        s.pending += bytes;
+        drop(s);
+        let mut guard = Pending { inner: self, bytes };
+        let made: Vec<Mem> = (0..count)
+            .map(|_| alloc(len, self.pinned, fault_in))
+            .collect();
+        let mut s = lock(&self.state);
+        s.pending -= bytes;
+        guard.bytes = 0;
+        s.allocations += made.len() as u64;
+        s.pinned_fallbacks += made
+            .iter()
+            .filter(|m| self.pinned && !m.is_pinned())
+            .count() as u64;
+        (s, made)
+    }
+}
+
 /// Bytes counted as being allocated outside the pool's lock: given back, and waiters woken, if
-/// the allocation unwinds (the normal path gives them back under the lock and disarms this).
+/// the allocation unwinds (the normal path gives them back under the lock and zeroes this).
 struct Pending<'a> {
     inner: &'a Inner,
     bytes: usize,
-}
-
-impl<'a> Pending<'a> {
-    fn new(inner: &'a Inner, bytes: usize) -> Pending<'a> {
-        Pending { inner, bytes }
-    }
-    fn disarm(mut self) {
-        self.bytes = 0;
-    }
 }
 
 impl Drop for Pending<'_> {
