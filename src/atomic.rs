@@ -166,7 +166,20 @@ fn create_dirs(dir: &Path, durable: bool) -> Result<()> {
                 Some(p) if !p.as_os_str().is_empty() => p,
                 _ => Path::new("."),
             };
-            sync_dir(parent)?;
+            match sync_dir(parent) {
+                // A directory the process may write into but not read (mode -wx) cannot be
+                // opened to fsync it: the save goes on, as it did before parents were synced.
+                Err(Error::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::PermissionDenied =>
+                {
+                    tracing::warn!(
+                        dir = %parent.display(),
+                        "ckptio: cannot open a directory to fsync it; a crash may lose the new \
+                         directory in it"
+                    );
+                }
+                r => r?,
+            }
         }
     }
     Ok(())
