@@ -7,7 +7,9 @@
 //! - S0: synchronous `TorchCheckpointIo` save of the live state (written in place + fsync);
 //! - Eager / Deferred: the stall of `AsyncCheckpointIo::save` on the training thread, the
 //!   background write time, the time to durable, and the peak extra RSS per save (after a
-//!   first small save, whose one-time cost beyond its buffer is reported apart). Eager runs twice:
+//!   first small save, whose one-time cost beyond its buffer is reported apart), with the part
+//!   of it that is the staging the pool added for the state beside the rest (heap and thread
+//!   stacks: a few hundred KiB at most, whatever the state's size). Eager runs twice:
 //!   with write protection (the default where the kernel allows it) and copying on the
 //!   training thread;
 //! - W0: one in-place pass over the state (`mul_(1)`, as an optimizer step writes it), alone and
@@ -147,6 +149,8 @@ struct Row {
     eager_durable: f64,
     deferred_durable: f64,
     peak_extra_rss: f64,
+    /// Of that, the staging the pool added for this state, per byte of the state.
+    staging_rss: f64,
     /// Resident bytes a first small save left beyond its staging buffer: code, thread stacks and
     /// buffers that later saves reuse.
     one_time_rss: f64,
@@ -259,10 +263,13 @@ fn run(args: &Args, dir: &Path, mib: usize) -> Row {
     drop(small);
     // Peak RSS per save: from before the pool's allocation for this state (the warm-up save)
     // through one more save.
+    let pool_bytes = |p: ckptio::runtime::PoolStats| (p.in_use + p.free) as f64;
+    let pool_before = pool_bytes(aios[0].status().pool);
     let peak = RssPeak::start(Duration::from_millis(1));
     save(0, -1);
     save(0, -1);
     res.peak_extra_rss = peak.extra_bytes() as f64 / bytes as f64;
+    res.staging_rss = (pool_bytes(aios[0].status().pool) - pool_before) / bytes as f64;
     std::thread::sleep(gap);
     for k in 1..aios.len() {
         // Warm-up: the pool allocates its buffer once.
@@ -367,6 +374,10 @@ fn run(args: &Args, dir: &Path, mib: usize) -> Row {
     res
 }
 
+fn bytes_of(mib: usize) -> f64 {
+    (mib << 20) as f64
+}
+
 fn main() {
     let args = Args::parse();
     let dir = args
@@ -377,7 +388,7 @@ fn main() {
     std::fs::create_dir_all(&args.out).expect("create results dir");
     tch::set_num_threads(1);
     let mut md = String::from(
-        "| state | M0 memcpy | D0 write+fsync (buffered / direct) | S0 sync save | Eager stall (/M0) | Deferred stall | S0/Eager stall | write GB/s (/D0) | durable Eager (/S0) | durable Deferred (/S0) | peak extra RSS / size (one-time) |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| state | M0 memcpy | D0 write+fsync (buffered / direct) | S0 sync save | Eager stall (/M0) | Deferred stall | S0/Eager stall | write GB/s (/D0) | durable Eager (/S0) | durable Deferred (/S0) | peak extra RSS / size (staging / size, rest; one-time) |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut wp = String::from(
         "| state | M0 memcpy | Eager stall, write-protected (/M0) | Eager stall, copying (/M0) | S0 / stall, protected / copying | durable, copying (/S0) | W0 in-place pass | same pass right after save: protected (waits) / copying | stall + pass − W0, protected / copying (/M0) |\n|---|---|---|---|---|---|---|---|---|\n",
@@ -389,7 +400,7 @@ fn main() {
         let gb = (mib << 20) as f64 / 1e9;
         let ms = |s: f64| format!("{:.1} ms", s * 1e3);
         md.push_str(&format!(
-            "| {} MiB | {} ({:.2} GB/s) | {} ({:.2} GB/s; {:.2} / {:.2}) | {} | {} ({:.2}) | {} | {:.1} | {:.2} ({:.2}) | {} ({:.2}) | {} ({:.2}) | {:.3} (+{:.1} MiB) |\n",
+            "| {} MiB | {} ({:.2} GB/s) | {} ({:.2} GB/s; {:.2} / {:.2}) | {} | {} ({:.2}) | {} | {:.1} | {:.2} ({:.2}) | {} ({:.2}) | {} ({:.2}) | {:.3} ({:.4}, {:+.0} KiB; +{:.1} MiB) |\n",
             mib,
             ms(r.m0), gb / r.m0,
             ms(r.d0), gb / r.d0, gb / r.d0_buffered, gb / r.d0_direct,
@@ -401,6 +412,8 @@ fn main() {
             ms(r.eager_durable), r.eager_durable_ratio,
             ms(r.deferred_durable), r.deferred_durable_ratio,
             r.peak_extra_rss,
+            r.staging_rss,
+            (r.peak_extra_rss - r.staging_rss) * bytes_of(mib) / 1024.0,
             r.one_time_rss / (1 << 20) as f64,
         ));
         wp.push_str(&format!(
@@ -425,6 +438,7 @@ fn main() {
             "eager_stall_s": r.eager_stall, "deferred_stall_s": r.deferred_stall,
             "eager_write_s": r.eager_write, "eager_durable_s": r.eager_durable,
             "deferred_durable_s": r.deferred_durable, "peak_extra_rss_per_size": r.peak_extra_rss,
+            "staging_rss_per_size": r.staging_rss,
             "one_time_rss_bytes": r.one_time_rss,
             "write_protected": r.write_protected, "eager_copy_stall_s": r.copy_stall,
             "eager_copy_durable_s": r.copy_durable, "w0_s": r.w0,

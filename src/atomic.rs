@@ -304,6 +304,80 @@ mod tests {
         assert_eq!(fs::read(&blocker).unwrap(), b"x", "nothing written over it");
     }
 
+    /// A durable save into a new directory whose parent the process may write into but not
+    /// read (mode `-wx`): the parent cannot be opened to fsync it, so that fsync is skipped
+    /// with a warning and the save succeeds. Root passes every permission check, so as root
+    /// the check runs in a child of this test binary that has dropped to user `nobody`.
+    #[cfg(target_os = "linux")]
+    #[test]
+    #[allow(unsafe_code)]
+    fn a_new_directory_under_a_parent_the_process_cannot_read_is_still_saved() {
+        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::process::CommandExt;
+        const CHILD: &str = "CKPTIO_TEST_UNREADABLE_PARENT";
+        const NAME: &str =
+            "atomic::tests::a_new_directory_under_a_parent_the_process_cannot_read_is_still_saved";
+        let mode = |p: &Path, m: u32| fs::set_permissions(p, fs::Permissions::from_mode(m));
+        let write_ok = |p: &Path| {
+            write_atomic(p, true, |w| {
+                w.write_all(b"ok").map_err(|e| Error::io("write", "x", e))
+            })
+        };
+        if let Some(dir) = std::env::var_os(CHILD) {
+            // The child, as nobody, in the directory the parent process made.
+            let parent = Path::new(&dir).join("wx");
+            assert!(
+                fs::read_dir(&parent).is_err(),
+                "the parent is unreadable here"
+            );
+            write_ok(&parent.join("new/c.pt")).unwrap();
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let parent = tmp.path().join("wx");
+        let p = parent.join("new/c.pt");
+        fs::create_dir(&parent).unwrap();
+        mode(&parent, 0o333).unwrap();
+        // SAFETY: `geteuid` has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            write_ok(&p).unwrap();
+        } else {
+            mode(tmp.path(), 0o755).unwrap();
+            let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+            cmd.args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+                .env(CHILD, tmp.path());
+            // SAFETY: only `setgid` and `setuid`, which are async-signal-safe, run between
+            // fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            match cmd.output() {
+                Ok(out) => {
+                    let text = String::from_utf8_lossy(&out.stdout);
+                    assert!(
+                        out.status.success() && text.contains("1 passed"),
+                        "the child, as nobody, failed:\n{text}\n{}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                Err(e) => {
+                    // No user switch here (no CAP_SETUID) or the binary is out of nobody's
+                    // reach: the branch cannot be reached.
+                    eprintln!("cannot run a child as nobody ({e}): not checked");
+                    mode(&parent, 0o755).unwrap();
+                    return;
+                }
+            }
+        }
+        assert_eq!(fs::read(&p).unwrap(), b"ok");
+        mode(&parent, 0o755).unwrap();
+    }
+
     #[test]
     fn a_panic_while_writing_keeps_the_old_file_and_leaves_no_temp() {
         let dir = tempfile::tempdir().unwrap();

@@ -38,9 +38,12 @@
 //! Each tensor goes to the copier as soon as it is protected, so the copy starts while `save`
 //! protects the rest, and a backend that accepts storages still being copied writes each large
 //! one piece by piece as its copy advances. What is saved is still the state at the moment
-//! `save` returned. Memory that is not private anonymous memory (shared, file-backed,
-//! CUDA-pinned), CUDA tensors and small tensors are copied as before. Do not grow a tensor in place (`resize_`) in the moments after
-//! `save`: that frees the memory being copied (see `protect.rs` for the other limits).
+//! `save` returned. Memory that is not private anonymous memory (shared, file-backed), CUDA
+//! tensors and small tensors are copied as before, and so are tch CPU tensors in a process
+//! where CUDA is available (tch can tell CUDA-pinned memory, which a device may write, from
+//! ordinary memory only through a call that prints a libtorch deprecation warning each time).
+//! Do not grow a tensor in place (`resize_`) in the moments after `save`: that frees the memory
+//! being copied (see `protect.rs` for the other limits).
 //! Between saves, the copier asks the kernel to back tensors that stay in place from save to
 //! save with huge pages, which makes their protection cheaper still
 //! ([`Builder::huge_pages`]). [`Status::write_protected`] counts the bytes snapshotted this

@@ -29,7 +29,7 @@
 //! # When it applies
 //! Only to tensors of at least [`PROTECT_MIN`] bytes whose source offers
 //! [`TensorSource::protectable_bytes`](crate::TensorSource::protectable_bytes) (tch CPU tensors
-//! do, unless CUDA-pinned) and whose pages are private anonymous memory (the heap and
+//! do, in a process without CUDA, so never CUDA-pinned memory) and whose pages are private anonymous memory (the heap and
 //! `malloc`'s mappings, checked in `/proc/self/maps`): a protection holds this process's page
 //! tables only, so shared memory, which another mapping or process could write, is copied.
 //! Everything else, and the partial pages at both ends of a protected tensor, is copied on the

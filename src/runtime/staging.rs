@@ -95,10 +95,18 @@ struct PinnedBuf {
 #[cfg(feature = "tch")]
 #[allow(unsafe_code)]
 impl PinnedBuf {
-    fn new(len: usize) -> Option<PinnedBuf> {
-        let t = tch::Tensor::f_zeros([len as i64], (tch::Kind::Uint8, tch::Device::Cpu)).ok()?;
-        let t = t.f_pin_memory(tch::Device::Cuda(0)).ok()?;
-        Some(PinnedBuf { tensor: t, len })
+    /// A page-locked buffer of `len` bytes from libtorch's pinned allocator.
+    ///
+    /// Through `_pin_memory`, not `pin_memory`: since libtorch 2.x, `pin_memory(device)` and
+    /// `is_pinned(device)` print a deprecation warning to stderr at every call from C++ (and
+    /// tch cannot leave the device out), and `pin_memory` would first check whether a fresh
+    /// tensor is pinned. The source is `empty`, not `zeros`: `_pin_memory` copies it into the
+    /// pinned storage, and a fresh `empty` of this size is untouched memory, which costs no
+    /// resident memory to read, where `zeros` would first write `len` bytes of ordinary memory.
+    fn new(len: usize) -> Result<PinnedBuf, tch::TchError> {
+        let t = tch::Tensor::f_empty([len as i64], (tch::Kind::Uint8, tch::Device::Cpu))?;
+        let t = t.f_internal_pin_memory(tch::Device::Cuda(0))?;
+        Ok(PinnedBuf { tensor: t, len })
     }
     fn as_slice(&self) -> &[u8] {
         // SAFETY: the tensor is a contiguous uint8 CPU tensor of `len` elements that this struct
@@ -418,14 +426,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn alloc(len: usize, pinned: bool, fault_in: bool) -> Mem {
     #[cfg(feature = "tch")]
     if pinned {
-        if let Some(p) = PinnedBuf::new(len.max(1)) {
-            return Mem::Pinned(p);
+        match PinnedBuf::new(len.max(1)) {
+            Ok(p) => return Mem::Pinned(p),
+            Err(e) => tracing::warn!(
+                len,
+                error = %e,
+                "ckptio: cannot allocate page-locked (pinned) staging memory; using ordinary \
+                 memory, into which device-to-host copies are slower"
+            ),
         }
-        tracing::warn!(
-            len,
-            "ckptio: cannot allocate page-locked (pinned) staging memory; using ordinary memory, \
-             into which device-to-host copies are slower"
-        );
     }
     let _ = pinned;
     // Page-aligned, so storages copied into it can be written with direct I/O and no second
@@ -504,6 +513,24 @@ impl Drop for StagingBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pinned memory where CUDA is available; without CUDA, libtorch's pinned allocator fails
+    /// and the buffer falls back to ordinary memory, as large and as usable, with no panic.
+    #[cfg(feature = "tch")]
+    #[test]
+    fn a_pinned_buffer_is_asked_of_libtorch_and_falls_back_to_ordinary_memory_without_cuda() {
+        let len = (3 << 20) + 5;
+        let mut m = alloc(len, true, true);
+        assert_eq!(m.is_pinned(), cuda_available());
+        assert_eq!(m.len(), len);
+        m.as_mut_slice()[len - 1] = 7;
+        m.as_mut_slice()[0] = 9;
+        assert_eq!((m.as_slice()[0], m.as_slice()[len - 1]), (9, 7));
+        if cuda_available() {
+            let Mem::Pinned(p) = &m else { unreachable!() };
+            assert!(p.tensor.f_is_pinned(tch::Device::Cuda(0)).unwrap_or(false));
+        }
+    }
 
     #[cfg(target_os = "linux")]
     #[test]

@@ -266,15 +266,20 @@ impl TensorSource for TchSource {
 
     /// As `borrow_bytes`, held through a detached alias: the alias holds the storage itself,
     /// which stays allocated when the tensor is dropped or pointed at another storage (`set_`).
-    /// Not for CUDA-pinned memory (a device may write it). Growing the tensor in place
-    /// (`resize_` past its storage) replaces the storage's memory and frees the old one: do not
-    /// do that to a tensor whose write-protected snapshot is still being copied.
+    /// Growing the tensor in place (`resize_` past its storage) replaces the storage's memory
+    /// and frees the old one: do not do that to a tensor whose write-protected snapshot is
+    /// still being copied.
+    ///
+    /// `None` in a process where CUDA is available. CUDA-pinned memory must not be protected
+    /// (a device writes it without the kernel seeing), and the one way tch has to tell it from
+    /// ordinary memory, `is_pinned(device)`, prints a libtorch deprecation warning to stderr at
+    /// every call: once per tensor per save. There, CPU tensors are copied instead.
     #[allow(unsafe_code)]
     unsafe fn protectable_bytes(&self) -> Option<bytes::Bytes> {
-        let t = self.tensor.lock().unwrap_or_else(|e| e.into_inner());
-        if tch::Cuda::is_available() && t.f_is_pinned(Device::Cuda(0)).unwrap_or(true) {
+        if tch::Cuda::is_available() {
             return None;
         }
+        let t = self.tensor.lock().unwrap_or_else(|e| e.into_inner());
         let alias = t.f_detach().ok()?;
         self.in_place(&t, alias)
     }
