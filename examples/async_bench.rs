@@ -9,7 +9,8 @@
 //!   background write time, the time to durable, and the peak extra RSS per save (after a
 //!   first small save, whose one-time cost beyond its buffer is reported apart), with the part
 //!   of it that is the staging the pool added for the state beside the rest (heap and thread
-//!   stacks: a few hundred KiB at most, whatever the state's size). Eager runs twice:
+//!   stacks: a few hundred KiB at most, whatever the state's size, with staging in ordinary
+//!   memory; libtorch's pinned allocator, used with CUDA, rounds buffers up). Eager runs twice:
 //!   with write protection (the default where the kernel allows it) and copying on the
 //!   training thread;
 //! - W0: one in-place pass over the state (`mul_(1)`, as an optimizer step writes it), alone and

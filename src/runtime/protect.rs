@@ -29,9 +29,10 @@
 //! # When it applies
 //! Only to tensors of at least [`PROTECT_MIN`] bytes whose source offers
 //! [`TensorSource::protectable_bytes`](crate::TensorSource::protectable_bytes) (tch CPU tensors
-//! do, in a process without CUDA, so never CUDA-pinned memory) and whose pages are private anonymous memory (the heap and
-//! `malloc`'s mappings, checked in `/proc/self/maps`): a protection holds this process's page
-//! tables only, so shared memory, which another mapping or process could write, is copied.
+//! do, in a process without CUDA, so never CUDA-pinned memory) and whose pages are private
+//! anonymous memory (the heap and `malloc`'s mappings, checked in `/proc/self/maps`): a
+//! protection holds this process's page tables only, so shared memory, which another mapping
+//! or process could write, is copied.
 //! Everything else, and the partial pages at both ends of a protected tensor, is copied on the
 //! calling thread, first, before any protection is set. Nothing changes where `userfaultfd` is
 //! not available (another OS, a kernel older than 6.4, or a process that may not use it: it

@@ -448,11 +448,13 @@ fn alloc(len: usize, pinned: bool, fault_in: bool) -> Mem {
     }
 }
 
-/// Whether CUDA is available (feature `tch`); `false` otherwise.
+/// Whether CUDA is available (feature `tch`); `false` otherwise. Asked of libtorch once per
+/// process (it counts its devices once too).
 pub fn cuda_available() -> bool {
     #[cfg(feature = "tch")]
     {
-        tch::Cuda::is_available()
+        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVAILABLE.get_or_init(tch::Cuda::is_available)
     }
     #[cfg(not(feature = "tch"))]
     {

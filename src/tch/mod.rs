@@ -276,7 +276,7 @@ impl TensorSource for TchSource {
     /// every call: once per tensor per save. There, CPU tensors are copied instead.
     #[allow(unsafe_code)]
     unsafe fn protectable_bytes(&self) -> Option<bytes::Bytes> {
-        if tch::Cuda::is_available() {
+        if crate::runtime::cuda_available() {
             return None;
         }
         let t = self.tensor.lock().unwrap_or_else(|e| e.into_inner());
