@@ -375,10 +375,6 @@ fn run(args: &Args, dir: &Path, mib: usize) -> Row {
     res
 }
 
-fn bytes_of(mib: usize) -> f64 {
-    (mib << 20) as f64
-}
-
 fn main() {
     let args = Args::parse();
     let dir = args
@@ -414,7 +410,7 @@ fn main() {
             ms(r.deferred_durable), r.deferred_durable_ratio,
             r.peak_extra_rss,
             r.staging_rss,
-            (r.peak_extra_rss - r.staging_rss) * bytes_of(mib) / 1024.0,
+            (r.peak_extra_rss - r.staging_rss) * (mib << 20) as f64 / 1024.0,
             r.one_time_rss / (1 << 20) as f64,
         ));
         wp.push_str(&format!(

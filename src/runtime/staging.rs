@@ -101,8 +101,9 @@ impl PinnedBuf {
     /// `is_pinned(device)` print a deprecation warning to stderr at every call from C++ (and
     /// tch cannot leave the device out), and `pin_memory` would first check whether a fresh
     /// tensor is pinned. The source is `empty`, not `zeros`: `_pin_memory` copies it into the
-    /// pinned storage, and a fresh `empty` of this size is untouched memory, which costs no
-    /// resident memory to read, where `zeros` would first write `len` bytes of ordinary memory.
+    /// pinned storage, and a fresh `empty` above `malloc`'s mmap threshold is untouched memory,
+    /// which costs no resident memory to read, where `zeros` would first write `len` bytes of
+    /// ordinary memory.
     fn new(len: usize) -> Result<PinnedBuf, tch::TchError> {
         let t = tch::Tensor::f_empty([len as i64], (tch::Kind::Uint8, tch::Device::Cpu))?;
         let t = t.f_internal_pin_memory(tch::Device::Cuda(0))?;
