@@ -933,9 +933,28 @@ impl LiveTensor {
     pub fn source(&self) -> &dyn TensorSource {
         &*self.0
     }
-    /// Bytes a snapshot takes.
+    /// Bytes a snapshot takes; `usize::MAX` when that does not fit a `usize` (a snapshot of
+    /// such a tensor is refused with an error).
     pub fn nbytes(&self) -> usize {
-        checked_numel(&self.0.shape()).unwrap_or(0) * self.0.dtype().size()
+        checked_numel(&self.0.shape())
+            .and_then(|n| n.checked_mul(self.0.dtype().size()))
+            .unwrap_or(usize::MAX)
+    }
+    /// [`nbytes`](Self::nbytes), or an error when it is more than any allocation can hold.
+    fn alloc_nbytes(&self) -> Result<usize> {
+        let n = self.nbytes();
+        if n > isize::MAX as usize / 2 {
+            return Err(Error::tensor(
+                "",
+                "snapshot",
+                format!(
+                    "{:?} elements of {} overflow the address space",
+                    self.0.shape(),
+                    self.0.dtype()
+                ),
+            ));
+        }
+        Ok(n)
     }
     /// Whether both handles are the same source.
     pub fn ptr_eq(&self, other: &LiveTensor) -> bool {
@@ -977,7 +996,7 @@ impl LiveTensor {
     /// A snapshot into newly allocated memory (starting on a page when large, so a durable save
     /// can write it with direct I/O).
     pub fn to_host(&self) -> Result<HostTensor> {
-        let mut buf = crate::aligned::PageVec::zeroed(self.nbytes());
+        let mut buf = crate::aligned::PageVec::zeroed(self.alloc_nbytes()?);
         self.0.copy_to(buf.as_mut_slice())?;
         self.host_view(Storage::with_location(buf.into_bytes(), self.0.location()))
     }

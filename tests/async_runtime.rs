@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ckptio::runtime::Builder;
 use ckptio::{
@@ -68,6 +68,7 @@ struct MemIo {
     delay_ms: AtomicUsize,
     fail_next: AtomicUsize,
     panic_next: AtomicUsize,
+    panic_teardown: AtomicUsize,
     teardowns: AtomicUsize,
 }
 
@@ -115,6 +116,10 @@ impl CheckpointIo for MemIo {
     }
     fn teardown(&self) -> ckptio::Result<()> {
         self.teardowns.fetch_add(1, Ordering::SeqCst);
+        if self.panic_teardown.load(Ordering::SeqCst) > 0 {
+            self.panic_teardown.fetch_sub(1, Ordering::SeqCst);
+            panic!("backend teardown exploded");
+        }
         Ok(())
     }
 }
@@ -387,6 +392,123 @@ fn teardown_timeout_reports_what_is_pending_instead_of_hanging() {
 }
 
 #[test]
+fn teardown_timeout_keeps_its_deadline_when_the_queue_before_a_hung_backend_is_full() {
+    for mode in [SnapshotMode::Eager, SnapshotMode::Deferred] {
+        // Default capacity: one save in the hung write, one filling the queue behind it.
+        let (held, started, release) = Held::new();
+        let io = Builder::default().snapshot_mode(mode).build(held);
+        let p = Param::new(4, 0.0);
+        let a = io.save(&tree_of(&p, 1), "hung-a").unwrap();
+        started.recv_timeout(Duration::from_secs(20)).unwrap();
+        let b = io.save(&tree_of(&p, 2), "hung-b").unwrap();
+        let (io, elapsed, r) = within_20s(move || {
+            let t = Instant::now();
+            let r = io.teardown_timeout(Duration::from_millis(50));
+            (io, t.elapsed(), r)
+        });
+        match r {
+            Err(Error::TeardownTimeout { pending }) => {
+                assert!(pending.iter().any(|p| p == Path::new("hung-a")), "{mode:?}");
+                assert!(pending.iter().any(|p| p == Path::new("hung-b")), "{mode:?}");
+            }
+            other => panic!("{mode:?}: expected a timeout, got {other:?}"),
+        }
+        // A hang detector, not a speed goal: the hung write holds for 20 s.
+        assert!(elapsed < Duration::from_secs(10), "{mode:?}: {elapsed:?}");
+        // Still usable: let both writes end, and nothing is lost.
+        release.send(()).unwrap();
+        release.send(()).unwrap();
+        a.wait().unwrap();
+        b.wait().unwrap();
+        io.teardown().unwrap();
+    }
+}
+
+#[test]
+fn a_panic_in_the_backend_teardown_is_an_error_and_drop_survives_it() {
+    let io = Builder::default().build(MemIo::default());
+    let p = Param::new(4, 1.0);
+    io.inner().panic_teardown.store(1, Ordering::SeqCst);
+    io.save(&tree_of(&p, 1), "t").unwrap().wait().unwrap();
+    match io.teardown() {
+        Err(Error::Panic { message, .. }) => assert!(message.contains("exploded"), "{message}"),
+        other => panic!("expected a panic error, got {other:?}"),
+    }
+    // Used again, then dropped with the teardown panicking again: logged, not a panic.
+    io.save(&tree_of(&p, 2), "t").unwrap().wait().unwrap();
+    io.inner().panic_teardown.store(1, Ordering::SeqCst);
+    assert!(std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(io))).is_ok());
+}
+
+fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> Error {
+    Error::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A backend over real files whose saves take a while (removals do not).
+struct SlowFiles;
+
+impl CheckpointIo for SlowFiles {
+    fn save_checkpoint(&self, _c: &Value, p: &Path, _o: &SaveOptions) -> ckptio::Result<()> {
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::write(p, b"checkpoint").map_err(|e| io_err("write", p, e))
+    }
+    fn load_checkpoint(
+        &self,
+        p: &Path,
+        _o: &LoadOptions,
+        _s: Option<&mut dyn Restore>,
+    ) -> ckptio::Result<Option<Value>> {
+        let bytes = std::fs::read(p).map_err(|e| io_err("read", p, e))?;
+        Ok(Some(Value::Int(bytes.len() as i64)))
+    }
+    fn remove_checkpoint(&self, p: &Path) -> ckptio::Result<()> {
+        match std::fs::remove_file(p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("remove", p, e)),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[test]
+fn with_several_writers_a_path_spelled_another_way_still_waits_for_its_saves() {
+    // A relative path (from the working directory, where cargo runs tests) and its absolute
+    // spelling name one file: a removal or a load of one waits for a save of the other.
+    let base = std::env::current_dir().unwrap().join("target");
+    std::fs::create_dir_all(&base).unwrap();
+    let dir = tempfile::tempdir_in(&base).unwrap();
+    let rel = dir
+        .path()
+        .strip_prefix(std::env::current_dir().unwrap())
+        .unwrap()
+        .to_path_buf();
+    let io = Builder::default().writers(8).capacity(8).build(SlowFiles);
+    let p = Param::new(4, 1.0);
+    for i in 0..8 {
+        let name = format!("c{i}.pt");
+        let (abs, rel) = (dir.path().join(&name), rel.join(".").join(&name));
+        drop(io.save(&tree_of(&p, i), &abs).unwrap());
+        if i % 2 == 0 {
+            io.remove_checkpoint(&rel).unwrap();
+        } else {
+            let got = io
+                .load_checkpoint(&rel, &LoadOptions::default(), None)
+                .unwrap();
+            assert_eq!(got, Some(Value::Int(10)), "{}", rel.display());
+        }
+    }
+    io.flush().unwrap();
+    for i in 0..8 {
+        let f = dir.path().join(format!("c{i}.pt"));
+        assert_eq!(f.exists(), i % 2 == 1, "{}", f.display());
+    }
+    io.teardown().unwrap();
+}
+
+#[test]
 fn skip_policy_skips_and_counts_when_the_queue_is_full() {
     let io = Builder::default()
         .backpressure(Backpressure::Skip)
@@ -484,15 +606,15 @@ fn reserve_then_save_in_pairs() {
     io.teardown().unwrap();
 }
 
-/// A tensor that claims more bytes than any allocation can hold.
-struct Enormous;
+/// A tensor that claims more bytes than any allocation can hold (or than `usize` counts).
+struct Enormous(Vec<usize>);
 
 impl TensorSource for Enormous {
     fn dtype(&self) -> DType {
         DType::Float32
     }
     fn shape(&self) -> Vec<usize> {
-        vec![1 << 61]
+        self.0.clone()
     }
     fn copy_to(&self, _dst: &mut [u8]) -> ckptio::Result<()> {
         unreachable!("never asked to copy")
@@ -502,18 +624,28 @@ impl TensorSource for Enormous {
 #[test]
 fn a_snapshot_too_large_to_allocate_is_refused_and_the_pool_still_serves() {
     let io = Builder::default().build(MemIo::default());
-    let mut d = Dict::new();
-    d.insert("w", LiveTensor::new(Enormous));
-    let tree = Value::Dict(d);
-    for r in [
-        io.save(&tree, "e").map(drop),
-        io.reserve(&tree, 1).map(drop),
-    ] {
-        match r {
-            Err(Error::InvalidArgument(m)) => assert!(m.contains("overflows"), "{m}"),
-            other => panic!("expected a refusal, got {other:?}"),
+    // 2^63 bytes; 2^64 bytes (the element count fits `usize`, the byte count does not);
+    // 2^65 elements.
+    for shape in [vec![1 << 61], vec![1 << 62], vec![1 << 62, 8]] {
+        let mut d = Dict::new();
+        d.insert("w", LiveTensor::new(Enormous(shape.clone())));
+        let tree = Value::Dict(d);
+        for r in [
+            io.save(&tree, "e").map(drop),
+            io.reserve(&tree, 1).map(drop),
+        ] {
+            // Refused with a typed error that says why (never a panic).
+            match r {
+                Err(e @ (Error::InvalidArgument(_) | Error::Tensor { .. })) => {
+                    assert!(e.to_string().contains("overflow"), "{shape:?}: {e}")
+                }
+                other => panic!("{shape:?}: expected a refusal, got {other:?}"),
+            }
         }
     }
+    // A copy of its own is refused too, before any allocation.
+    let huge = LiveTensor::new(Enormous(vec![1 << 62]));
+    assert!(matches!(huge.to_host(), Err(Error::Tensor { .. })));
     let p = Param::new(1000, 1.0);
     within_20s(move || {
         io.save(&tree_of(&p, 1), "ok").unwrap().wait().unwrap();

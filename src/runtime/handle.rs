@@ -54,6 +54,16 @@ struct State {
     wakers: Vec<Waker>,
 }
 
+impl State {
+    /// Keeps `waker` to wake at the end, once: a future polled again and again (in a
+    /// `select!` loop, say) must not grow the list with clones of the same waker.
+    fn register(&mut self, waker: &Waker) {
+        if !self.wakers.iter().any(|w| w.will_wake(waker)) {
+            self.wakers.push(waker.clone());
+        }
+    }
+}
+
 /// The shared completion of one queued operation.
 pub(crate) struct Completion {
     pub(crate) path: PathBuf,
@@ -134,14 +144,30 @@ impl Completion {
         }
     }
 
+    /// Waits for the end (at most `timeout`); its error, if any, is handed to the caller and
+    /// marked told.
     pub(crate) fn wait_done(&self, timeout: Option<Duration>) -> Option<Result<SaveReport>> {
+        // Marked told under the lock, so a concurrent `take_unreported_error` cannot hand the
+        // same error to a later call as well.
+        self.wait_end(timeout, |s| self.result(s))
+    }
+
+    /// Waits for the end (at most `timeout`; false if it has not come), leaving its error, if
+    /// any, for whoever is told of it next.
+    pub(crate) fn wait_finished(&self, timeout: Option<Duration>) -> bool {
+        self.wait_end(timeout, |_| ()).is_some()
+    }
+
+    fn wait_end<T>(
+        &self,
+        timeout: Option<Duration>,
+        on_end: impl FnOnce(&std::result::Result<SaveReport, Arc<Error>>) -> T,
+    ) -> Option<T> {
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         let mut s = lock(&self.state);
         loop {
             if let Some(r) = &s.done {
-                let r = r.clone();
-                drop(s);
-                return Some(self.result(&r));
+                return Some(on_end(r));
             }
             match deadline {
                 None => s = self.cond.wait(s).unwrap_or_else(|e| e.into_inner()),
@@ -176,9 +202,7 @@ impl Completion {
         let mut s = lock(&self.state);
         loop {
             if let Some(r) = &s.staged {
-                let r = r.clone();
-                drop(s);
-                return self.staged_result(r);
+                return self.staged_result(r.clone());
             }
             s = self.cond.wait(s).unwrap_or_else(|e| e.into_inner());
         }
@@ -187,22 +211,18 @@ impl Completion {
     fn poll_done(&self, cx: &mut Context<'_>) -> Poll<Result<SaveReport>> {
         let mut s = lock(&self.state);
         if let Some(r) = &s.done {
-            let r = r.clone();
-            drop(s);
-            return Poll::Ready(self.result(&r));
+            return Poll::Ready(self.result(r));
         }
-        s.wakers.push(cx.waker().clone());
+        s.register(cx.waker());
         Poll::Pending
     }
 
     fn poll_staged(&self, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let mut s = lock(&self.state);
         if let Some(r) = &s.staged {
-            let r = r.clone();
-            drop(s);
-            return Poll::Ready(self.staged_result(r));
+            return Poll::Ready(self.staged_result(r.clone()));
         }
-        s.wakers.push(cx.waker().clone());
+        s.register(cx.waker());
         Poll::Pending
     }
 }
@@ -279,5 +299,61 @@ impl Future for Staged {
     type Output = Result<()>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.completion.poll_staged(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Wake;
+
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_handle_polled_again_and_again_keeps_one_waker_and_wakes_it_once() {
+        let c = Completion::new(Path::new("p.pt"));
+        let mut handle = SaveHandle {
+            completion: c.clone(),
+        };
+        let mut staged = handle.staged();
+        let count = Arc::new(Count(Default::default()));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        for _ in 0..1000 {
+            assert!(Pin::new(&mut handle).poll(&mut cx).is_pending());
+            assert!(Pin::new(&mut staged).poll(&mut cx).is_pending());
+        }
+        assert_eq!(lock(&c.state).wakers.len(), 1);
+        // Another task's waker is kept beside it.
+        let other = Waker::from(Arc::new(Count(Default::default())));
+        assert!(Pin::new(&mut handle)
+            .poll(&mut Context::from_waker(&other))
+            .is_pending());
+        assert_eq!(lock(&c.state).wakers.len(), 2);
+        c.finish(Ok(SaveReport::default()));
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert!(Pin::new(&mut handle).poll(&mut cx).is_ready());
+    }
+
+    #[test]
+    fn an_error_handed_to_the_handle_is_not_handed_to_a_later_call() {
+        let c = Completion::new(Path::new("p.pt"));
+        c.finish(Err(Arc::new(Error::InvalidArgument("disk full".into()))));
+        let handle = SaveHandle {
+            completion: c.clone(),
+        };
+        assert!(handle.wait().is_err());
+        assert!(c.take_unreported_error().is_none(), "told twice");
+        // Not awaited: the next call gets it, once.
+        let c = Completion::new(Path::new("q.pt"));
+        c.finish(Err(Arc::new(Error::InvalidArgument("disk full".into()))));
+        assert!(c.take_unreported_error().is_some());
+        assert!(c.take_unreported_error().is_none());
     }
 }

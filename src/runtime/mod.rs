@@ -42,8 +42,13 @@
 //! tensors and small tensors are copied as before, and so are tch CPU tensors in a process
 //! where CUDA is available (tch can tell CUDA-pinned memory, which a device may write, from
 //! ordinary memory only through a call that prints a libtorch deprecation warning each time).
-//! Do not grow a tensor in place (`resize_`) in the moments after `save`: that frees the memory
-//! being copied (see `protect.rs` for the other limits).
+//!
+//! Two limits: a device writing host memory by DMA is not seen by the protection, and ckptio
+//! can tell CUDA-pinned memory apart but not memory registered for RDMA (ibverbs, as gloo over
+//! InfiniBand uses), io_uring fixed buffers or VFIO; and growing a tensor in place (`resize_`)
+//! in the moments after `save` frees the memory being copied (the process may crash, or the
+//! checkpoint hold zeros there). Where a loop does either to the CPU tensors it saves, turn
+//! write protection off (see `protect.rs` for the rest).
 //! Between saves, the copier asks the kernel to back tensors that stay in place from save to
 //! save with huge pages, which makes their protection cheaper still
 //! ([`Builder::huge_pages`]). [`Status::write_protected`] counts the bytes snapshotted this
@@ -52,7 +57,10 @@
 //! # Ordering
 //! Each path is served by one writer thread, in submission order: `remove_checkpoint(path)`
 //! runs after every save of that path submitted before it, and `load_checkpoint(path)` first
-//! waits for them (you read your own writes).
+//! waits for them (you read your own writes). A path is the same path however it is spelled
+//! relative to the working directory (`c.pt`, `./c.pt`, its absolute form); a relative path is
+//! resolved when its operation runs, so do not change the working directory while operations
+//! on relative paths are pending.
 //!
 //! # Backpressure and memory
 //! The queue to each writer is a bounded channel ([`Builder::capacity`], default 1 queued save).
@@ -312,7 +320,10 @@ impl Builder {
     /// calling thread (default true; Linux with `userfaultfd` only, see the
     /// [module docs](self#write-protected-snapshots)). The copy then runs on a background
     /// thread, and a write to a tensor not copied yet waits for that part's copy. Where the
-    /// kernel refuses, saves copy as they would with this off.
+    /// kernel refuses, saves copy as they would with this off. Turn it off where a device
+    /// writes the CPU tensors you save by DMA (RDMA-registered memory, for one), or where the
+    /// loop grows them in place (`resize_`) just after a save: see the
+    /// [module docs](self#write-protected-snapshots).
     pub fn write_protect(mut self, on: bool) -> Self {
         self.protect = on;
         self
@@ -367,10 +378,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The writer that serves `path`.
+/// The writer that serves `path`: one writer for every spelling of the same path (`a.pt`,
+/// `./a.pt` and its absolute form, against the working directory), so that a removal or a
+/// load cannot overtake a save of the same file spelled another way. (`..` and symbolic links
+/// are left as they are, as `std::path::absolute` does.)
 pub(crate) fn route(path: &Path, n: usize) -> usize {
+    if n <= 1 {
+        return 0;
+    }
+    let key = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let mut h = DefaultHasher::new();
-    path.hash(&mut h);
+    key.hash(&mut h);
     (h.finish() % n as u64) as usize
 }
 
@@ -784,16 +802,16 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
     }
 
     /// Queues an operation behind everything submitted before it on its path.
-    fn submit(&self, job: Job, path: Option<&Path>) {
+    fn submit(&self, job: Job, path: &Path) {
         let guard = self.start();
         let Some(workers) = guard.as_ref() else {
             fail_job(&self.shared, job);
             return;
         };
-        match (&workers.stager, path) {
-            (Some(stager), Some(p)) => {
+        match &workers.stager {
+            Some(stager) => {
                 let sj = match job {
-                    Job::Barrier { done } => StageJob::PathBarrier(p.to_path_buf(), done),
+                    Job::Barrier { done } => StageJob::PathBarrier(path.to_path_buf(), done),
                     other => StageJob::Forward(other),
                 };
                 if let Err(e) = stager.send(sj) {
@@ -809,38 +827,10 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                     }
                 }
             }
-            (Some(stager), None) => {
-                if let Err(e) = stager.send(StageJob::Forward(job)) {
-                    if let StageJob::Forward(j) = e.0 {
-                        fail_job(&self.shared, j);
-                    }
-                }
-            }
-            (None, Some(p)) => {
-                if let Err(e) = workers.writers[route(p, workers.writers.len())].send(job) {
+            None => {
+                if let Err(e) = workers.writers[route(path, workers.writers.len())].send(job) {
                     fail_job(&self.shared, e.0);
                 }
-            }
-            (None, None) => {
-                // A barrier on every writer; the caller's completion resolves after all.
-                let Job::Barrier { done } = job else {
-                    fail_job(&self.shared, job);
-                    return;
-                };
-                let mut parts = Vec::new();
-                for w in &workers.writers {
-                    let c = Completion::new(Path::new(""));
-                    if w.send(Job::Barrier { done: c.clone() }).is_ok() {
-                        parts.push(c);
-                    }
-                }
-                drop(guard);
-                std::thread::spawn(move || {
-                    for c in parts {
-                        let _ = c.wait_done(None);
-                    }
-                    done.finish(Ok(SaveReport::default()));
-                });
             }
         }
     }
@@ -856,7 +846,7 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                 path: path.to_path_buf(),
                 done: done.clone(),
             },
-            Some(path),
+            path,
         );
         Ok(SaveHandle { completion: done })
     }
@@ -866,7 +856,7 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
     pub fn wait_path(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let done = Completion::new(path);
-        self.submit(Job::Barrier { done: done.clone() }, Some(path));
+        self.submit(Job::Barrier { done: done.clone() }, path);
         let _ = done.wait_done(None);
         self.check_errors()
     }
@@ -882,11 +872,20 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
         self.flush()
     }
 
+    /// Waits for the completion of every save and removal submitted so far (all of them are
+    /// tracked from before they are queued), without sending anything down the queues: a full
+    /// queue in front of a hung backend cannot then hold the wait past its `timeout`, nor hold
+    /// the writers' lock while it waits.
     fn flush_timeout(&self, timeout: Option<Duration>) -> Result<()> {
-        if lock(&self.workers).is_some() {
-            let done = Completion::new(Path::new(""));
-            self.submit(Job::Barrier { done: done.clone() }, None);
-            if done.wait_done(timeout).is_none() {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let waiting: Vec<Arc<Completion>> = lock(&self.shared.pending)
+            .iter()
+            .filter(|c| !c.is_done())
+            .cloned()
+            .collect();
+        for c in &waiting {
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if !c.wait_finished(left) {
                 let pending = lock(&self.shared.pending)
                     .iter()
                     .filter(|c| !c.is_done())
@@ -933,7 +932,9 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
             drop(w.protector);
         }
         errors.extend(self.take_errors());
-        if let Err(e) = self.shared.inner.teardown() {
+        // A panic in the inner backend's teardown is an error like one in its save (and never
+        // a panic out of `Drop`).
+        if let Err(e) = guarded(Path::new(""), || self.shared.inner.teardown()) {
             errors.push(e);
         }
         combine(flatten(errors))

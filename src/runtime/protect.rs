@@ -43,11 +43,19 @@
 //! # Limits
 //! - Most system calls that write a protected page wait like a thread does (`read`,
 //!   `process_vm_writev`, direct I/O reads into it). A few kernel paths that cannot wait fail
-//!   instead (`EFAULT`): a futex living in tensor memory, for one. Device DMA into host memory
-//!   (CUDA-pinned, RDMA-registered buffers) is not seen at all: such memory is not protected.
+//!   instead (`EFAULT`): a futex living in tensor memory, for one.
+//! - A device's DMA into host memory is not seen at all. CUDA-pinned memory is never
+//!   protected (where CUDA is available, tch CPU tensors are copied), but ckptio cannot tell
+//!   other memory a device writes from ordinary memory: buffers registered for RDMA (ibverbs,
+//!   as gloo over InfiniBand uses), io_uring fixed buffers, VFIO. If a device writes CPU
+//!   tensors you save while their snapshot may still be copied, turn write protection off
+//!   ([`Builder::write_protect`](super::Builder::write_protect)`(false)`): such a write would
+//!   land in the checkpoint.
 //! - The source keeps the memory allocated until it is copied, but an in-place operation that
-//!   replaces a storage's memory (growing a tch tensor with `resize_`) frees it: do not do that
-//!   to a tensor in the copy window just after `save`.
+//!   replaces a storage's memory (growing a tch tensor with `resize_`) frees it under the
+//!   copier: the process may then crash, or the checkpoint hold zeros or allocator data there.
+//!   Do not do that to a tensor in the copy window just after `save` (or turn write protection
+//!   off where the loop does).
 //!
 //! # Costs
 //! Write-protecting takes about a third of a memcpy of the same memory on the project's test
@@ -348,15 +356,17 @@ mod imp {
         maps: Option<std::fs::File>,
         /// Faults that waited for a copy.
         counters: Arc<super::ProtectCounters>,
-        /// The copier thread's id (0 until it has started).
-        copier_tid: std::sync::atomic::AtomicI32,
+        /// The copier thread's id (0 until it has started, and again once it is exiting).
+        /// Its CPUs are changed only under this lock, so never those of a thread that has
+        /// taken the id of an exited copier.
+        copier_tid: Mutex<i32>,
         /// Whether the copier asks for huge pages between saves (see [`Collapse`]).
         huge_pages: bool,
         state: Mutex<State>,
         idle: Condvar,
     }
 
-    fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
         m.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -631,8 +641,10 @@ mod imp {
                 self.inner.counters.waits.fetch_add(1, Ordering::Relaxed);
                 self.release(i, c);
             } else if item.copied[c] {
-                // A fault reported after its chunk was released.
-                self.inner.wake(addr);
+                // A fault reported after its chunk was released, or on a page whose protection
+                // a failed lift left behind: lift it (if any) and wake the writer, which would
+                // otherwise fault again at once.
+                self.inner.release_page(addr);
             } else {
                 self.inner.counters.waits.fetch_add(1, Ordering::Relaxed);
                 self.copy(i, c, true);
@@ -701,7 +713,7 @@ mod imp {
                 pid: std::process::id(),
                 maps: std::fs::File::open("/proc/self/maps").ok(),
                 counters,
-                copier_tid: std::sync::atomic::AtomicI32::new(0),
+                copier_tid: Mutex::new(0),
                 huge_pages,
                 state: Mutex::new(State {
                     incoming: Vec::new(),
@@ -744,7 +756,7 @@ mod imp {
             }
             st.arming = true;
             drop(st);
-            let step_aside = StepAside::new(self.inner.copier_tid.load(Ordering::Acquire));
+            let step_aside = StepAside::new(self.inner.clone());
             Some(Arming {
                 p: self,
                 maps: None,
@@ -798,20 +810,26 @@ mod imp {
     /// project's 2-core machine: 3 to 5 ms of a 64 MiB save's 8). Other CPUs are left to it
     /// while the save protects; its CPUs are given back as they were when the save is done.
     struct StepAside {
+        inner: Arc<Inner>,
         tid: i32,
         saved: libc::cpu_set_t,
     }
 
     impl StepAside {
-        /// `None` when the copier is not running yet, the caller's CPU is unknown, or no other
-        /// CPU is allowed to it.
-        fn new(tid: i32) -> Option<StepAside> {
+        /// `None` when the copier is not running (yet, or any more), the caller's CPU is
+        /// unknown, or no other CPU is allowed to it.
+        fn new(inner: Arc<Inner>) -> Option<StepAside> {
+            let guard = lock(&inner.copier_tid);
+            let tid = *guard;
             if tid <= 0 {
                 return None;
             }
             // SAFETY: sched_getcpu has no preconditions.
             let cpu = unsafe { libc::sched_getcpu() };
             let cpu = usize::try_from(cpu).ok()?;
+            if cpu >= libc::CPU_SETSIZE as usize {
+                return None;
+            }
             let size = std::mem::size_of::<libc::cpu_set_t>();
             // SAFETY: cpu_set_t is a plain bit array, valid when zeroed.
             let mut saved: libc::cpu_set_t = unsafe { std::mem::zeroed() };
@@ -820,8 +838,7 @@ mod imp {
                 return None;
             }
             let mut away = saved;
-            // SAFETY: `cpu` is below CPU_SETSIZE (sched_getcpu returns a CPU number the
-            // kernel's masks hold, and `CPU_CLR` ignores larger ones), `away` a valid set.
+            // SAFETY: `cpu` is below CPU_SETSIZE (checked above), `away` a valid set.
             unsafe { libc::CPU_CLR(cpu, &mut away) };
             // SAFETY: as above, read only.
             if unsafe { libc::CPU_COUNT(&away) } == 0 {
@@ -831,15 +848,21 @@ mod imp {
             if unsafe { libc::sched_setaffinity(tid, size, &away) } != 0 {
                 return None;
             }
-            Some(StepAside { tid, saved })
+            drop(guard);
+            Some(StepAside { inner, tid, saved })
         }
     }
 
     impl Drop for StepAside {
         fn drop(&mut self) {
+            // A copier exiting clears the id under this lock before its thread ends, so while
+            // the lock is held and the id is the same, the id is still the copier's.
+            let guard = lock(&self.inner.copier_tid);
+            if *guard != self.tid {
+                return;
+            }
             let size = std::mem::size_of::<libc::cpu_set_t>();
-            // SAFETY: `saved` is the valid cpu_set_t read in `new`. A copier that has exited
-            // since makes the call fail, which is fine.
+            // SAFETY: `saved` is the valid cpu_set_t read in `new`.
             unsafe { libc::sched_setaffinity(self.tid, size, &self.saved) };
         }
     }
@@ -1081,7 +1104,7 @@ mod imp {
     impl Drop for DeadOnExit {
         fn drop(&mut self) {
             // Its thread id may soon be another thread's.
-            self.0.copier_tid.store(0, Ordering::Release);
+            *lock(&self.0.copier_tid) = 0;
             let mut st = lock(&self.0.state);
             st.dead = true;
             st.busy = false;
@@ -1204,7 +1227,7 @@ mod imp {
         let _dead = DeadOnExit(inner.clone());
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
-        inner.copier_tid.store(tid, Ordering::Release);
+        *lock(&inner.copier_tid) = tid;
         let mut job: Option<Job> = None;
         let mut collapse = Collapse::new(inner.huge_pages, inner.counters.clone());
         // Faults on ranges being set up, served once they are handed over.
@@ -1240,15 +1263,24 @@ mod imp {
                 j.set_hold(arming);
             }
             if !early.is_empty() {
+                let mut stale = Vec::new();
                 for addr in std::mem::take(&mut early) {
-                    let served = job.as_mut().is_some_and(|j| j.fault(addr));
-                    if !served {
-                        if arming {
-                            early.push_back(addr);
-                        } else {
-                            // Stale: nothing of this copier's is protected there any more.
-                            // Lift whatever protection is left on the page (one a failed
-                            // unregister left behind), then wake the writer.
+                    if !job.as_mut().is_some_and(|j| j.fault(addr)) {
+                        stale.push(addr);
+                    }
+                }
+                if !stale.is_empty() {
+                    // Decided under the lock: a save that arms after `arming` was read above
+                    // may protect these pages again, and must not have them lifted.
+                    let st = lock(&inner.state);
+                    if st.arming {
+                        early.extend(stale);
+                    } else {
+                        // Stale: nothing of this copier's is protected there any more, and
+                        // no save can protect anything while the lock is held. Lift whatever
+                        // protection is left on the page (one a failed unregister left
+                        // behind), then wake the writer.
+                        for addr in stale {
                             inner.release_page(addr);
                         }
                     }
@@ -1350,7 +1382,7 @@ mod imp {
                 return;
             };
             let tid = loop {
-                let tid = p.inner.copier_tid.load(Ordering::Acquire);
+                let tid = *lock(&p.inner.copier_tid);
                 if tid > 0 {
                     break tid;
                 }

@@ -52,6 +52,7 @@ pub(crate) enum StageJob {
         options: SaveOptions,
         done: Arc<Completion>,
     },
+    /// A removal, for its path's writer.
     Forward(Job),
     /// A barrier for one path's writer.
     PathBarrier(PathBuf, Arc<Completion>),
@@ -780,32 +781,13 @@ pub(crate) fn stage_loop<I: CheckpointIo>(
                 }
             }
             StageJob::Forward(job) => {
+                // Saves' paths: removals only (barriers come as `PathBarrier`).
                 let path = match &job {
-                    Job::Save { path, .. } | Job::Remove { path, .. } => Some(path.clone()),
-                    Job::Barrier { .. } => None,
+                    Job::Save { path, .. } | Job::Remove { path, .. } => path.clone(),
+                    Job::Barrier { .. } => PathBuf::new(),
                 };
-                match path {
-                    Some(p) => {
-                        if let Err(e) = route(&p).send(job) {
-                            fail_job(&shared, e.0);
-                        }
-                    }
-                    None => {
-                        // A barrier must pass every writer: chain one per writer, then resolve.
-                        let mut inner = Vec::new();
-                        for w in &writers {
-                            let c = Completion::new(Path::new(""));
-                            if w.send(Job::Barrier { done: c.clone() }).is_ok() {
-                                inner.push(c);
-                            }
-                        }
-                        for c in inner {
-                            let _ = c.wait_done(None);
-                        }
-                        if let Job::Barrier { done } = job {
-                            done.finish(Ok(SaveReport::default()));
-                        }
-                    }
+                if let Err(e) = route(&path).send(job) {
+                    fail_job(&shared, e.0);
                 }
             }
         }
