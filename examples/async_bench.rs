@@ -10,16 +10,18 @@
 //!   first small save, whose one-time cost beyond its buffer is reported apart), with the part
 //!   of it that is the staging the pool added for the state beside the rest (heap and thread
 //!   stacks: a few hundred KiB at most, whatever the state's size, with staging in ordinary
-//!   memory; libtorch's pinned allocator, used with CUDA, rounds buffers up). Eager runs twice:
-//!   with write protection (the default where the kernel allows it) and copying on the
-//!   training thread;
+//!   memory; libtorch's pinned allocator, used with CUDA, rounds buffers up). Eager runs three
+//!   times: with write protection (the default where the kernel allows it), copying on the
+//!   training thread with the write overlapping the copy (the default where nothing is
+//!   protected), and copying with the copy first (`write_while_copying(false)`);
 //! - W0: one in-place pass over the state (`mul_(1)`, as an optimizer step writes it), alone and
 //!   started right after a write-protected Eager save returns: the difference is what the
 //!   protection moves from the save to the loop's first writes.
 //!
 //! Saves replace the previous file at the same path. Between two saves the bench idles for one
-//! buffered D0, as a training loop computes between checkpoints. S0 and the three ways to save
-//! (Eager write-protected, Eager copying, Deferred) run in rounds, one save of each per round in
+//! buffered D0, as a training loop computes between checkpoints. S0 and the four ways to save
+//! (Eager write-protected, Eager copying, Deferred, Eager copy first) run in rounds, one save of
+//! each per round in
 //! an order rotated from round to round, and each time to durable is divided by the S0 of its
 //! own round: the disk's speed drifts within a run, and a ratio of two medians taken minutes
 //! apart measures the drift as much as the save.
@@ -158,6 +160,10 @@ struct Row {
     /// Eager with write protection off: the copy on the training thread.
     copy_stall: f64,
     copy_durable: f64,
+    /// The same with the copy first and then the write (`write_while_copying(false)`).
+    copy_first_stall: f64,
+    copy_first_durable: f64,
+    copy_first_durable_ratio: f64,
     /// Medians of the per-round ratios time to durable / S0 (protected, copying, Deferred).
     eager_durable_ratio: f64,
     copy_durable_ratio: f64,
@@ -183,6 +189,9 @@ fn pass(state: &[(String, Tensor)]) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
+/// The index of S0 among the saves of a round, after the four ways to save.
+const S0: usize = 4;
+
 fn run(args: &Args, dir: &Path, mib: usize) -> Row {
     let bytes = mib << 20;
     let reps = args.reps;
@@ -201,24 +210,35 @@ fn run(args: &Args, dir: &Path, mib: usize) -> Row {
         ..Row::default()
     };
     res.w0 = median((0..reps).map(|_| pass(&state)).collect());
-    // The three ways to save, side by side: Eager write-protected (the default), Eager copying,
-    // Deferred.
+    // The ways to save, side by side: Eager write-protected (the default), Eager copying (the
+    // write overlapping the copy, the default where nothing is protected), Deferred, and Eager
+    // copying with the copy first (`write_while_copying(false)`).
     let variants = [
-        (SnapshotMode::Eager, true),
-        (SnapshotMode::Eager, false),
-        (SnapshotMode::Deferred, false),
+        (SnapshotMode::Eager, true, None),
+        (SnapshotMode::Eager, false, None),
+        (SnapshotMode::Deferred, false, None),
+        (SnapshotMode::Eager, false, Some(false)),
     ];
     let aios: Vec<_> = variants
         .iter()
-        .map(|&(mode, protect)| {
-            Builder::default()
+        .map(|&(mode, protect, overlap)| {
+            let b = Builder::default()
                 .snapshot_mode(mode)
                 .write_protect(protect)
-                .huge_pages(!args.no_huge_pages)
-                .build(TorchCheckpointIo::new())
+                .huge_pages(!args.no_huge_pages);
+            match overlap {
+                Some(on) => b.write_while_copying(on),
+                None => b,
+            }
+            .build(TorchCheckpointIo::new())
         })
         .collect();
-    let names = ["Eager, write-protected", "Eager, copying", "Deferred"];
+    let names = [
+        "Eager, write-protected",
+        "Eager, copying",
+        "Deferred",
+        "Eager, copying, copy first",
+    ];
     let save = |k: usize, step: i64| {
         let aio = &aios[k];
         let tree = live_tree(&state, step);
@@ -283,17 +303,17 @@ fn run(args: &Args, dir: &Path, mib: usize) -> Row {
     // the medians of those per-round ratios.
     let (mut s0, mut stalls, mut writes, mut durable, mut ratio) = (
         Vec::new(),
-        [vec![], vec![], vec![]],
-        [vec![], vec![], vec![]],
-        [vec![], vec![], vec![]],
-        [vec![], vec![], vec![]],
+        [vec![], vec![], vec![], vec![]],
+        [vec![], vec![], vec![], vec![]],
+        [vec![], vec![], vec![], vec![]],
+        [vec![], vec![], vec![], vec![]],
     );
     for round in 0..reps {
-        let mut order = [0, 1, 2, 3];
-        order.rotate_left(round % 4);
-        let (mut s0_round, mut durable_round) = (0.0, [0.0; 3]);
+        let mut order = [0, 1, 2, 3, S0];
+        order.rotate_left(round % (S0 + 1));
+        let (mut s0_round, mut durable_round) = (0.0, [0.0; S0]);
         for k in order {
-            if k == 3 {
+            if k == S0 {
                 let t = Instant::now();
                 io.save_checkpoint(
                     &live_tree(&state, round as i64),
@@ -315,14 +335,17 @@ fn run(args: &Args, dir: &Path, mib: usize) -> Row {
             std::thread::sleep(gap);
         }
         s0.push(s0_round);
-        for k in 0..3 {
+        for k in 0..S0 {
             ratio[k].push(durable_round[k] / s0_round);
         }
     }
     res.s0 = median(s0);
-    let [s_p, s_c, s_d] = stalls;
-    let [d_p, d_c, d_d] = durable;
-    let [r_p, r_c, r_d] = ratio;
+    let [s_p, s_c, s_d, s_f] = stalls;
+    let [d_p, d_c, d_d, d_f] = durable;
+    let [r_p, r_c, r_d, r_f] = ratio;
+    res.copy_first_stall = median(s_f);
+    res.copy_first_durable = median(d_f);
+    res.copy_first_durable_ratio = median(r_f);
     res.eager_stall = median(s_p);
     res.copy_stall = median(s_c);
     res.deferred_stall = median(s_d);
@@ -388,7 +411,7 @@ fn main() {
         "| state | M0 memcpy | D0 write+fsync (buffered / direct) | S0 sync save | Eager stall (/M0) | Deferred stall | S0/Eager stall | write GB/s (/D0) | durable Eager (/S0) | durable Deferred (/S0) | peak extra RSS / size (staging / size, rest; one-time) |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut wp = String::from(
-        "| state | M0 memcpy | Eager stall, write-protected (/M0) | Eager stall, copying (/M0) | S0 / stall, protected / copying | durable, copying (/S0) | W0 in-place pass | same pass right after save: protected (waits) / copying | stall + pass − W0, protected / copying (/M0) |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| state | M0 memcpy | Eager stall, write-protected (/M0) | Eager stall, copying (/M0) | S0 / stall, protected / copying | durable, copying (/S0) | copying, copy first: stall (/M0), durable (/S0) | W0 in-place pass | same pass right after save: protected (waits) / copying | stall + pass − W0, protected / copying (/M0) |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut json = Vec::new();
     for &mib in &args.sizes_mib {
@@ -414,7 +437,7 @@ fn main() {
             r.one_time_rss / (1 << 20) as f64,
         ));
         wp.push_str(&format!(
-            "| {} MiB | {} | {} ({:.2}){} | {} ({:.2}) | {:.1} / {:.1} | {} ({:.2}) | {} | {} ({}) / {} | {} / {} ({:.2} / {:.2}) |\n",
+            "| {} MiB | {} | {} ({:.2}){} | {} ({:.2}) | {:.1} / {:.1} | {} ({:.2}) | {} ({:.2}), {} ({:.2}) | {} | {} ({}) / {} | {} / {} ({:.2} / {:.2}) |\n",
             mib,
             ms(r.m0),
             ms(r.eager_stall), r.eager_stall / r.m0,
@@ -422,6 +445,8 @@ fn main() {
             ms(r.copy_stall), r.copy_stall / r.m0,
             r.s0 / r.eager_stall, r.s0 / r.copy_stall,
             ms(r.copy_durable), r.copy_durable_ratio,
+            ms(r.copy_first_stall), r.copy_first_stall / r.m0,
+            ms(r.copy_first_durable), r.copy_first_durable_ratio,
             ms(r.w0),
             ms(r.pass_after_save), r.waits, ms(r.pass_after_copy),
             ms(r.eager_stall + r.pass_after_save - r.w0),
@@ -439,6 +464,8 @@ fn main() {
             "one_time_rss_bytes": r.one_time_rss,
             "write_protected": r.write_protected, "eager_copy_stall_s": r.copy_stall,
             "eager_copy_durable_s": r.copy_durable, "w0_s": r.w0,
+            "eager_copy_first_stall_s": r.copy_first_stall,
+            "eager_copy_first_durable_s": r.copy_first_durable,
             "pass_after_save_s": r.pass_after_save, "pass_after_copy_s": r.pass_after_copy, "waits_per_save": r.waits,
             "ratios": {
                 "eager_stall_over_m0": r.eager_stall / r.m0,
@@ -446,6 +473,7 @@ fn main() {
                 "write_throughput_over_d0": r.d0 / r.eager_write,
                 "eager_durable_over_s0": r.eager_durable_ratio,
                 "copy_durable_over_s0": r.copy_durable_ratio,
+                "copy_first_durable_over_s0": r.copy_first_durable_ratio,
                 "deferred_durable_over_s0": r.deferred_durable_ratio,
             }
         }));

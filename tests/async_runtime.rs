@@ -1046,8 +1046,9 @@ impl SeesReady {
 save_only_backend!(SeesReady, pending: true);
 
 #[test]
-fn eager_saves_reach_the_writer_copied_unless_overlap_is_asked_for() {
-    for (overlap, want_ready) in [(None, true), (Some(false), true), (Some(true), false)] {
+fn eager_copying_saves_reach_the_writer_before_their_copy_ends_unless_copy_first_is_asked_for() {
+    // Small tensors are never write-protected: this save copies on the caller's thread.
+    for (overlap, want_ready) in [(None, false), (Some(false), true), (Some(true), false)] {
         let b = Builder::default();
         let b = match overlap {
             Some(on) => b.write_while_copying(on),

@@ -20,9 +20,9 @@
 //! before `save`.
 //!
 //! A dedicated writer thread calls the inner backend's `save_checkpoint`; the handle resolves
-//! when the checkpoint is durable, and the staging buffer goes back to the pool. In Deferred mode
-//! (or with [`Builder::write_while_copying`]), when the queue has room, the save reaches the
-//! writer before the copy ends, and a backend that
+//! when the checkpoint is durable, and the staging buffer goes back to the pool. By default
+//! ([`Builder::write_while_copying`]), when the queue has room, a save that copies (Deferred, or
+//! Eager without write protection) reaches the writer before the copy ends, and a backend that
 //! [accepts pending storages](CheckpointIo::accepts_pending_storages) (as
 //! [`TorchCheckpointIo`](crate::TorchCheckpointIo) does) writes each storage as soon as it is
 //! copied: the write of the first tensors overlaps the copy of the last. Other backends are
@@ -300,11 +300,13 @@ impl Builder {
     }
     /// Whether the writer may start a save before its snapshot's copy has ended, so the two
     /// overlap (for backends that [accept pending storages](CheckpointIo::accepts_pending_storages)).
-    /// This shortens the time to durable by up to one copy. Default: on in Deferred mode, where
-    /// the copy runs off the training thread anyway; off in Eager mode, where the training
-    /// thread waits for the copy, and a write running beside it can slow it down (on this
-    /// project's test VM, whose disk I/O competes with its cores and memory, Eager stalls were up to
-    /// about a third longer with it on). Tensors an Eager save write-protects
+    /// This shortens the time to durable by up to one copy. Default: on, in both modes. In
+    /// Eager mode without write protection the training thread waits for the copy, and the
+    /// write running beside it can slow the copy down; side by side on this project's 2-core
+    /// test VM (`async_bench`, 1 and 4 GiB) the stall went from 0.86 and 0.87 memcpy times to
+    /// 1.10 and 0.94 with it on, while the time to durable went from 1.29 and 1.43 times a
+    /// synchronous save's to 1.16 and 0.96. Turn it off to keep the stall to the copy alone.
+    /// Tensors an Eager save write-protects
     /// ([`Builder::write_protect`]) are copied in the background whatever this says, each as
     /// soon as it is protected, and the writer writes them piece by piece as their copy
     /// advances. Such a save goes to the writer once every tensor is protected (when `save`
@@ -354,7 +356,7 @@ impl Builder {
         AsyncCheckpointIo {
             shared: Arc::new(Shared {
                 pending_storages_ok: inner.accepts_pending_storages(),
-                overlap: self.overlap.unwrap_or(self.mode == SnapshotMode::Deferred),
+                overlap: self.overlap.unwrap_or(true),
                 inner,
                 pool: StagingPool::new(self.pool_budget, self.pin),
                 counters: Counters::default(),
@@ -683,10 +685,12 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                 // With `write_while_copying(true)`, a write-protected save hands the job to the
                 // writer as soon as its first tensor is protected, so the write also overlaps
                 // the protection of the rest (by default it goes when the protection is done:
-                // a write beside the protection lengthens the stall).
+                // a write beside the protection lengthens the stall). A save that protects
+                // nothing copies: it goes before its copy, as other copying saves do.
                 let write_early = self.config.overlap == Some(true);
-                let mut on_first = || {
-                    if !write_early {
+                let overlap = self.shared.overlap;
+                let mut on_first = |protected: bool| {
+                    if !(if protected { write_early } else { overlap }) {
                         return;
                     }
                     if let Some(job) = held.take() {

@@ -568,9 +568,10 @@ impl CopyPlan {
     /// instead of copied (see [`protect`](super::protect)), and the copier thread copies it in
     /// the background; the rest is copied here, first, so that the protection is set up in one
     /// short step. Each tensor goes to the copier as soon as it is protected, and `on_first`
-    /// runs once the first has, or before the copy when nothing will be protected (where the
-    /// caller may hand the save to the writer, so that the write also starts while the rest is
-    /// protected or copied). Returns the bytes protected. The staging
+    /// runs once the first has (with `true`), or before the copy when nothing will be protected
+    /// (with `false`: the save is then a copying one), where the caller may hand the save to the
+    /// writer, so that the write also starts while the rest is protected or copied. Returns the
+    /// bytes protected. The staging
     /// (`setter`, and `done`'s staged state) is then ended by the copier once its copy is
     /// done; when nothing was protected, `setter` is left for the caller. Without `block`, a
     /// save that would wait for the previous protected snapshot's copy copies instead.
@@ -586,7 +587,7 @@ impl CopyPlan {
         setter: &mut Option<StagingSetter>,
         done: &Arc<Completion>,
         block: bool,
-        on_first: &mut dyn FnMut(),
+        on_first: &mut dyn FnMut(bool),
     ) -> Result<u64> {
         let mut candidates = Vec::new();
         let mut rest = Vec::with_capacity(self.items.len());
@@ -611,12 +612,12 @@ impl CopyPlan {
             .run(true)
         };
         if candidates.is_empty() {
-            on_first();
+            on_first(false);
             return copy(rest).map(|()| 0);
         }
         copy(rest)?;
         let Some(mut arming) = protector.arm(block) else {
-            on_first();
+            on_first(false);
             return copy(candidates.into_iter().map(|(i, _)| i).collect()).map(|()| 0);
         };
         let mut fallback = Vec::new();
@@ -669,7 +670,7 @@ impl CopyPlan {
             }
             if !handed_over {
                 handed_over = true;
-                on_first();
+                on_first(true);
             }
         }
         copy(fallback)?;
