@@ -6,6 +6,7 @@
 #                     and a short fuzz run
 #   ./dev.sh env      print the exports that let plain `cargo` commands build against the venv
 #   ./dev.sh cargo …  run any cargo command with the environment set
+#   ./dev.sh device-build [V] / device-run   CUDA tests on a GPU machine with PyTorch V (.ci/device-cuda.sh)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
@@ -65,6 +66,13 @@ case "$cmd" in
     setup_venv; export_env
     exec cargo "$@"
     ;;
+  device-build)
+    setup_venv
+    exec "$ROOT/.ci/device-cuda.sh" build "$@"
+    ;;
+  device-run)
+    exec "$ROOT/.ci/device-cuda.sh" run
+    ;;
   *)
-    sed -n '2,8p' "$0"; exit 2;;
+    sed -n '2,9p' "$0"; exit 2;;
 esac
