@@ -45,6 +45,7 @@ EOF
   # stubbed out.
   local tsver
   tsver=$(sed -n '/^name = "torch-sys"/{n;s/^version = "\(.*\)"/\1/p}' "$ROOT/Cargo.lock")
+  (cd "$ROOT" && cargo fetch --quiet)
   local src
   src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/torch-sys-"$tsver" | head -1)
   local ts="$OUT/torch-sys-$tsver-for-$version"
