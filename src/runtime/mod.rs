@@ -690,7 +690,8 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                 let write_early = self.config.overlap == Some(true);
                 let overlap = self.shared.overlap;
                 let mut on_first = |protected: bool| {
-                    if !(if protected { write_early } else { overlap }) {
+                    let go = if protected { write_early } else { overlap };
+                    if !go {
                         return;
                     }
                     if let Some(job) = held.take() {

@@ -1271,15 +1271,17 @@ mod imp {
                 }
                 if !stale.is_empty() {
                     // Decided under the lock: a save that arms after `arming` was read above
-                    // may protect these pages again, and must not have them lifted.
+                    // may protect these pages again, and must not have them lifted; and ranges
+                    // handed over since the job took `incoming` are not in the job yet (they
+                    // are served once it takes them, next time round).
                     let st = lock(&inner.state);
-                    if st.arming {
+                    if st.arming || !st.incoming.is_empty() {
                         early.extend(stale);
                     } else {
-                        // Stale: nothing of this copier's is protected there any more, and
-                        // no save can protect anything while the lock is held. Lift whatever
-                        // protection is left on the page (one a failed unregister left
-                        // behind), then wake the writer.
+                        // Stale: nothing of this copier's is protected there any more (every
+                        // range handed over is in the job), and no save can protect anything
+                        // while the lock is held. Lift whatever protection is left on the page
+                        // (one a failed unregister left behind), then wake the writer.
                         for addr in stale {
                             inner.release_page(addr);
                         }

@@ -782,7 +782,7 @@ pub(crate) fn stage_loop<I: CheckpointIo>(
                 }
             }
             StageJob::Forward(job) => {
-                // Saves' paths: removals only (barriers come as `PathBarrier`).
+                // A removal (saves come as `Save`, barriers as `PathBarrier`).
                 let path = match &job {
                     Job::Save { path, .. } | Job::Remove { path, .. } => path.clone(),
                     Job::Barrier { .. } => PathBuf::new(),
