@@ -924,6 +924,11 @@ pub trait TensorSource: Send + Sync {
 #[derive(Clone)]
 pub struct LiveTensor(Arc<dyn TensorSource>);
 
+/// The most bytes a snapshot may take: 128 TiB, the user address space of x86_64 and aarch64
+/// with 4-level page tables. A larger size comes from a bad shape, and allocating it would
+/// abort the process rather than fail.
+pub const MAX_SNAPSHOT: usize = 1 << 47;
+
 impl LiveTensor {
     /// Wraps a source.
     pub fn new(source: impl TensorSource + 'static) -> LiveTensor {
@@ -933,8 +938,8 @@ impl LiveTensor {
     pub fn source(&self) -> &dyn TensorSource {
         &*self.0
     }
-    /// Bytes a snapshot takes; `usize::MAX` when that does not fit a `usize` (a snapshot of
-    /// such a tensor is refused with an error).
+    /// Bytes a snapshot takes; `usize::MAX` when that does not fit a `usize`. A snapshot of
+    /// more than [`MAX_SNAPSHOT`] bytes is refused with an error.
     pub fn nbytes(&self) -> usize {
         checked_numel(&self.0.shape())
             .and_then(|n| n.checked_mul(self.0.dtype().size()))
@@ -943,7 +948,7 @@ impl LiveTensor {
     /// [`nbytes`](Self::nbytes), or an error when it is more than any allocation can hold.
     fn alloc_nbytes(&self) -> Result<usize> {
         let n = self.nbytes();
-        if n > isize::MAX as usize / 2 {
+        if n > MAX_SNAPSHOT {
             return Err(Error::tensor(
                 "",
                 "snapshot",

@@ -413,8 +413,13 @@ fn slab_layout(lens: &[usize]) -> Result<(Vec<usize>, usize)> {
             .div_ceil(SLICE_ALIGN)
             .checked_mul(SLICE_ALIGN)
             .and_then(|n| n.checked_add(total))
-            .filter(|&n| n <= isize::MAX as usize)
-            .ok_or_else(|| Error::InvalidArgument("snapshot size overflows".into()))?;
+            .filter(|&n| n <= crate::tensor::MAX_SNAPSHOT)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "snapshot size overflows the address space (more than {} bytes)",
+                    crate::tensor::MAX_SNAPSHOT
+                ))
+            })?;
     }
     Ok((offsets, total))
 }
@@ -568,8 +573,9 @@ impl CopyPlan {
     /// instead of copied (see [`protect`](super::protect)), and the copier thread copies it in
     /// the background; the rest is copied here, first, so that the protection is set up in one
     /// short step. Each tensor goes to the copier as soon as it is protected, and `on_first`
-    /// runs once the first has (with `true`), or before the copy when nothing will be protected
-    /// (with `false`: the save is then a copying one), where the caller may hand the save to the
+    /// runs once the first has (with `true`), or before the copy when nothing is protected
+    /// (with `false`, also when every protection was refused: the save is then a copying one),
+    /// where the caller may hand the save to the
     /// writer, so that the write also starts while the rest is protected or copied. Returns the
     /// bytes protected. The staging
     /// (`setter`, and `done`'s staged state) is then ended by the copier once its copy is
@@ -672,6 +678,10 @@ impl CopyPlan {
                 handed_over = true;
                 on_first(true);
             }
+        }
+        if !handed_over {
+            // Every protection was refused: a copying save after all.
+            on_first(false);
         }
         copy(fallback)?;
         if protected > 0 {
