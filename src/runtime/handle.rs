@@ -99,7 +99,19 @@ impl Completion {
     }
 
     pub(crate) fn finish(&self, r: std::result::Result<SaveReport, Arc<Error>>) {
+        self.end(r, false);
+    }
+
+    /// Ends the operation with `e` unless it has ended already; whether it did.
+    pub(crate) fn fail_if_pending(&self, e: Arc<Error>) -> bool {
+        self.end(Err(e), true)
+    }
+
+    fn end(&self, r: std::result::Result<SaveReport, Arc<Error>>, only_if_pending: bool) -> bool {
         let mut s = lock(&self.state);
+        if only_if_pending && s.done.is_some() {
+            return false;
+        }
         if s.staged.is_none() {
             s.staged = Some(match &r {
                 Ok(_) => Ok(()),
@@ -111,6 +123,7 @@ impl Completion {
         drop(s);
         self.cond.notify_all();
         w.into_iter().for_each(Waker::wake);
+        true
     }
 
     /// Marks the error (if any) as told: the caller heard of it some other way.

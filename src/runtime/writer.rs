@@ -79,8 +79,47 @@ pub(crate) fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T
     }
 }
 
+/// Runs `serve` on one job taken from a thread's queue; a panic that escapes it (outside the
+/// backend's calls, which `guarded` catches: a bug of ckptio's, or a `tracing` layer that
+/// panics) ends that job with the panic as its error, if nothing ended it yet, and the thread
+/// goes on with the next one. A job left unfinished would hold `flush` and `teardown` forever.
+fn serve_one<J>(
+    shared_failed: impl FnOnce(),
+    done: Arc<Completion>,
+    path: PathBuf,
+    job: J,
+    serve: impl FnOnce(J),
+) {
+    if let Err(p) = catch_unwind(AssertUnwindSafe(|| serve(job))) {
+        let message = panic_message(p);
+        tracing::error!(path = %path.display(), message, "ckptio: a checkpoint thread panicked");
+        if done.fail_if_pending(Arc::new(Error::Panic { path, message })) {
+            shared_failed();
+        }
+    }
+}
+
 pub(crate) fn writer_loop<I: CheckpointIo>(shared: Arc<Shared<I>>, rx: Receiver<Job>) {
     while let Ok(job) = rx.recv() {
+        let (done, path) = match &job {
+            Job::Save { done, path, .. } | Job::Remove { done, path } => {
+                (done.clone(), path.clone())
+            }
+            Job::Barrier { done } => (done.clone(), PathBuf::new()),
+        };
+        serve_one(
+            || shared.counters.failed(),
+            done,
+            path,
+            job,
+            |job| serve_write(&shared, job),
+        );
+    }
+}
+
+/// Serves one job of a writer's queue.
+fn serve_write<I: CheckpointIo>(shared: &Shared<I>, job: Job) {
+    {
         match job {
             Job::Save {
                 path,
@@ -707,101 +746,115 @@ pub(crate) fn stage_loop<I: CheckpointIo>(
 ) {
     let route = |path: &Path| &writers[super::route(path, writers.len())];
     while let Ok(job) = rx.recv() {
-        match job {
-            StageJob::Save {
-                path,
-                tree,
-                options,
-                done,
-            } => {
-                let start = Instant::now();
-                let stage_span =
+        let (done, path) = match &job {
+            StageJob::Save { done, path, .. }
+            | StageJob::PathBarrier(path, done)
+            | StageJob::Forward(Job::Save { done, path, .. } | Job::Remove { done, path }) => {
+                (done.clone(), path.clone())
+            }
+            StageJob::Forward(Job::Barrier { done }) => (done.clone(), PathBuf::new()),
+        };
+        serve_one(
+            || shared.counters.failed(),
+            done,
+            path,
+            job,
+            |job| match job {
+                StageJob::Save {
+                    path,
+                    tree,
+                    options,
+                    done,
+                } => {
+                    let start = Instant::now();
+                    let stage_span =
                     tracing::debug_span!("ckptio_stage", path = %path.display(), mode = "deferred")
                         .entered();
-                // Deferred snapshots overlap the training step: one thread, so the copy leaves the
-                // compute its cores.
-                let r = guarded(&path, || prepare(&shared.pool, &tree, true, true));
-                match r {
-                    Ok(Some((snap, plan))) => {
-                        let bytes = storage_bytes(&snap);
-                        shared.bytes_in_flight.fetch_add(bytes, Ordering::AcqRel);
-                        let staging = Staging::new();
-                        let setter = staging.setter();
-                        let job = Job::Save {
-                            path: path.clone(),
-                            tree: snap,
-                            options,
-                            done: done.clone(),
-                            enqueued: Instant::now(),
-                            staging,
-                            bytes,
-                        };
-                        // With overlap on and room in the queue the job goes first, so the
-                        // writer writes each storage as soon as it is copied; otherwise the
-                        // copy goes first, so `staged` never waits for an earlier write.
-                        let held = if !shared.overlap || plan.is_none() {
-                            Some(job)
-                        } else {
-                            match queue(&shared, route(&path), job) {
-                                Queued::Yes => None,
-                                Queued::Full(job) => Some(job),
-                                Queued::Gone => continue,
-                            }
-                        };
-                        let copied = match plan {
-                            Some(plan) => guarded(&path, || plan.run(false)),
-                            None => Ok(()),
-                        };
-                        tracing::debug!(
-                            bytes,
-                            stage_ms = start.elapsed().as_secs_f64() * 1e3,
-                            "snapshot taken"
-                        );
-                        drop(stage_span);
-                        drop(tree);
-                        // Staged first: the writer may finish as soon as the setter is set.
-                        match copied {
-                            Ok(()) => {
-                                done.set_staged(Ok(()));
-                                setter.set(Ok(start.elapsed()));
-                                if let Some(job) = held {
-                                    send_held(&shared, route(&path), job);
+                    // Deferred snapshots overlap the training step: one thread, so the copy leaves the
+                    // compute its cores.
+                    let r = guarded(&path, || prepare(&shared.pool, &tree, true, true));
+                    match r {
+                        Ok(Some((snap, plan))) => {
+                            let bytes = storage_bytes(&snap);
+                            shared.bytes_in_flight.fetch_add(bytes, Ordering::AcqRel);
+                            let staging = Staging::new();
+                            let setter = staging.setter();
+                            let job = Job::Save {
+                                path: path.clone(),
+                                tree: snap,
+                                options,
+                                done: done.clone(),
+                                enqueued: Instant::now(),
+                                staging,
+                                bytes,
+                            };
+                            // With overlap on and room in the queue the job goes first, so the
+                            // writer writes each storage as soon as it is copied; otherwise the
+                            // copy goes first, so `staged` never waits for an earlier write.
+                            let held = if !shared.overlap || plan.is_none() {
+                                Some(job)
+                            } else {
+                                match queue(&shared, route(&path), job) {
+                                    Queued::Yes => None,
+                                    Queued::Full(job) => Some(job),
+                                    Queued::Gone => return,
                                 }
-                            }
-                            Err(e) => {
-                                let e = Arc::new(e);
-                                done.set_staged(Err(e.clone()));
-                                setter.set(Err(e.clone()));
-                                if let Some(job) = held {
-                                    abandon(&shared, job, e);
+                            };
+                            let copied = match plan {
+                                Some(plan) => guarded(&path, || plan.run(false)),
+                                None => Ok(()),
+                            };
+                            tracing::debug!(
+                                bytes,
+                                stage_ms = start.elapsed().as_secs_f64() * 1e3,
+                                "snapshot taken"
+                            );
+                            drop(stage_span);
+                            drop(tree);
+                            // Staged first: the writer may finish as soon as the setter is set.
+                            match copied {
+                                Ok(()) => {
+                                    done.set_staged(Ok(()));
+                                    setter.set(Ok(start.elapsed()));
+                                    if let Some(job) = held {
+                                        send_held(&shared, route(&path), job);
+                                    }
+                                }
+                                Err(e) => {
+                                    let e = Arc::new(e);
+                                    done.set_staged(Err(e.clone()));
+                                    setter.set(Err(e.clone()));
+                                    if let Some(job) = held {
+                                        abandon(&shared, job, e);
+                                    }
                                 }
                             }
                         }
+                        Ok(None) => unreachable_skip(&done),
+                        Err(e) => {
+                            drop(tree);
+                            shared.counters.failed();
+                            done.finish(Err(Arc::new(e)));
+                        }
                     }
-                    Ok(None) => unreachable_skip(&done),
-                    Err(e) => {
-                        drop(tree);
-                        shared.counters.failed();
-                        done.finish(Err(Arc::new(e)));
+                }
+                StageJob::PathBarrier(path, done) => {
+                    if let Err(e) = route(&path).send(Job::Barrier { done }) {
+                        fail_job(&shared, e.0);
                     }
                 }
-            }
-            StageJob::PathBarrier(path, done) => {
-                if let Err(e) = route(&path).send(Job::Barrier { done }) {
-                    fail_job(&shared, e.0);
+                StageJob::Forward(job) => {
+                    // A removal (saves come as `Save`, barriers as `PathBarrier`).
+                    let path = match &job {
+                        Job::Save { path, .. } | Job::Remove { path, .. } => path.clone(),
+                        Job::Barrier { .. } => PathBuf::new(),
+                    };
+                    if let Err(e) = route(&path).send(job) {
+                        fail_job(&shared, e.0);
+                    }
                 }
-            }
-            StageJob::Forward(job) => {
-                // A removal (saves come as `Save`, barriers as `PathBarrier`).
-                let path = match &job {
-                    Job::Save { path, .. } | Job::Remove { path, .. } => path.clone(),
-                    Job::Barrier { .. } => PathBuf::new(),
-                };
-                if let Err(e) = route(&path).send(job) {
-                    fail_job(&shared, e.0);
-                }
-            }
-        }
+            },
+        );
     }
 }
 
