@@ -92,10 +92,14 @@ fn serve_one<J>(
 ) {
     if let Err(p) = catch_unwind(AssertUnwindSafe(|| serve(job))) {
         let message = panic_message(p);
-        tracing::error!(path = %path.display(), message, "ckptio: a checkpoint thread panicked");
+        let shown = format!("{}: {message}", path.display());
         if done.fail_if_pending(Arc::new(Error::Panic { path, message })) {
             shared_failed();
         }
+        // After the job has ended: a `tracing` layer that panicked may panic again here.
+        let _ = catch_unwind(|| {
+            tracing::error!(error = %shown, "ckptio: a checkpoint thread panicked");
+        });
     }
 }
 
@@ -119,104 +123,102 @@ pub(crate) fn writer_loop<I: CheckpointIo>(shared: Arc<Shared<I>>, rx: Receiver<
 
 /// Serves one job of a writer's queue.
 fn serve_write<I: CheckpointIo>(shared: &Shared<I>, job: Job) {
-    {
-        match job {
-            Job::Save {
-                path,
-                tree,
-                options,
-                done,
-                enqueued,
-                staging,
-                bytes,
-            } => {
-                let queue_wait = enqueued.elapsed();
-                let span = tracing::info_span!("ckptio_write", path = %path.display(), bytes);
-                let _g = span.enter();
-                tracing::debug!(
-                    queue_ms = queue_wait.as_secs_f64() * 1e3,
-                    "ckptio: write starts after its queue wait"
-                );
-                let start = Instant::now();
-                // A snapshot whose copy already failed is not written at all; one that fails
-                // while being written makes the backend fail on that storage (before its
-                // rename, so the previous checkpoint stays).
-                if !shared.pending_storages_ok {
-                    // This backend reads storages as if they were all in: let the copy end.
-                    let _ = staging.wait();
-                }
-                let r = match staging.failed() {
-                    Some(e) => Err(Arc::clone(&e)),
-                    None => guarded(&path, || {
-                        shared
-                            .inner
-                            .save_checkpoint_measured(&tree, &path, &options)
-                    })
-                    .map_err(Arc::new),
-                };
-                let write = start.elapsed();
-                let staged = staging.wait();
-                // Staging buffers go back to the pool before anyone hears the save is done.
-                drop(tree);
-                shared.bytes_in_flight.fetch_sub(bytes, Ordering::AcqRel);
-                // The copy's own error explains a failure better than what the backend saw.
-                let r = match (staged, r) {
-                    (Err(e), _) => Err(e),
-                    (Ok(stage), Ok(measured)) => Ok((stage, measured)),
-                    (Ok(_), Err(e)) => Err(e),
-                };
-                match r {
-                    Ok((stage, measured)) => {
-                        tracing::info!(
-                            bytes,
-                            stage_ms = stage.as_secs_f64() * 1e3,
-                            queue_ms = queue_wait.as_secs_f64() * 1e3,
-                            write_ms = write.as_secs_f64() * 1e3,
-                            fsync_ms = measured.fsync.map(|d| d.as_secs_f64() * 1e3),
-                            durable = options.durable,
-                            "{}",
-                            if options.durable {
-                                "checkpoint durable"
-                            } else {
-                                "checkpoint written (not durable: no fsync)"
-                            }
-                        );
-                        shared.counters.saved(bytes);
-                        done.finish(Ok(SaveReport {
-                            path,
-                            bytes,
-                            stage,
-                            queue_wait,
-                            write,
-                            durable: options.durable,
-                            fsync: measured.fsync,
-                            file_bytes: measured.file_bytes,
-                            skipped: false,
-                        }));
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "checkpoint write failed");
-                        shared.counters.failed();
-                        done.finish(Err(e));
-                    }
-                }
+    match job {
+        Job::Save {
+            path,
+            tree,
+            options,
+            done,
+            enqueued,
+            staging,
+            bytes,
+        } => {
+            let queue_wait = enqueued.elapsed();
+            let span = tracing::info_span!("ckptio_write", path = %path.display(), bytes);
+            let _g = span.enter();
+            tracing::debug!(
+                queue_ms = queue_wait.as_secs_f64() * 1e3,
+                "ckptio: write starts after its queue wait"
+            );
+            let start = Instant::now();
+            // A snapshot whose copy already failed is not written at all; one that fails
+            // while being written makes the backend fail on that storage (before its
+            // rename, so the previous checkpoint stays).
+            if !shared.pending_storages_ok {
+                // This backend reads storages as if they were all in: let the copy end.
+                let _ = staging.wait();
             }
-            Job::Remove { path, done } => {
-                let r = guarded(&path, || shared.inner.remove_checkpoint(&path));
-                match r {
-                    Ok(()) => done.finish(Ok(SaveReport {
+            let r = match staging.failed() {
+                Some(e) => Err(Arc::clone(&e)),
+                None => guarded(&path, || {
+                    shared
+                        .inner
+                        .save_checkpoint_measured(&tree, &path, &options)
+                })
+                .map_err(Arc::new),
+            };
+            let write = start.elapsed();
+            let staged = staging.wait();
+            // Staging buffers go back to the pool before anyone hears the save is done.
+            drop(tree);
+            shared.bytes_in_flight.fetch_sub(bytes, Ordering::AcqRel);
+            // The copy's own error explains a failure better than what the backend saw.
+            let r = match (staged, r) {
+                (Err(e), _) => Err(e),
+                (Ok(stage), Ok(measured)) => Ok((stage, measured)),
+                (Ok(_), Err(e)) => Err(e),
+            };
+            match r {
+                Ok((stage, measured)) => {
+                    tracing::info!(
+                        bytes,
+                        stage_ms = stage.as_secs_f64() * 1e3,
+                        queue_ms = queue_wait.as_secs_f64() * 1e3,
+                        write_ms = write.as_secs_f64() * 1e3,
+                        fsync_ms = measured.fsync.map(|d| d.as_secs_f64() * 1e3),
+                        durable = options.durable,
+                        "{}",
+                        if options.durable {
+                            "checkpoint durable"
+                        } else {
+                            "checkpoint written (not durable: no fsync)"
+                        }
+                    );
+                    shared.counters.saved(bytes);
+                    done.finish(Ok(SaveReport {
                         path,
-                        ..SaveReport::default()
-                    })),
-                    Err(e) => {
-                        tracing::error!(error = %e, path = %path.display(), "checkpoint remove failed");
-                        shared.counters.failed();
-                        done.finish(Err(Arc::new(e)));
-                    }
+                        bytes,
+                        stage,
+                        queue_wait,
+                        write,
+                        durable: options.durable,
+                        fsync: measured.fsync,
+                        file_bytes: measured.file_bytes,
+                        skipped: false,
+                    }));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "checkpoint write failed");
+                    shared.counters.failed();
+                    done.finish(Err(e));
                 }
             }
-            Job::Barrier { done } => done.finish(Ok(SaveReport::default())),
         }
+        Job::Remove { path, done } => {
+            let r = guarded(&path, || shared.inner.remove_checkpoint(&path));
+            match r {
+                Ok(()) => done.finish(Ok(SaveReport {
+                    path,
+                    ..SaveReport::default()
+                })),
+                Err(e) => {
+                    tracing::error!(error = %e, path = %path.display(), "checkpoint remove failed");
+                    shared.counters.failed();
+                    done.finish(Err(Arc::new(e)));
+                }
+            }
+        }
+        Job::Barrier { done } => done.finish(Ok(SaveReport::default())),
     }
 }
 
