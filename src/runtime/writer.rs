@@ -43,6 +43,22 @@ pub(crate) enum Job {
     Barrier { done: Arc<Completion> },
 }
 
+impl Job {
+    /// The checkpoint path it acts on (none for a barrier).
+    fn path(&self) -> &Path {
+        match self {
+            Job::Save { path, .. } | Job::Remove { path, .. } => path,
+            Job::Barrier { .. } => Path::new(""),
+        }
+    }
+
+    fn done(&self) -> &Arc<Completion> {
+        match self {
+            Job::Save { done, .. } | Job::Remove { done, .. } | Job::Barrier { done } => done,
+        }
+    }
+}
+
 /// Work for the staging thread (Deferred mode): snapshots, and operations that must stay
 /// ordered behind them.
 pub(crate) enum StageJob {
@@ -105,16 +121,10 @@ fn serve_one<J>(
 
 pub(crate) fn writer_loop<I: CheckpointIo>(shared: Arc<Shared<I>>, rx: Receiver<Job>) {
     while let Ok(job) = rx.recv() {
-        let (done, path) = match &job {
-            Job::Save { done, path, .. } | Job::Remove { done, path } => {
-                (done.clone(), path.clone())
-            }
-            Job::Barrier { done } => (done.clone(), PathBuf::new()),
-        };
         serve_one(
             || shared.counters.failed(),
-            done,
-            path,
+            job.done().clone(),
+            job.path().to_path_buf(),
             job,
             |job| serve_write(&shared, job),
         );
@@ -749,12 +759,10 @@ pub(crate) fn stage_loop<I: CheckpointIo>(
     let route = |path: &Path| &writers[super::route(path, writers.len())];
     while let Ok(job) = rx.recv() {
         let (done, path) = match &job {
-            StageJob::Save { done, path, .. }
-            | StageJob::PathBarrier(path, done)
-            | StageJob::Forward(Job::Save { done, path, .. } | Job::Remove { done, path }) => {
+            StageJob::Save { done, path, .. } | StageJob::PathBarrier(path, done) => {
                 (done.clone(), path.clone())
             }
-            StageJob::Forward(Job::Barrier { done }) => (done.clone(), PathBuf::new()),
+            StageJob::Forward(j) => (j.done().clone(), j.path().to_path_buf()),
         };
         serve_one(
             || shared.counters.failed(),
@@ -847,11 +855,8 @@ pub(crate) fn stage_loop<I: CheckpointIo>(
                 }
                 StageJob::Forward(job) => {
                     // A removal (saves come as `Save`, barriers as `PathBarrier`).
-                    let path = match &job {
-                        Job::Save { path, .. } | Job::Remove { path, .. } => path.clone(),
-                        Job::Barrier { .. } => PathBuf::new(),
-                    };
-                    if let Err(e) = route(&path).send(job) {
+                    let writer = route(job.path());
+                    if let Err(e) = writer.send(job) {
                         fail_job(&shared, e.0);
                     }
                 }
@@ -901,13 +906,9 @@ pub(crate) fn send_held<I>(shared: &Shared<I>, writer: &Sender<Job>, mut job: Jo
 
 /// A job that could not be queued because the writers are gone.
 pub(crate) fn fail_job<I>(shared: &Shared<I>, job: Job) {
-    let path = match &job {
-        Job::Save { path, .. } | Job::Remove { path, .. } => path.clone(),
-        Job::Barrier { .. } => PathBuf::new(),
-    };
     let e = Error::io(
         "queue",
-        &path,
+        job.path(),
         std::io::Error::new(
             std::io::ErrorKind::BrokenPipe,
             "the checkpoint writer has stopped",
