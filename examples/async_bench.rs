@@ -251,10 +251,11 @@ fn run(args: &Args, dir: &Path, mib: usize) -> Row {
         let d = t.elapsed().as_secs_f64();
         if args.verbose {
             eprintln!(
-                "  {} save: stall {:.1} ms, staged {:.1} ms, queue wait {:.1} ms, write {:.1} ms (fsync {:.1} ms), durable {:.1} ms",
+                "  {} save: stall {:.1} ms, staged {:.1} ms (copied {:.1} ms), queue wait {:.1} ms, write {:.1} ms (fsync {:.1} ms), durable {:.1} ms",
                 names[k],
                 stall * 1e3,
                 staged * 1e3,
+                rep.stage.as_secs_f64() * 1e3,
                 rep.queue_wait.as_secs_f64() * 1e3,
                 rep.write.as_secs_f64() * 1e3,
                 rep.fsync.unwrap_or_default().as_secs_f64() * 1e3,

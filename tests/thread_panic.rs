@@ -1,6 +1,7 @@
 //! A panic on a checkpoint thread outside the backend's calls (here: a `tracing` subscriber that
 //! panics once on the writer's "write starts" event) ends that one operation with the panic,
-//! and `flush`, `teardown` and later saves go on: nothing waits for a job that was lost.
+//! and `flush`, `teardown` and later saves go on: nothing waits for a job that was lost, and
+//! nothing it held stays counted.
 //!
 //! The panicking subscriber is the process's global default, so this binary holds one test.
 
@@ -99,8 +100,12 @@ fn a_panic_on_a_checkpoint_thread_ends_that_save_with_it_and_nothing_waits_for_i
                 ),
                 other => panic!("{mode:?}: expected the panic, got {other:?}"),
             }
-            // Nothing waits for the lost job, the writer serves the next save, and the error,
-            // told through the handle, is not told again.
+            // The lost job gave back its staging buffer and its bytes in flight, nothing waits
+            // for it, the writer serves the next save, and the error, told through the handle,
+            // is not told again.
+            let status = io.status();
+            assert_eq!(status.bytes_in_flight, 0, "{mode:?}: {status:?}");
+            assert_eq!(status.pool.in_use, 0, "{mode:?}: {status:?}");
             io.flush().unwrap();
             let next = dir.path().join("next.pt");
             io.save(&tree(), &next).unwrap().wait().unwrap();

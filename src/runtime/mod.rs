@@ -132,7 +132,7 @@ use self::protect::Protector;
 pub use self::staging::{cuda_available, PoolStats, StagingBuf, StagingPool};
 use self::writer::{
     abandon, fail_job, guarded, prepare, queue, send_held, stage_loop, staging_len, storage_bytes,
-    writer_loop, Job, Queued, StageJob, Staging,
+    writer_loop, InFlight, Job, Queued, StageJob, Staging,
 };
 use crate::error::{Error, Result};
 use crate::io::{CheckpointIo, LoadOptions, Restore, SaveOptions};
@@ -219,7 +219,7 @@ pub(crate) struct Shared<I> {
     pub(crate) inner: I,
     pub(crate) pool: StagingPool,
     pub(crate) counters: Counters,
-    pub(crate) bytes_in_flight: AtomicU64,
+    pub(crate) bytes_in_flight: Arc<AtomicU64>,
     /// The inner backend's `accepts_pending_storages`, asked once.
     pub(crate) pending_storages_ok: bool,
     /// Whether a save may reach the writer before its copy has ended
@@ -360,7 +360,7 @@ impl Builder {
                 inner,
                 pool: StagingPool::new(self.pool_budget, self.pin),
                 counters: Counters::default(),
-                bytes_in_flight: AtomicU64::new(0),
+                bytes_in_flight: Arc::new(AtomicU64::new(0)),
                 pending: Mutex::new(Vec::new()),
             }),
             workers: Mutex::new(None),
@@ -651,10 +651,8 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                 let Some((snap, plan)) = prepared else {
                     return self.refuse(done, handle, &path);
                 };
-                let bytes = storage_bytes(&snap);
-                self.shared
-                    .bytes_in_flight
-                    .fetch_add(bytes, Ordering::AcqRel);
+                let in_flight = InFlight::new(&self.shared.bytes_in_flight, storage_bytes(&snap));
+                let bytes = in_flight.bytes();
                 let staging = Staging::new();
                 let setter = staging.setter();
                 let job = Job::Save {
@@ -664,7 +662,7 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                     done: done.clone(),
                     enqueued: Instant::now(),
                     staging,
-                    bytes,
+                    bytes: in_flight,
                 };
                 self.track(&done);
                 // With overlap on and room in the queue, the job goes to the writer before the
@@ -764,7 +762,8 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
         Ok(handle)
     }
 
-    /// [`refuse`](Self::refuse) a save whose job was made: gives back its bytes in flight.
+    /// [`refuse`](Self::refuse) a save whose job was made (dropping it gives back its bytes in
+    /// flight).
     fn refuse_job(
         &self,
         job: Job,
@@ -772,11 +771,6 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
         handle: SaveHandle,
         path: &Path,
     ) -> Result<SaveHandle> {
-        if let Job::Save { bytes, .. } = &job {
-            self.shared
-                .bytes_in_flight
-                .fetch_sub(*bytes, Ordering::AcqRel);
-        }
         drop(job);
         self.refuse(done, handle, path)
     }

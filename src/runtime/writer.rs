@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,7 +33,8 @@ pub(crate) enum Job {
         enqueued: Instant,
         /// The snapshot's copy, which may still be running when the writer starts.
         staging: Arc<Staging>,
-        bytes: u64,
+        /// Its bytes, counted in flight until the job is dropped.
+        bytes: InFlight,
     },
     Remove {
         path: PathBuf,
@@ -56,6 +57,35 @@ impl Job {
         match self {
             Job::Save { done, .. } | Job::Remove { done, .. } | Job::Barrier { done } => done,
         }
+    }
+}
+
+/// A save's storage bytes, counted in [`Status::bytes_in_flight`](super::Status) from its
+/// snapshot until its job is dropped: written, refused, abandoned, or lost to a panic on the
+/// way.
+pub(crate) struct InFlight {
+    counter: Arc<AtomicU64>,
+    bytes: u64,
+}
+
+impl InFlight {
+    /// Counts `bytes` in flight.
+    pub(crate) fn new(counter: &Arc<AtomicU64>, bytes: u64) -> InFlight {
+        counter.fetch_add(bytes, Ordering::AcqRel);
+        InFlight {
+            counter: Arc::clone(counter),
+            bytes,
+        }
+    }
+
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.bytes, Ordering::AcqRel);
     }
 }
 
@@ -141,8 +171,9 @@ fn serve_write<I: CheckpointIo>(shared: &Shared<I>, job: Job) {
             done,
             enqueued,
             staging,
-            bytes,
+            bytes: in_flight,
         } => {
+            let bytes = in_flight.bytes();
             let queue_wait = enqueued.elapsed();
             let span = tracing::info_span!("ckptio_write", path = %path.display(), bytes);
             let _g = span.enter();
@@ -171,7 +202,7 @@ fn serve_write<I: CheckpointIo>(shared: &Shared<I>, job: Job) {
             let staged = staging.wait();
             // Staging buffers go back to the pool before anyone hears the save is done.
             drop(tree);
-            shared.bytes_in_flight.fetch_sub(bytes, Ordering::AcqRel);
+            drop(in_flight);
             // The copy's own error explains a failure better than what the backend saw.
             let r = match (staged, r) {
                 (Err(e), _) => Err(e),
@@ -785,8 +816,9 @@ pub(crate) fn stage_loop<I: CheckpointIo>(
                     let r = guarded(&path, || prepare(&shared.pool, &tree, true, true));
                     match r {
                         Ok(Some((snap, plan))) => {
-                            let bytes = storage_bytes(&snap);
-                            shared.bytes_in_flight.fetch_add(bytes, Ordering::AcqRel);
+                            let in_flight =
+                                InFlight::new(&shared.bytes_in_flight, storage_bytes(&snap));
+                            let bytes = in_flight.bytes();
                             let staging = Staging::new();
                             let setter = staging.setter();
                             let job = Job::Save {
@@ -796,7 +828,7 @@ pub(crate) fn stage_loop<I: CheckpointIo>(
                                 done: done.clone(),
                                 enqueued: Instant::now(),
                                 staging,
-                                bytes,
+                                bytes: in_flight,
                             };
                             // With overlap on and room in the queue the job goes first, so the
                             // writer writes each storage as soon as it is copied; otherwise the
@@ -920,8 +952,7 @@ pub(crate) fn fail_job<I>(shared: &Shared<I>, job: Job) {
 /// Finishes a job that will never reach a writer with `e`, undoing what queuing it counted.
 pub(crate) fn abandon<I>(shared: &Shared<I>, job: Job, e: Arc<Error>) {
     let done = match job {
-        Job::Save { done, bytes, .. } => {
-            shared.bytes_in_flight.fetch_sub(bytes, Ordering::AcqRel);
+        Job::Save { done, .. } => {
             shared.counters.failed();
             done
         }
