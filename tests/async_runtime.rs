@@ -861,11 +861,18 @@ fn file_names(dir: &Path) -> Vec<String> {
 
 #[test]
 fn a_copy_that_fails_midway_fails_the_save_and_keeps_the_previous_checkpoint() {
-    for mode in [SnapshotMode::Eager, SnapshotMode::Deferred] {
+    // Deferred saves go to the writer before their copy unless `write_while_copying(false)`;
+    // then a failed copy ends the save without it.
+    for (mode, overlap) in [
+        (SnapshotMode::Eager, true),
+        (SnapshotMode::Deferred, true),
+        (SnapshotMode::Deferred, false),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("last.pt");
         let io = Builder::default()
             .snapshot_mode(mode)
+            .write_while_copying(overlap)
             .build(TorchCheckpointIo::new());
         let p = Param::new(1 << 16, 4.0);
         let good = p.host();
@@ -890,6 +897,9 @@ fn a_copy_that_fails_midway_fails_the_save_and_keeps_the_previous_checkpoint() {
                 let h = io.save(&Value::Dict(d), &path).unwrap();
                 let err = h.wait().unwrap_err();
                 assert!(err.to_string().contains("sensor unplugged"), "{err}");
+                // Its staging buffer and bytes in flight went back before the handle heard.
+                let st = io.status();
+                assert_eq!((st.bytes_in_flight, st.pool.in_use), (0, 0), "{st:?}");
                 let err = h_staged_error(&io, &path);
                 assert!(err.is_none(), "reported twice: {err:?}");
             }
@@ -908,7 +918,9 @@ fn a_copy_that_fails_midway_fails_the_save_and_keeps_the_previous_checkpoint() {
             vec!["last.pt".to_owned()],
             "{mode:?}"
         );
-        assert_eq!(io.status().errors, 1, "{mode:?}");
+        let st = io.status();
+        assert_eq!(st.errors, 1, "{mode:?}");
+        assert_eq!((st.bytes_in_flight, st.pool.in_use), (0, 0), "{st:?}");
         io.save(&tree_of(&p, 2), &path).unwrap().wait().unwrap();
         io.teardown().unwrap();
     }

@@ -952,7 +952,12 @@ pub(crate) fn fail_job<I>(shared: &Shared<I>, job: Job) {
 /// Finishes a job that will never reach a writer with `e`, undoing what queuing it counted.
 pub(crate) fn abandon<I>(shared: &Shared<I>, job: Job, e: Arc<Error>) {
     let done = match job {
-        Job::Save { done, .. } => {
+        Job::Save {
+            done, tree, bytes, ..
+        } => {
+            // Its staging buffers and bytes in flight go back before anyone hears of it.
+            drop(tree);
+            drop(bytes);
             shared.counters.failed();
             done
         }
