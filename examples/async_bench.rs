@@ -255,7 +255,7 @@ fn run(args: &Args, dir: &Path, mib: usize) -> Row {
                 names[k],
                 stall * 1e3,
                 staged * 1e3,
-                rep.stage.as_secs_f64() * 1e3,
+                rep.copied.as_secs_f64() * 1e3,
                 rep.queue_wait.as_secs_f64() * 1e3,
                 rep.write.as_secs_f64() * 1e3,
                 rep.fsync.unwrap_or_default().as_secs_f64() * 1e3,

@@ -175,6 +175,8 @@ fn eager_save_to_torch_file_matches_the_state_at_save_time() {
     p.fill(-1.0);
     let rep = h.wait().unwrap();
     assert_eq!(rep.bytes, 4096 * 4);
+    // Too small to be write-protected: copied by `save`, which was its whole staging.
+    assert_eq!(rep.copied, rep.stage, "{rep:?}");
     let back = ckptio::torch::load(&path, &LoadOptions::default()).unwrap();
     assert!(back.get("w").unwrap().as_tensor().unwrap().data_eq(&before));
     assert_eq!(back.get("step").and_then(Value::as_int), Some(7));

@@ -133,7 +133,14 @@ fn saves_are_traced_with_spans_for_each_phase_and_events_with_their_durations() 
     let durable = fields_of("checkpoint durable");
     assert_eq!(durable.len(), 2, "{events:?}");
     for f in &durable {
-        for name in ["bytes", "stage_ms", "queue_ms", "write_ms", "fsync_ms"] {
+        for name in [
+            "bytes",
+            "stage_ms",
+            "copied_ms",
+            "queue_ms",
+            "write_ms",
+            "fsync_ms",
+        ] {
             assert!(f.contains(name), "no {name} in {f:?}");
         }
     }

@@ -212,13 +212,17 @@ fn writes_right_after_an_eager_save_wait_for_the_copy_and_never_reach_the_file()
         .save(&tree(&[("w", &Param(buf.clone()))]), &path)
         .unwrap();
     buf.fill_backwards(-1.0); // the optimizer step, at once
-    h.wait().unwrap();
+    let rep = h.wait().unwrap();
     let saved = load_f32(&path, "w");
     assert!(saved.iter().enumerate().all(|(i, &x)| x == i as f32));
     let s = io.status();
     if protected_here() {
         assert!(s.write_protected >= (N as u64 * 4) - 8192, "{s:?}");
         assert!(s.write_protect_waits > 0, "{s:?}");
+        // The report tells the background copy apart from the stall.
+        assert!(rep.copied > rep.stage, "{rep:?}");
+    } else {
+        assert_eq!(rep.copied, rep.stage, "{rep:?}");
     }
     io.teardown().unwrap();
 }

@@ -80,7 +80,7 @@
 //! to the inner backend) and, inside it for [`TorchCheckpointIo`](crate::TorchCheckpointIo),
 //! `ckptio_fsync` (the file's fsync, then its directory's). Events: "snapshot taken" (bytes,
 //! `stage_ms`), the write's start (`queue_ms`), "checkpoint durable" (bytes, `stage_ms`,
-//! `queue_ms`, `write_ms`, `fsync_ms`), and errors. The same figures are in each
+//! `copied_ms`, `queue_ms`, `write_ms`, `fsync_ms`), and errors. The same figures are in each
 //! [`SaveReport`], and the counters in [`AsyncCheckpointIo::status`].
 //!
 //! # Errors
@@ -132,7 +132,7 @@ use self::protect::Protector;
 pub use self::staging::{cuda_available, PoolStats, StagingBuf, StagingPool};
 use self::writer::{
     abandon, fail_job, guarded, prepare, queue, send_held, stage_loop, staging_len, storage_bytes,
-    writer_loop, InFlight, Job, Queued, StageJob, Staging,
+    writer_loop, CopyEnd, InFlight, Job, Queued, StageJob, Staging,
 };
 use crate::error::{Error, Result};
 use crate::io::{CheckpointIo, LoadOptions, Restore, SaveOptions};
@@ -739,7 +739,7 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                 // now; the copier sets the setter when its background copy is done.)
                 done.set_staged(Ok(()));
                 if let Some(s) = setter.take() {
-                    s.set(Ok(stage));
+                    s.set(Ok(CopyEnd::at(stage)));
                 }
                 tracing::debug!(
                     bytes,

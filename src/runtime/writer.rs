@@ -206,14 +206,15 @@ fn serve_write<I: CheckpointIo>(shared: &Shared<I>, job: Job) {
             // The copy's own error explains a failure better than what the backend saw.
             let r = match (staged, r) {
                 (Err(e), _) => Err(e),
-                (Ok(stage), Ok(measured)) => Ok((stage, measured)),
+                (Ok(staged), Ok(measured)) => Ok((staged, measured)),
                 (Ok(_), Err(e)) => Err(e),
             };
             match r {
-                Ok((stage, measured)) => {
+                Ok((CopyEnd { stage, copied }, measured)) => {
                     tracing::info!(
                         bytes,
                         stage_ms = stage.as_secs_f64() * 1e3,
+                        copied_ms = copied.as_secs_f64() * 1e3,
                         queue_ms = queue_wait.as_secs_f64() * 1e3,
                         write_ms = write.as_secs_f64() * 1e3,
                         fsync_ms = measured.fsync.map(|d| d.as_secs_f64() * 1e3),
@@ -230,6 +231,7 @@ fn serve_write<I: CheckpointIo>(shared: &Shared<I>, job: Job) {
                         path,
                         bytes,
                         stage,
+                        copied,
                         queue_wait,
                         write,
                         durable: options.durable,
@@ -279,10 +281,28 @@ pub(crate) fn storage_bytes(tree: &Value) -> u64 {
 const SLICE_ALIGN: usize = 64;
 
 /// How the copy of one snapshot ended: shared by whoever copies (the training thread in Eager
-/// mode, the staging thread in Deferred mode) and the writer, which starts before it ends.
+/// mode, the staging thread in Deferred mode, the background copier for write-protected
+/// tensors) and the writer, which starts before it ends.
 pub(crate) struct Staging {
-    state: Mutex<Option<std::result::Result<Duration, Arc<Error>>>>,
+    state: Mutex<Option<std::result::Result<CopyEnd, Arc<Error>>>>,
     cond: Condvar,
+}
+
+/// A snapshot's copy, once ended: what `SaveReport::stage` and `SaveReport::copied` report.
+#[derive(Clone, Copy)]
+pub(crate) struct CopyEnd {
+    pub(crate) stage: Duration,
+    pub(crate) copied: Duration,
+}
+
+impl CopyEnd {
+    /// A copy that ended when its staging did.
+    pub(crate) fn at(stage: Duration) -> CopyEnd {
+        CopyEnd {
+            stage,
+            copied: stage,
+        }
+    }
 }
 
 impl Staging {
@@ -293,7 +313,7 @@ impl Staging {
         })
     }
 
-    pub(crate) fn set(&self, r: std::result::Result<Duration, Arc<Error>>) {
+    pub(crate) fn set(&self, r: std::result::Result<CopyEnd, Arc<Error>>) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if s.is_none() {
             *s = Some(r);
@@ -317,7 +337,7 @@ impl Staging {
     }
 
     /// Waits for the copy to end: how long it took, or why it failed.
-    fn wait(&self) -> std::result::Result<Duration, Arc<Error>> {
+    fn wait(&self) -> std::result::Result<CopyEnd, Arc<Error>> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(r) = &*s {
@@ -332,7 +352,7 @@ impl Staging {
 pub(crate) struct StagingSetter(Option<Arc<Staging>>);
 
 impl StagingSetter {
-    pub(crate) fn set(mut self, r: std::result::Result<Duration, Arc<Error>>) {
+    pub(crate) fn set(mut self, r: std::result::Result<CopyEnd, Arc<Error>>) {
         if let Some(s) = self.0.take() {
             s.set(r);
         }
@@ -774,7 +794,10 @@ impl CopyPlan {
                 // Staged first: the writer may finish as soon as the setter is set.
                 done.set_staged(Ok(()));
                 if let Some(s) = setter {
-                    s.set(Ok(stage));
+                    s.set(Ok(CopyEnd {
+                        stage,
+                        copied: started.elapsed(),
+                    }));
                 }
             }));
         }
@@ -857,7 +880,7 @@ pub(crate) fn stage_loop<I: CheckpointIo>(
                             match copied {
                                 Ok(()) => {
                                     done.set_staged(Ok(()));
-                                    setter.set(Ok(start.elapsed()));
+                                    setter.set(Ok(CopyEnd::at(start.elapsed())));
                                     if let Some(job) = held {
                                         send_held(&shared, route(&path), job);
                                     }
