@@ -53,16 +53,21 @@ impl Subscriber for &'static Tripwire {
     fn exit(&self, _: &Id) {}
 }
 
-struct Ones(usize);
+/// `n` ones, copied after a pause of `pause` (a slow device, say).
+struct Ones {
+    n: usize,
+    pause: Duration,
+}
 
 impl TensorSource for Ones {
     fn dtype(&self) -> DType {
         DType::Float32
     }
     fn shape(&self) -> Vec<usize> {
-        vec![self.0]
+        vec![self.n]
     }
     fn copy_to(&self, dst: &mut [u8]) -> ckptio::Result<()> {
+        std::thread::sleep(self.pause);
         for c in dst.chunks_exact_mut(4) {
             c.copy_from_slice(&1f32.to_le_bytes());
         }
@@ -70,9 +75,9 @@ impl TensorSource for Ones {
     }
 }
 
-fn tree() -> Value {
+fn tree(pause: Duration) -> Value {
     let mut d = Dict::new();
-    d.insert("w", LiveTensor::new(Ones(1024)));
+    d.insert("w", LiveTensor::new(Ones { n: 1024, pause }));
     Value::Dict(d)
 }
 
@@ -92,7 +97,9 @@ fn a_panic_on_a_checkpoint_thread_ends_that_save_with_it_and_nothing_waits_for_i
                 .build(TorchCheckpointIo::new());
             trip.armed.store(true, Ordering::SeqCst);
             let lost = dir.path().join("lost.pt");
-            let err = io.save(&tree(), &lost).unwrap().wait().unwrap_err();
+            // The copy is still running when the writer, handed the save before it, panics.
+            let slow = tree(Duration::from_millis(300));
+            let err = io.save(&slow, &lost).unwrap().wait().unwrap_err();
             match &err {
                 Error::Background { source, .. } => assert!(
                     matches!(&**source, Error::Panic { message, .. } if message.contains("tripwire")),
@@ -100,15 +107,18 @@ fn a_panic_on_a_checkpoint_thread_ends_that_save_with_it_and_nothing_waits_for_i
                 ),
                 other => panic!("{mode:?}: expected the panic, got {other:?}"),
             }
-            // The lost job gave back its staging buffer and its bytes in flight, nothing waits
-            // for it, the writer serves the next save, and the error, told through the handle,
-            // is not told again.
+            // The lost job gave back its staging buffer (once its copy had ended) and its bytes
+            // in flight before its handle heard, nothing waits for it, the writer serves the
+            // next save, and the error, told through the handle, is not told again.
             let status = io.status();
             assert_eq!(status.bytes_in_flight, 0, "{mode:?}: {status:?}");
             assert_eq!(status.pool.in_use, 0, "{mode:?}: {status:?}");
             io.flush().unwrap();
             let next = dir.path().join("next.pt");
-            io.save(&tree(), &next).unwrap().wait().unwrap();
+            io.save(&tree(Duration::ZERO), &next)
+                .unwrap()
+                .wait()
+                .unwrap();
             assert!(next.exists(), "{mode:?}");
             io.teardown().unwrap();
         }

@@ -25,9 +25,10 @@ pub struct SaveReport {
     /// Eager save that write-protected tensors, the time `save` took on the training thread,
     /// the background copy not included.
     pub stage: Duration,
-    /// Time from the start of `save` until the snapshot was wholly copied into its staging
-    /// buffer. For an Eager save that write-protected tensors, this includes their copy by the
-    /// background copier after `save` returned; for every other save it is `stage`.
+    /// Time from the start of the snapshot (as `stage` counts it) until the snapshot was wholly
+    /// copied into its staging buffer. For an Eager save that write-protected tensors, this
+    /// includes their copy by the background copier after `save` returned; for every other
+    /// save it is `stage`.
     pub copied: Duration,
     /// Time between being queued and the writer starting on it.
     pub queue_wait: Duration,

@@ -674,9 +674,16 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                 } else {
                     match queue(&self.shared, writer, job) {
                         Queued::Yes => None,
-                        Queued::Gone => return Ok(handle),
+                        Queued::Gone => {
+                            drop(plan);
+                            return Ok(handle);
+                        }
                         Queued::Full(job) if policy == Backpressure::Block => Some(job),
-                        Queued::Full(job) => return self.refuse_job(job, done, handle, &path),
+                        Queued::Full(job) => {
+                            // The plan holds the staging buffer too: it goes back first.
+                            drop(plan);
+                            return self.refuse_job(job, done, handle, &path);
+                        }
                     }
                 };
                 let mut setter = Some(setter);
@@ -751,6 +758,10 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                     if policy == Backpressure::Block {
                         send_held(&self.shared, writer, job);
                     } else {
+                        // The queue filled up since the check on entry. A write-protected
+                        // save refused here resolves as skipped while the copier may still be
+                        // copying into its buffer, which goes back to the pool once it is done:
+                        // waiting for it here would stall the caller that asked not to wait.
                         match queue(&self.shared, writer, job) {
                             Queued::Yes | Queued::Gone => {}
                             Queued::Full(job) => return self.refuse_job(job, done, handle, &path),

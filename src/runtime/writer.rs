@@ -135,8 +135,11 @@ fn serve_one<J>(
     path: PathBuf,
     job: J,
     serve: impl FnOnce(J),
+    settle: impl FnOnce(),
 ) {
     if let Err(p) = catch_unwind(AssertUnwindSafe(|| serve(job))) {
+        // What the lost job shared with other threads ends before its handle hears.
+        settle();
         let message = panic_message(p);
         let shown = format!("{}: {message}", path.display());
         if done.fail_if_pending(Arc::new(Error::Panic { path, message })) {
@@ -151,12 +154,25 @@ fn serve_one<J>(
 
 pub(crate) fn writer_loop<I: CheckpointIo>(shared: Arc<Shared<I>>, rx: Receiver<Job>) {
     while let Ok(job) = rx.recv() {
+        // A save's copy may still be running (on the training thread, the staging thread or
+        // the copier) when the writer starts on it: a panic here waits for it to end, so its
+        // staging buffer is back in the pool when the handle hears of the panic. It always
+        // ends: a copy that stops without saying how says so when its setter is dropped.
+        let staging = match &job {
+            Job::Save { staging, .. } => Some(Arc::clone(staging)),
+            _ => None,
+        };
         serve_one(
             || shared.counters.failed(),
             job.done().clone(),
             job.path().to_path_buf(),
             job,
             |job| serve_write(&shared, job),
+            || {
+                if let Some(s) = staging {
+                    let _ = s.wait();
+                }
+            },
         );
     }
 }
@@ -786,6 +802,10 @@ impl CopyPlan {
             on_first(false);
         }
         copy(fallback)?;
+        // Only the protected tensors' regions (their fillers, the copier's jobs) hold the
+        // buffer now, so it goes back to the pool as soon as the last of them is done with it,
+        // even if the writer, handed the save early, is done before this returns.
+        drop(self.slab);
         if protected > 0 {
             let stage = started.elapsed();
             let setter = setter.take();
@@ -862,7 +882,10 @@ pub(crate) fn stage_loop<I: CheckpointIo>(
                                 match queue(&shared, route(&path), job) {
                                     Queued::Yes => None,
                                     Queued::Full(job) => Some(job),
-                                    Queued::Gone => return,
+                                    Queued::Gone => {
+                                        drop(plan);
+                                        return;
+                                    }
                                 }
                             };
                             let copied = match plan {
@@ -916,6 +939,8 @@ pub(crate) fn stage_loop<I: CheckpointIo>(
                     }
                 }
             },
+            // This thread is the copy: unwinding has ended it, and dropped what it held.
+            || {},
         );
     }
 }
