@@ -11,7 +11,9 @@
 //!   for the copy), and a Deferred save until its `staged()` resolves.
 //!
 //! Waits for the background work of a save happen outside the timed part, so each stall is
-//! measured with the runtime idle, as a loop that saves every few steps finds it.
+//! measured with the runtime idle, as a loop that saves every few steps finds it (criterion's
+//! warm-up covers the first saves, after which the write-protect copier has moved the tensors
+//! into huge pages and has nothing left to do between saves).
 //!
 //! ```text
 //! ./dev.sh cargo bench --bench staging
