@@ -13,7 +13,7 @@
 //!   memory; libtorch's pinned allocator, used with CUDA, rounds buffers up). Eager runs three
 //!   times: with write protection (the default where the kernel allows it), copying on the
 //!   training thread with the write overlapping the copy (the default where nothing is
-//!   protected), and copying with the copy first (`write_while_copying(false)`);
+//!   protected), and copying with the copy first (`WriteStart::AfterSnapshot`);
 //! - W0: one in-place pass over the state (`mul_(1)`, as an optimizer step writes it), alone and
 //!   started right after a write-protected Eager save returns: the difference is what the
 //!   protection moves from the save to the loop's first writes.
@@ -33,7 +33,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ckptio::runtime::Builder;
+use ckptio::runtime::{Builder, WriteStart};
 use ckptio::{CheckpointIo, Dict, SaveOptions, SnapshotMode, TorchCheckpointIo, Value};
 use clap::Parser;
 use tch::{Device, Kind, Tensor};
@@ -160,7 +160,7 @@ struct Row {
     /// Eager with write protection off: the copy on the training thread.
     copy_stall: f64,
     copy_durable: f64,
-    /// The same with the copy first and then the write (`write_while_copying(false)`).
+    /// The same with the copy first and then the write (`WriteStart::AfterSnapshot`).
     copy_first_stall: f64,
     copy_first_durable: f64,
     copy_first_durable_ratio: f64,
@@ -212,12 +212,12 @@ fn run(args: &Args, dir: &Path, mib: usize) -> Row {
     res.w0 = median((0..reps).map(|_| pass(&state)).collect());
     // The ways to save, side by side: Eager write-protected (the default), Eager copying (the
     // write overlapping the copy, the default where nothing is protected), Deferred, and Eager
-    // copying with the copy first (`write_while_copying(false)`).
+    // copying with the copy first (`WriteStart::AfterSnapshot`).
     let variants = [
         (SnapshotMode::Eager, true, None),
         (SnapshotMode::Eager, false, None),
         (SnapshotMode::Deferred, false, None),
-        (SnapshotMode::Eager, false, Some(false)),
+        (SnapshotMode::Eager, false, Some(WriteStart::AfterSnapshot)),
     ];
     let aios: Vec<_> = variants
         .iter()
@@ -227,7 +227,7 @@ fn run(args: &Args, dir: &Path, mib: usize) -> Row {
                 .write_protect(protect)
                 .huge_pages(!args.no_huge_pages);
             match overlap {
-                Some(on) => b.write_while_copying(on),
+                Some(when) => b.write_start(when),
                 None => b,
             }
             .build(TorchCheckpointIo::new())

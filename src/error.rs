@@ -142,6 +142,32 @@ pub enum Error {
         pending: Vec<PathBuf>,
     },
 
+    /// Staging memory for a save or a reservation would exceed the staging pool's budget
+    /// ([`Builder::pool_budget`](crate::runtime::Builder::pool_budget)).
+    #[error(
+        "staging for {needed} bytes would exceed the pool budget of {budget} bytes \
+         ({in_use} in use); raise Builder::pool_budget or reserve fewer saves"
+    )]
+    StagingBudget {
+        /// Bytes asked for.
+        needed: u64,
+        /// The pool's budget.
+        budget: u64,
+        /// Bytes of staging memory in use when it was asked.
+        in_use: u64,
+    },
+
+    /// The snapshot of a save's live tensors failed (a tensor that could not be read, a size
+    /// that cannot be allocated): nothing was written, the file at `path` is as it was.
+    #[error("snapshot of the live tensors for {path} failed: {source}")]
+    Snapshot {
+        /// The checkpoint path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::sync::Arc<Error>,
+    },
+
     /// An invalid argument from the caller.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -194,12 +220,14 @@ impl Error {
             | Error::KeyMismatch { path, .. }
             | Error::Background { path, .. }
             | Error::Panic { path, .. }
-            | Error::QueueFull { path } => Some(path),
+            | Error::QueueFull { path }
+            | Error::Snapshot { path, .. } => Some(path),
             #[cfg(feature = "tch")]
             Error::Torch { path, .. } => Some(path),
-            Error::InvalidArgument(_) | Error::Multiple { .. } | Error::TeardownTimeout { .. } => {
-                None
-            }
+            Error::InvalidArgument(_)
+            | Error::Multiple { .. }
+            | Error::TeardownTimeout { .. }
+            | Error::StagingBudget { .. } => None,
         }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ckptio::runtime::Builder;
+use ckptio::runtime::{Builder, WriteStart};
 use ckptio::{
     AsyncCheckpointIo, Backpressure, CheckpointIo, DType, Dict, Error, HostTensor, LiveTensor,
     LoadOptions, Restore, SaveOptions, SnapshotMode, TensorSource, TorchCheckpointIo, Value,
@@ -643,7 +643,7 @@ fn a_snapshot_too_large_to_allocate_is_refused_and_the_pool_still_serves() {
         ] {
             // Refused with a typed error that says why (never a panic).
             match r {
-                Err(e @ (Error::InvalidArgument(_) | Error::Tensor { .. })) => {
+                Err(e @ (Error::Snapshot { .. } | Error::Tensor { .. })) => {
                     assert!(e.to_string().contains("overflow"), "{shape:?}: {e}")
                 }
                 other => panic!("{shape:?}: expected a refusal, got {other:?}"),
@@ -669,7 +669,7 @@ fn a_reserve_beyond_the_pool_budget_fails_and_allocates_nothing() {
         .pool_budget(600_000)
         .build(MemIo::default());
     match io.reserve(&tree_of(&p, 0), 2) {
-        Err(Error::InvalidArgument(m)) => assert!(m.contains("budget is 600000"), "{m}"),
+        Err(Error::StagingBudget { budget, .. }) => assert_eq!(budget, 600_000),
         other => panic!("expected an error, got {other:?}"),
     }
     assert_eq!(io.status().pool.allocations, 0);
@@ -820,7 +820,7 @@ fn the_write_starts_on_the_first_tensors_while_the_last_are_still_being_copied()
         let (tx, rx) = std::sync::mpsc::channel();
         let io = Builder::default()
             .snapshot_mode(mode)
-            .write_while_copying(true)
+            .write_start(WriteStart::WhileProtecting)
             .build(Pipelined {
                 go: Mutex::new(Some(tx)),
                 got: Mutex::new(Vec::new()),
@@ -863,18 +863,18 @@ fn file_names(dir: &Path) -> Vec<String> {
 
 #[test]
 fn a_copy_that_fails_midway_fails_the_save_and_keeps_the_previous_checkpoint() {
-    // Deferred saves go to the writer before their copy unless `write_while_copying(false)`;
+    // Deferred saves go to the writer before their copy unless `WriteStart::AfterSnapshot`;
     // then a failed copy ends the save without it.
-    for (mode, overlap) in [
-        (SnapshotMode::Eager, true),
-        (SnapshotMode::Deferred, true),
-        (SnapshotMode::Deferred, false),
+    for (mode, write_start) in [
+        (SnapshotMode::Eager, WriteStart::WhileCopying),
+        (SnapshotMode::Deferred, WriteStart::WhileCopying),
+        (SnapshotMode::Deferred, WriteStart::AfterSnapshot),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("last.pt");
         let io = Builder::default()
             .snapshot_mode(mode)
-            .write_while_copying(overlap)
+            .write_start(write_start)
             .build(TorchCheckpointIo::new());
         let p = Param::new(1 << 16, 4.0);
         let good = p.host();
@@ -1069,10 +1069,14 @@ save_only_backend!(SeesReady, pending: true);
 #[test]
 fn eager_copying_saves_reach_the_writer_before_their_copy_ends_unless_copy_first_is_asked_for() {
     // Small tensors are never write-protected: this save copies on the caller's thread.
-    for (overlap, want_ready) in [(None, false), (Some(false), true), (Some(true), false)] {
+    for (write_start, want_ready) in [
+        (None, false),
+        (Some(WriteStart::AfterSnapshot), true),
+        (Some(WriteStart::WhileProtecting), false),
+    ] {
         let b = Builder::default();
-        let b = match overlap {
-            Some(on) => b.write_while_copying(on),
+        let b = match write_start {
+            Some(when) => b.write_start(when),
             None => b,
         };
         let io = b.build(SeesReady::default());
@@ -1097,7 +1101,7 @@ fn eager_copying_saves_reach_the_writer_before_their_copy_ends_unless_copy_first
         assert_eq!(
             *io.inner().0.lock().unwrap(),
             vec![want_ready],
-            "{overlap:?}"
+            "{write_start:?}"
         );
         io.teardown().unwrap();
     }

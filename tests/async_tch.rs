@@ -234,7 +234,9 @@ fn a_synchronous_save_writes_live_tensors_exactly_in_place_or_copied() {
 fn large_tensors_written_by_kernels_or_repointed_right_after_an_eager_save_are_saved_as_they_were()
 {
     let dir = tempfile::tempdir().unwrap();
-    let io = Builder::default().build(TorchCheckpointIo::new());
+    let io = Builder::default()
+        .write_protect(true)
+        .build(TorchCheckpointIo::new());
     // Large enough to be write-protected instead of copied, where the kernel allows it.
     let mut w = Tensor::randn([4096, 1024], (Kind::Float, Device::Cpu));
     let mut m = Tensor::randn([2048, 1024], (Kind::Float, Device::Cpu));

@@ -159,6 +159,7 @@ fn load_f32(path: &Path, key: &str) -> Vec<f32> {
 fn eager_io() -> AsyncCheckpointIo<TorchCheckpointIo> {
     Builder::default()
         .snapshot_mode(SnapshotMode::Eager)
+        .write_protect(true)
         .build(TorchCheckpointIo::new())
 }
 
@@ -309,6 +310,7 @@ fn back_to_back_saves_each_hold_the_state_of_their_own_moment() {
     let t = tree(&[("w", &Param(w.clone())), ("m", &Param(m.clone()))]);
     let io = Builder::default()
         .capacity(4)
+        .write_protect(true)
         .build(TorchCheckpointIo::new());
     let h1 = io.save(&t, &a).unwrap();
     w.fill_backwards(2.0);

@@ -313,6 +313,14 @@ pub struct Staged {
     completion: Arc<Completion>,
 }
 
+impl std::fmt::Debug for Staged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Staged")
+            .field("path", &self.completion.path)
+            .finish()
+    }
+}
+
 impl Future for Staged {
     type Output = Result<()>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -362,7 +370,11 @@ mod tests {
     #[test]
     fn an_error_handed_to_the_handle_is_not_handed_to_a_later_call() {
         let c = Completion::new(Path::new("p.pt"));
-        c.finish(Err(Arc::new(Error::InvalidArgument("disk full".into()))));
+        c.finish(Err(Arc::new(Error::io(
+            "write",
+            "c.pt",
+            std::io::Error::other("disk full"),
+        ))));
         let handle = SaveHandle {
             completion: c.clone(),
         };
@@ -370,7 +382,11 @@ mod tests {
         assert!(c.take_unreported_error().is_none(), "told twice");
         // Not awaited: the next call gets it, once.
         let c = Completion::new(Path::new("q.pt"));
-        c.finish(Err(Arc::new(Error::InvalidArgument("disk full".into()))));
+        c.finish(Err(Arc::new(Error::io(
+            "write",
+            "c.pt",
+            std::io::Error::other("disk full"),
+        ))));
         assert!(c.take_unreported_error().is_some());
         assert!(c.take_unreported_error().is_none());
     }

@@ -2,7 +2,19 @@
 //! synchronous [`CheckpointIo`] backend.
 //!
 //! # The path of a save
-//! `save(tree, path)` snapshots the tree, queues a write, and returns a [`SaveHandle`]:
+//! Every save runs the same stages, in both snapshot modes; a mode changes only *where* the
+//! snapshot stages run (the `pipeline` module has them, written once):
+//!
+//! ```text
+//!  save(tree, path) ─▶ plan ─▶ copy or protect ─▶ queue ─▶ write ─▶ complete
+//!                      │       │                   │        │        │
+//!                      │       Eager: the caller's thread,  │        handle resolved, buffer back
+//!                      │       before save returns;         │        to the pool, errors told once
+//!                      │       Deferred: the staging thread writer thread: inner backend
+//!                      one pool buffer for all     bounded channel per writer,
+//!                      live tensors; the job       per-path order
+//! ```
+//!
 //! - **Host tensors** ([`HostTensor`](crate::HostTensor)) are immutable (`bytes::Bytes`): they
 //!   are queued as they are, with no copy at all.
 //! - **Live tensors** ([`LiveTensor`](crate::LiveTensor), e.g. from
@@ -21,38 +33,42 @@
 //!
 //! A dedicated writer thread calls the inner backend's `save_checkpoint`; the handle resolves
 //! when the checkpoint is durable, and the staging buffer goes back to the pool. By default
-//! ([`Builder::write_while_copying`]), when the queue has room, a save that copies (Deferred, or
-//! Eager without write protection) reaches the writer before the copy ends, and a backend that
+//! ([`Builder::write_start`]), when the queue has room, a save that copies reaches the writer
+//! before the copy ends, and a backend that
 //! [accepts pending storages](CheckpointIo::accepts_pending_storages) (as
 //! [`TorchCheckpointIo`](crate::TorchCheckpointIo) does) writes each storage as soon as it is
 //! copied: the write of the first tensors overlaps the copy of the last. Other backends are
-//! called once the copy has ended. A copy that fails fails the save; the file at its path is
-//! left as it was.
+//! called once the copy has ended. A copy that fails fails the save with [`Error::Snapshot`];
+//! the file at its path is left as it was.
 //!
-//! # Write-protected snapshots
-//! On Linux, where the process may use `userfaultfd`, an Eager save does not copy large CPU
-//! tensors (1 MiB and more, in contiguous memory) on the calling thread: it write-protects
-//! their pages, which costs a fraction of a copy, and returns. A background copier thread copies
-//! them into the staging buffer and lifts the protection chunk by chunk; a thread that writes a
-//! page before its chunk is copied waits (in the kernel) for that chunk's copy, at most 8 MiB.
-//! Each tensor goes to the copier as soon as it is protected, so the copy starts while `save`
-//! protects the rest, and a backend that accepts storages still being copied writes each large
-//! one piece by piece as its copy advances. What is saved is still the state at the moment
-//! `save` returned. Memory that is not private anonymous memory (shared, file-backed), CUDA
-//! tensors and small tensors are copied as before, and so are tch CPU tensors in a process
-//! where CUDA is available (tch can tell CUDA-pinned memory, which a device may write, from
-//! ordinary memory only through a call that prints a libtorch deprecation warning each time).
+//! # Write-protected snapshots (opt-in)
+//! With [`Builder::write_protect`]`(true)`, on Linux where the process may use `userfaultfd`
+//! ([`write_protect_available`]), an Eager save does not copy large CPU tensors (1 MiB and
+//! more, in contiguous memory) on the calling thread: it write-protects their pages, which
+//! costs a fraction of a copy, and returns. A background copier thread copies them into the
+//! staging buffer and lifts the protection chunk by chunk; a thread that writes a page before
+//! its chunk is copied waits (in the kernel) for that chunk's copy, at most 8 MiB. Each tensor
+//! goes to the copier as soon as it is protected, and a backend that accepts storages still
+//! being copied writes each large one piece by piece as its copy advances. What is saved is
+//! still the state at the moment `save` returned. Memory that is not private anonymous memory
+//! (shared, file-backed), CUDA tensors and small tensors are copied as before, and so are tch
+//! CPU tensors in a process where CUDA is available (tch can tell CUDA-pinned memory, which a
+//! device may write, from ordinary memory only through a call that prints a libtorch
+//! deprecation warning each time).
 //!
-//! Two limits: a device writing host memory by DMA is not seen by the protection, and ckptio
-//! can tell CUDA-pinned memory apart but not memory registered for RDMA (ibverbs, as gloo over
-//! InfiniBand uses), io_uring fixed buffers or VFIO; and growing a tensor in place (`resize_`)
-//! in the moments after `save` frees the memory being copied (the process may crash, or the
-//! checkpoint hold zeros there). Where a loop does either to the CPU tensors it saves, turn
-//! write protection off (see `protect.rs` for the rest).
+//! When it pays: large CPU state (hundreds of MiB and more) with a core to spare for the copy;
+//! the stall becomes page-table work instead of a memory copy. What it requires: Linux 6.4+,
+//! and root, `CAP_SYS_PTRACE`, `vm.unprivileged_userfaultfd = 1` or access to
+//! `/dev/userfaultfd`. What it risks: a device writing host memory by DMA is not seen by the
+//! protection, and ckptio can tell CUDA-pinned memory apart but not memory registered for RDMA
+//! (ibverbs, as gloo over InfiniBand uses), io_uring fixed buffers or VFIO; and growing a
+//! tensor in place (`resize_`) in the moments after `save` frees the memory being copied (the
+//! process may crash, or the checkpoint hold zeros there). Where a loop does either to the CPU
+//! tensors it saves, leave write protection off (see `protect.rs` for the rest).
 //! Between saves, the copier asks the kernel to back tensors that stay in place from save to
 //! save with huge pages, which makes their protection cheaper still
 //! ([`Builder::huge_pages`]). [`Status::write_protected`] counts the bytes snapshotted this
-//! way; [`Builder::write_protect`]`(false)` turns it off.
+//! way.
 //!
 //! # Ordering
 //! Each path is served by one writer thread, in submission order: `remove_checkpoint(path)`
@@ -110,10 +126,15 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(clippy::too_many_lines)]
+
 mod handle;
+mod job;
+mod pipeline;
+mod pool;
 mod protect;
-mod staging;
-mod writer;
+mod snapshot;
+mod threads;
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -124,16 +145,17 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Sender, TrySendError};
+use std::borrow::Cow;
 
 use self::handle::Completion;
 pub use self::handle::{SaveHandle, SaveReport, Staged};
+use self::job::{fail_job, Job, StageJob};
+use self::pipeline::{SaveRequest, SnapshotAt};
+pub use self::pool::{cuda_available, PoolStats, StagingBuf, StagingPool};
 pub use self::protect::write_protect_available;
 use self::protect::Protector;
-pub use self::staging::{cuda_available, PoolStats, StagingBuf, StagingPool};
-use self::writer::{
-    abandon, fail_job, guarded, prepare, queue, send_held, stage_loop, staging_len, storage_bytes,
-    writer_loop, CopyEnd, InFlight, Job, Queued, StageJob, Staging,
-};
+use self::snapshot::staging_len;
+use self::threads::{guarded, stage_loop, writer_loop};
 use crate::error::{Error, Result};
 use crate::io::{CheckpointIo, LoadOptions, Restore, SaveOptions};
 use crate::value::Value;
@@ -159,6 +181,26 @@ pub enum Backpressure {
     Skip,
     /// Return [`Error::QueueFull`].
     Error,
+}
+
+/// When the writer may start on a save whose snapshot is still being taken
+/// ([`Builder::write_start`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WriteStart {
+    /// Once the snapshot is wholly taken: the save's copy runs alone.
+    AfterSnapshot,
+    /// While the snapshot is copied: a save that copies (Deferred, or Eager without write
+    /// protection) goes to the writer before its copy when the queue has room, and the writer
+    /// writes each storage as soon as it is copied. A write-protected save goes once every
+    /// tensor is protected (when `save` returns), and its storages are written as the
+    /// background copier advances.
+    #[default]
+    WhileCopying,
+    /// As `WhileCopying`, and a write-protected save goes to the writer as soon as its first
+    /// tensor is protected, so the write also overlaps the protection of the rest: a shorter
+    /// time to durable, but a longer stall (the write competes with the protection).
+    WhileProtecting,
 }
 
 /// Counters and gauges a user can read.
@@ -222,9 +264,8 @@ pub(crate) struct Shared<I> {
     pub(crate) bytes_in_flight: Arc<AtomicU64>,
     /// The inner backend's `accepts_pending_storages`, asked once.
     pub(crate) pending_storages_ok: bool,
-    /// Whether a save may reach the writer before its copy has ended
-    /// ([`Builder::write_while_copying`]).
-    pub(crate) overlap: bool,
+    /// When a save may reach the writer ([`Builder::write_start`]).
+    pub(crate) write_start: WriteStart,
     /// Every operation not yet known to be finished and reported.
     pending: Mutex<Vec<Arc<Completion>>>,
 }
@@ -246,7 +287,7 @@ pub struct Builder {
     mode: SnapshotMode,
     backpressure: Backpressure,
     pin: bool,
-    overlap: Option<bool>,
+    write_start: WriteStart,
     protect: bool,
     huge_pages: bool,
 }
@@ -260,8 +301,8 @@ impl Default for Builder {
             mode: SnapshotMode::Eager,
             backpressure: Backpressure::Block,
             pin: true,
-            overlap: None,
-            protect: true,
+            write_start: WriteStart::WhileCopying,
+            protect: false,
             huge_pages: true,
         }
     }
@@ -298,33 +339,29 @@ impl Builder {
         self.pin = pin;
         self
     }
-    /// Whether the writer may start a save before its snapshot's copy has ended, so the two
-    /// overlap (for backends that [accept pending storages](CheckpointIo::accepts_pending_storages)).
-    /// This shortens the time to durable by up to one copy. Default: on, in both modes. In
-    /// Eager mode without write protection the training thread waits for the copy, and the
-    /// write running beside it can slow the copy down; side by side on this project's 2-core
-    /// test VM (`async_bench`, 1 and 4 GiB) the stall went from 0.86 and 0.87 memcpy times to
-    /// 1.10 and 0.94 with it on, while the time to durable went from 1.29 and 1.43 times a
-    /// synchronous save's to 1.16 and 0.96. Turn it off to keep the stall to the copy alone.
-    /// Tensors an Eager save write-protects
-    /// ([`Builder::write_protect`]) are copied in the background whatever this says, each as
-    /// soon as it is protected, and the writer writes them piece by piece as their copy
-    /// advances. Such a save goes to the writer once every tensor is protected (when `save`
-    /// returns); set this to `true` and it goes as soon as the first one is, so the write also
-    /// overlaps the protection of the rest: the time to durable shortens by up to the
-    /// protection's time, but the write running beside it made the stall about 1.8 times as
-    /// long at 1 GiB on the test VM.
-    pub fn write_while_copying(mut self, on: bool) -> Self {
-        self.overlap = Some(on);
+    /// When the writer may start on a save whose snapshot is still being taken (default
+    /// [`WriteStart::WhileCopying`]). Starting early shortens the time to durable by up to one
+    /// copy, for backends that [accept pending storages](CheckpointIo::accepts_pending_storages);
+    /// in Eager mode the training thread waits for the copy, and a write running beside it can
+    /// slow that copy down a little ([`WriteStart::AfterSnapshot`] keeps the stall to the copy
+    /// alone). See `docs/benchmarks.md` for both side by side.
+    pub fn write_start(mut self, when: WriteStart) -> Self {
+        self.write_start = when;
         self
     }
     /// Whether an Eager save may write-protect large CPU tensors instead of copying them on the
-    /// calling thread (default true; Linux with `userfaultfd` only, see the
-    /// [module docs](self#write-protected-snapshots)). The copy then runs on a background
-    /// thread, and a write to a tensor not copied yet waits for that part's copy. Where the
-    /// kernel refuses, saves copy as they would with this off. Turn it off where a device
-    /// writes the CPU tensors you save by DMA (RDMA-registered memory, for one), or where the
-    /// loop grows them in place (`resize_`) just after a save: see the
+    /// calling thread (default `false`: opt in; Linux with `userfaultfd` only). `save` then
+    /// returns after changing page tables, a fraction of a copy, and a background thread
+    /// copies; a write to a tensor not copied yet waits for that part's copy (at most 8 MiB).
+    ///
+    /// It pays for large CPU state (hundreds of MiB and more) on a machine with a core to spare
+    /// for the copy. It requires Linux 6.4+ and the right to use `userfaultfd` (root,
+    /// `CAP_SYS_PTRACE`, `vm.unprivileged_userfaultfd = 1`, or access to `/dev/userfaultfd`;
+    /// [`write_protect_available`] tells); where the kernel refuses, saves copy as they would
+    /// with this off. Do not turn it on where a device writes the CPU tensors you save by DMA
+    /// (RDMA-registered memory, io_uring fixed buffers: the kernel does not see those writes),
+    /// or where the loop grows them in place (`resize_`) just after a save (the process may
+    /// crash, or the checkpoint hold zeros there): see the
     /// [module docs](self#write-protected-snapshots).
     pub fn write_protect(mut self, on: bool) -> Self {
         self.protect = on;
@@ -335,10 +372,10 @@ impl Builder {
     /// at the same address with 2 MiB transparent huge pages (`MADV_COLLAPSE`, Linux 6.1).
     /// Default true. Protecting memory costs page-table work per page, and a huge page is one
     /// entry where 4 KiB pages are 512: from the third save of a state that stays in place,
-    /// its protected stall is a fraction of what it was (see the README's figures). Only
+    /// its protected stall is a fraction of what it was (see `docs/benchmarks.md`). Only
     /// 2 MiB blocks wholly inside a tensor are asked for, and the contents never change. The
     /// price is paid once, in the background: the kernel copies each block into a huge page
-    /// (about a millisecond per MiB on the project's test VM), holding the process's
+    /// (on the order of a millisecond per MiB), holding the process's
     /// memory-map lock for a moment per block, when no save was being protected or copied as
     /// the block was started (a save that starts meanwhile waits for that one block; a block
     /// that took over 20 ms ends the requests until the next save). Memory: a block's pages
@@ -356,7 +393,7 @@ impl Builder {
         AsyncCheckpointIo {
             shared: Arc::new(Shared {
                 pending_storages_ok: inner.accepts_pending_storages(),
-                overlap: self.overlap.unwrap_or(true),
+                write_start: self.write_start,
                 inner,
                 pool: StagingPool::new(self.pool_budget, self.pin),
                 counters: Counters::default(),
@@ -374,6 +411,15 @@ pub struct AsyncCheckpointIo<I: CheckpointIo + 'static> {
     shared: Arc<Shared<I>>,
     workers: Mutex<Option<Workers>>,
     config: Builder,
+}
+
+impl<I: CheckpointIo + 'static> std::fmt::Debug for AsyncCheckpointIo<I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncCheckpointIo")
+            .field("config", &self.config)
+            .field("status", &self.status())
+            .finish_non_exhaustive()
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -427,7 +473,7 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
     /// before the next save; a save that starts while the previous one is written needs a
     /// second buffer.
     ///
-    /// Fails with [`Error::InvalidArgument`] when the buffers would not fit
+    /// Fails with [`Error::StagingBudget`] when the buffers would not fit
     /// [`Builder::pool_budget`] beside the staging in use now (see
     /// [`StagingPool::reserve`]); nothing is allocated then.
     ///
@@ -596,217 +642,58 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
         let handle = SaveHandle {
             completion: done.clone(),
         };
+        let request = SaveRequest {
+            path,
+            options: options.clone(),
+            done: done.clone(),
+        };
         // Held for the whole save, copy included: per-path order rests on it, since a save
         // held back by a full queue is sent after its copy, and no other save or `submit`
         // may reach a writer in between.
         let guard = self.start();
-        let workers = match guard.as_ref() {
-            Some(w) => w,
-            None => {
-                return Err(Error::InvalidArgument(
-                    "writer threads are not running".into(),
-                ))
-            }
+        let Some(workers) = guard.as_ref() else {
+            return Err(stopped(&request.path));
         };
-        let policy = self.config.backpressure;
+        self.track(&done);
         match &workers.stager {
-            Some(stager) => {
-                let job = StageJob::Save {
-                    path: path.clone(),
-                    tree: tree.clone(),
-                    options: options.clone(),
-                    done: done.clone(),
-                };
-                self.track(&done);
-                match policy {
-                    Backpressure::Block => {
-                        if stager.send(job).is_err() {
-                            self.shared.counters.failed();
-                            done.finish(Err(Arc::new(stopped(&path))));
-                        }
-                    }
-                    _ => match stager.try_send(job) {
-                        Ok(()) => {}
-                        Err(TrySendError::Full(_)) => return self.refuse(done, handle, &path),
-                        Err(TrySendError::Disconnected(_)) => {
-                            self.shared.counters.failed();
-                            done.finish(Err(Arc::new(stopped(&path))))
-                        }
-                    },
-                }
-            }
+            Some(stager) => self.to_stager(stager, request, tree)?,
             None => {
-                let writer = &workers.writers[route(&path, workers.writers.len())];
+                let writer = &workers.writers[route(&request.path, workers.writers.len())];
+                let at = SnapshotAt::Caller {
+                    protector: workers.protector.as_ref(),
+                    policy: self.config.backpressure,
+                };
+                let policy = self.config.backpressure;
                 if policy != Backpressure::Block && writer.is_full() {
-                    return self.refuse(done, handle, &path);
-                }
-                let start = Instant::now();
-                let stage_span = tracing::debug_span!("ckptio_stage", mode = "eager").entered();
-                // A write-protected save's staging is filled mostly by the background copier,
-                // which may as well fault in new pages itself (what `save` still copies, small
-                // tensors and the ends of protected ones, it faults in as it copies).
-                let protecting = workers.protector.is_some();
-                let block = policy == Backpressure::Block;
-                let prepared = prepare(&self.shared.pool, tree, block, !protecting)?;
-                let Some((snap, plan)) = prepared else {
-                    return self.refuse(done, handle, &path);
-                };
-                let in_flight = InFlight::new(&self.shared.bytes_in_flight, storage_bytes(&snap));
-                let bytes = in_flight.bytes();
-                let staging = Staging::new();
-                let setter = staging.setter();
-                let job = Job::Save {
-                    path: path.clone(),
-                    tree: snap,
-                    options: options.clone(),
-                    done: done.clone(),
-                    enqueued: Instant::now(),
-                    staging,
-                    bytes: in_flight,
-                };
-                self.track(&done);
-                // With overlap on and room in the queue, the job goes to the writer before the
-                // copy, so the write of the first storages overlaps the copy of the last ones
-                // (the writer waits for each). Otherwise the copy goes first.
-                // A write-protected save decides in `run_protected` (see `on_first` below).
-                let mut held = if !self.shared.overlap || plan.is_none() || protecting {
-                    Some(job)
+                    pipeline::refuse(&self.shared, policy, &done, &request.path)?;
                 } else {
-                    match queue(&self.shared, writer, job) {
-                        Queued::Yes => None,
-                        Queued::Gone => {
-                            drop(plan);
-                            return Ok(handle);
-                        }
-                        Queued::Full(job) if policy == Backpressure::Block => Some(job),
-                        Queued::Full(job) => {
-                            // The plan holds the staging buffer too: it goes back first.
-                            drop(plan);
-                            return self.refuse_job(job, done, handle, &path);
-                        }
-                    }
-                };
-                let mut setter = Some(setter);
-                // With `write_while_copying(true)`, a write-protected save hands the job to the
-                // writer as soon as its first tensor is protected, so the write also overlaps
-                // the protection of the rest (by default it goes when the protection is done:
-                // a write beside the protection lengthens the stall). A save that protects
-                // nothing copies: it goes before its copy, as other copying saves do.
-                let write_early = self.config.overlap == Some(true);
-                let overlap = self.shared.overlap;
-                let mut on_first = |protected: bool| {
-                    let go = if protected { write_early } else { overlap };
-                    if !go {
-                        return;
-                    }
-                    if let Some(job) = held.take() {
-                        match queue(&self.shared, writer, job) {
-                            Queued::Yes | Queued::Gone => {}
-                            Queued::Full(job) => held = Some(job),
-                        }
-                    }
-                };
-                let copied = match (plan, &workers.protector) {
-                    (Some(plan), Some(p)) => guarded(&path, || {
-                        plan.run_protected(
-                            p,
-                            start,
-                            &mut setter,
-                            &done,
-                            policy == Backpressure::Block,
-                            &mut on_first,
-                        )
-                    }),
-                    (Some(plan), None) => guarded(&path, || plan.run(true).map(|()| 0)),
-                    (None, _) => Ok(0),
-                };
-                let stage = start.elapsed();
-                match copied {
-                    Ok(protected) => {
-                        self.shared
-                            .counters
-                            .protected
-                            .fetch_add(protected, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        // The caller hears of it now, and the handle it never gets says the same.
-                        done.mark_reported();
-                        let why = Arc::new(Error::InvalidArgument(format!("snapshot failed: {e}")));
-                        if let Some(s) = setter.take() {
-                            s.set(Err(why.clone()));
-                        }
-                        if let Some(job) = held {
-                            abandon(&self.shared, job, why);
-                        }
-                        return Err(e);
-                    }
-                }
-                // Staged first: the writer may finish as soon as the setter is set. (With write
-                // protection the caller may write its tensors at once, so the save is staged
-                // now; the copier sets the setter when its background copy is done.)
-                done.set_staged(Ok(()));
-                if let Some(s) = setter.take() {
-                    s.set(Ok(CopyEnd::at(stage)));
-                }
-                tracing::debug!(
-                    bytes,
-                    stage_ms = stage.as_secs_f64() * 1e3,
-                    "snapshot taken"
-                );
-                drop(stage_span);
-                if let Some(job) = held {
-                    if policy == Backpressure::Block {
-                        send_held(&self.shared, writer, job);
-                    } else {
-                        // The queue filled up since the check on entry. A write-protected
-                        // save refused here resolves as skipped while the copier may still be
-                        // copying into its buffer, which goes back to the pool once it is done:
-                        // waiting for it here would stall the caller that asked not to wait.
-                        match queue(&self.shared, writer, job) {
-                            Queued::Yes | Queued::Gone => {}
-                            Queued::Full(job) => return self.refuse_job(job, done, handle, &path),
-                        }
-                    }
+                    pipeline::run(&self.shared, writer, request, Cow::Borrowed(tree), at)?;
                 }
             }
         }
         Ok(handle)
     }
 
-    /// [`refuse`](Self::refuse) a save whose job was made (dropping it gives back its bytes in
-    /// flight).
-    fn refuse_job(
-        &self,
-        job: Job,
-        done: Arc<Completion>,
-        handle: SaveHandle,
-        path: &Path,
-    ) -> Result<SaveHandle> {
-        drop(job);
-        self.refuse(done, handle, path)
-    }
-
-    fn refuse(&self, done: Arc<Completion>, handle: SaveHandle, path: &Path) -> Result<SaveHandle> {
-        match self.config.backpressure {
-            Backpressure::Error => {
-                done.finish(Ok(SaveReport {
-                    path: path.to_path_buf(),
-                    skipped: true,
-                    ..SaveReport::default()
-                }));
-                Err(Error::QueueFull {
-                    path: path.to_path_buf(),
-                })
-            }
-            _ => {
-                tracing::warn!(path = %path.display(), "queue full: save skipped");
-                self.shared.counters.skips.fetch_add(1, Ordering::Relaxed);
-                done.finish(Ok(SaveReport {
-                    path: path.to_path_buf(),
-                    skipped: true,
-                    ..SaveReport::default()
-                }));
-                Ok(handle)
+    /// Hands a Deferred save to the staging thread, which takes its snapshot
+    /// ([`Backpressure`] applies to the staging thread's queue).
+    fn to_stager(&self, stager: &Sender<StageJob>, req: SaveRequest, tree: &Value) -> Result<()> {
+        let done = req.done.clone();
+        let job = StageJob::Save(req, tree.clone());
+        let policy = self.config.backpressure;
+        let sent = if policy != Backpressure::Block {
+            stager.try_send(job)
+        } else {
+            stager
+                .send(job)
+                .map_err(|e| TrySendError::Disconnected(e.0))
+        };
+        match sent {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => pipeline::refuse(&self.shared, policy, &done, &done.path),
+            Err(TrySendError::Disconnected(_)) => {
+                self.shared.counters.failed();
+                done.finish(Err(Arc::new(stopped(&done.path))));
+                Ok(())
             }
         }
     }
@@ -830,9 +717,9 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
                         StageJob::PathBarrier(_, done) => {
                             fail_job(&self.shared, Job::Barrier { done })
                         }
-                        StageJob::Save { done, .. } => {
+                        StageJob::Save(req, _) => {
                             self.shared.counters.failed();
-                            fail_job(&self.shared, Job::Barrier { done })
+                            fail_job(&self.shared, Job::Barrier { done: req.done })
                         }
                     }
                 }
@@ -875,11 +762,6 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
     /// told about.
     pub fn flush(&self) -> Result<()> {
         self.flush_timeout(None)
-    }
-
-    /// Same as [`flush`](Self::flush).
-    pub fn wait_all(&self) -> Result<()> {
-        self.flush()
     }
 
     /// Waits for the completion of every save and removal submitted so far (all of them are

@@ -329,19 +329,29 @@ mod imp {
     /// What runs on the copier thread once a save's ranges are all copied.
     type OnDone = Box<dyn FnOnce() + Send>;
 
+    /// Where the copier and the one save it serves at a time stand.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    enum Phase {
+        /// No save is protecting or being copied: a save may arm.
+        Idle,
+        /// A save is protecting ranges and handing them over (the copier may be copying those
+        /// it has); it has not sealed its job yet.
+        Arming,
+        /// The save has handed over its last range; the copier copies what is left of it.
+        Copying,
+        /// The copier is gone: nothing is protected any more, and saves copy.
+        Dead,
+    }
+
     struct State {
+        phase: Phase,
         /// Ranges a save has protected and handed over, not yet taken by the copier.
         incoming: Vec<Item>,
         /// The save being armed has handed over its last range: `on_done` (`None` for a save
         /// given up half way), not yet taken by the copier.
         sealed: Option<Option<OnDone>>,
-        /// The copier holds a job not yet done.
-        busy: bool,
-        /// A save is protecting ranges and has not sealed its job yet.
-        arming: bool,
-        stop: bool,
-        /// The copier is gone: nothing is protected any more.
-        dead: bool,
+        /// The wrapper is being dropped: the copier exits once it holds no job.
+        stop_requested: bool,
     }
 
     struct Inner {
@@ -716,12 +726,10 @@ mod imp {
                 copier_tid: Mutex::new(0),
                 huge_pages,
                 state: Mutex::new(State {
+                    phase: Phase::Idle,
                     incoming: Vec::new(),
                     sealed: None,
-                    busy: false,
-                    arming: false,
-                    stop: false,
-                    dead: false,
+                    stop_requested: false,
                 }),
                 idle: Condvar::new(),
             });
@@ -743,18 +751,17 @@ mod imp {
                 return None;
             }
             let mut st = lock(&self.inner.state);
-            while !st.dead
-                && (st.busy || st.arming || !st.incoming.is_empty() || st.sealed.is_some())
-            {
-                if !block {
-                    return None;
+            loop {
+                match st.phase {
+                    Phase::Idle => break,
+                    Phase::Dead => return None,
+                    Phase::Arming | Phase::Copying if !block => return None,
+                    Phase::Arming | Phase::Copying => {
+                        st = self.inner.idle.wait(st).unwrap_or_else(|e| e.into_inner());
+                    }
                 }
-                st = self.inner.idle.wait(st).unwrap_or_else(|e| e.into_inner());
             }
-            if st.dead {
-                return None;
-            }
-            st.arming = true;
+            st.phase = Phase::Arming;
             drop(st);
             let step_aside = StepAside::new(self.inner.clone());
             Some(Arming {
@@ -775,7 +782,7 @@ mod imp {
                 // A forked child has no copier thread to stop.
                 return;
             }
-            lock(&self.inner.state).stop = true;
+            lock(&self.inner.state).stop_requested = true;
             self.inner.notify();
             if let Some(t) = self.thread.take() {
                 let _ = t.join();
@@ -806,8 +813,8 @@ mod imp {
     ///
     /// The copier starts on each range as soon as it is handed over, while the save protects
     /// the next. Woken by the save, the scheduler tends to place it on the save's own CPU, where
-    /// the two then take turns and the caller waits for the copy after all (traced on the
-    /// project's 2-core machine: 3 to 5 ms of a 64 MiB save's 8). Other CPUs are left to it
+    /// the two then take turns and the caller waits for the copy after all (a scheduler trace
+    /// shows the caller off its CPU for much of the save). Other CPUs are left to it
     /// while the save protects; its CPUs are given back as they were when the save is done.
     struct StepAside {
         inner: Arc<Inner>,
@@ -974,7 +981,7 @@ mod imp {
             };
             let inner = &self.p.inner;
             let mut st = lock(&inner.state);
-            if st.dead {
+            if st.phase == Phase::Dead {
                 drop(st);
                 item.copy_here(inner);
                 return;
@@ -1004,8 +1011,10 @@ mod imp {
             }
             let inner = &self.p.inner;
             let mut st = lock(&inner.state);
-            st.arming = false;
-            if st.dead || !self.pushed {
+            if st.phase == Phase::Dead || !self.pushed {
+                if st.phase == Phase::Arming {
+                    st.phase = Phase::Idle;
+                }
                 // Nothing for the copier: nothing was handed over (ranges pushed once the
                 // copier was gone were copied on this thread), or the copier died and dropped
                 // what was (lifting its protection; those storages fail as abandoned, and the
@@ -1018,6 +1027,7 @@ mod imp {
                 }
                 return;
             }
+            st.phase = Phase::Copying;
             st.sealed = Some(on_done);
             drop(st);
             inner.idle.notify_all();
@@ -1106,8 +1116,7 @@ mod imp {
             // Its thread id may soon be another thread's.
             *lock(&self.0.copier_tid) = 0;
             let mut st = lock(&self.0.state);
-            st.dead = true;
-            st.busy = false;
+            st.phase = Phase::Dead;
             // Ranges handed over but never taken: dropping them in a job lifts their
             // protection.
             let mut job = Job::new(self.0.clone());
@@ -1127,8 +1136,8 @@ mod imp {
     /// Between saves, asks the kernel to back the tensors the last two saves both protected
     /// (same range) with transparent huge pages, 2 MiB block by block (`MADV_COLLAPSE`):
     /// protecting memory costs page-table work per page, and a huge page is one entry where
-    /// 4 KiB pages are 512 (the protected stall of a 1 GiB state fell from 25 to 3 ms on the
-    /// project's test VM). Only blocks that lie wholly inside a tensor are asked for, so no
+    /// 4 KiB pages are 512 (`docs/benchmarks.md` has the protected stall with and without).
+    /// Only blocks that lie wholly inside a tensor are asked for, so no
     /// memory outside the tensors is made resident (pages of a tensor never written, which
     /// read as zeros without taking memory, are); the contents never change, only how they
     /// are mapped.
@@ -1238,56 +1247,16 @@ mod imp {
                     early.push_back(addr);
                 }
             }
-            let arming = {
-                let mut st = lock(&inner.state);
-                let incoming = std::mem::take(&mut st.incoming);
-                let sealed = st.sealed.take();
-                if !incoming.is_empty() || sealed.is_some() {
-                    let j = job.get_or_insert_with(|| Job::new(inner.clone()));
-                    j.add(incoming);
-                    if let Some(on_done) = sealed {
-                        j.sealed = true;
-                        j.on_done = on_done;
-                    }
-                    st.busy = true;
-                } else if job.is_none() && st.stop {
-                    drop(st);
-                    for addr in early.drain(..) {
-                        inner.release_page(addr);
-                    }
-                    return;
+            let Some(arming) = take_handed_over(&inner, &mut job) else {
+                for addr in early.drain(..) {
+                    inner.release_page(addr);
                 }
-                st.arming
+                return;
             };
             if let Some(j) = job.as_mut() {
                 j.set_hold(arming);
             }
-            if !early.is_empty() {
-                let mut stale = Vec::new();
-                for addr in std::mem::take(&mut early) {
-                    if !job.as_mut().is_some_and(|j| j.fault(addr)) {
-                        stale.push(addr);
-                    }
-                }
-                if !stale.is_empty() {
-                    // Decided under the lock: a save that arms after `arming` was read above
-                    // may protect these pages again, and must not have them lifted; and ranges
-                    // handed over since the job took `incoming` are not in the job yet (they
-                    // are served once it takes them, next time round).
-                    let st = lock(&inner.state);
-                    if st.arming || !st.incoming.is_empty() {
-                        early.extend(stale);
-                    } else {
-                        // Stale: nothing of this copier's is protected there any more (every
-                        // range handed over is in the job), and no save can protect anything
-                        // while the lock is held. Lift whatever protection is left on the page
-                        // (one a failed unregister left behind), then wake the writer.
-                        for addr in stale {
-                            inner.release_page(addr);
-                        }
-                    }
-                }
-            }
+            serve_early_faults(&inner, &mut job, &mut early);
             if let Some(j) = job.as_mut() {
                 if j.step() {
                     continue;
@@ -1297,7 +1266,11 @@ mod imp {
                     let ranges: Vec<_> = j.items.iter().map(|i| i.range.clone()).collect();
                     job = None;
                     // Idle before telling anyone: whoever hears may save again at once.
-                    lock(&inner.state).busy = false;
+                    let mut st = lock(&inner.state);
+                    if st.phase == Phase::Copying {
+                        st.phase = Phase::Idle;
+                    }
+                    drop(st);
                     inner.idle.notify_all();
                     if let Some(f) = on_done {
                         f();
@@ -1309,6 +1282,59 @@ mod imp {
                 continue;
             }
             inner.sleep();
+        }
+    }
+
+    /// Moves the ranges a save has handed over (and its seal) into the copier's job; returns
+    /// whether a save is still protecting ranges, or `None` when the copier should exit (it
+    /// was asked to stop and holds no job).
+    fn take_handed_over(inner: &Arc<Inner>, job: &mut Option<Job>) -> Option<bool> {
+        let mut st = lock(&inner.state);
+        let incoming = std::mem::take(&mut st.incoming);
+        let sealed = st.sealed.take();
+        if !incoming.is_empty() || sealed.is_some() {
+            let j = job.get_or_insert_with(|| Job::new(inner.clone()));
+            j.add(incoming);
+            if let Some(on_done) = sealed {
+                j.sealed = true;
+                j.on_done = on_done;
+            }
+        } else if job.is_none() && st.stop_requested {
+            return None;
+        }
+        Some(st.phase == Phase::Arming)
+    }
+
+    /// Serves the faults that came before their range was handed over; those on no range of
+    /// the job are stale, and lifted once no save can be protecting them.
+    fn serve_early_faults(inner: &Inner, job: &mut Option<Job>, early: &mut VecDeque<usize>) {
+        if early.is_empty() {
+            return;
+        }
+        let mut stale = Vec::new();
+        for addr in std::mem::take(early) {
+            if !job.as_mut().is_some_and(|j| j.fault(addr)) {
+                stale.push(addr);
+            }
+        }
+        if stale.is_empty() {
+            return;
+        }
+        // Decided under the lock: a save that arms after the phase was read may protect these
+        // pages again, and must not have them lifted; and ranges handed over since the job
+        // took `incoming` are not in the job yet (they are served once it takes them, next
+        // time round).
+        let st = lock(&inner.state);
+        if st.phase == Phase::Arming || !st.incoming.is_empty() {
+            early.extend(stale);
+        } else {
+            // Stale: nothing of this copier's is protected there any more (every range handed
+            // over is in the job), and no save can protect anything while the lock is held.
+            // Lift whatever protection is left on the page (one a failed unregister left
+            // behind), then wake the writer.
+            for addr in stale {
+                inner.release_page(addr);
+            }
         }
     }
 
@@ -1655,7 +1681,7 @@ mod imp {
     }
 }
 
-pub(crate) use imp::Protector;
+pub(crate) use imp::{Arming, Protector};
 
 /// Whether this process can take write-protected Eager snapshots
 /// ([`Builder::write_protect`](super::Builder::write_protect)), or why not: another OS, a

@@ -167,6 +167,15 @@ pub struct StagingBuf {
     pool: Arc<Inner>,
 }
 
+impl std::fmt::Debug for StagingBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagingBuf")
+            .field("len", &self.len)
+            .field("pinned", &self.mem.as_ref().is_some_and(Mem::is_pinned))
+            .finish()
+    }
+}
+
 impl StagingPool {
     /// A pool that hands out at most `budget` bytes at once. Pinned memory is used when
     /// `pin` is true and CUDA is available.
@@ -226,7 +235,7 @@ impl StagingPool {
     /// `len`, which new buffers of `len` replace. Call it before saves start: a save running at
     /// the same time may take the buffers it readies.
     ///
-    /// Fails with [`Error::InvalidArgument`](crate::Error::InvalidArgument), allocating and
+    /// Fails with [`Error::StagingBudget`](crate::Error::StagingBudget), allocating and
     /// releasing nothing, when the buffers would not fit the budget beside the bytes in use
     /// now, or when `len` alone is larger than the budget: the pool does not keep such a
     /// buffer (one save that large runs alone, with a buffer allocated for it and freed after).
@@ -247,17 +256,14 @@ impl StagingPool {
             return Ok(0);
         }
         let inner = &self.inner;
-        let refuse = |why: String| {
-            crate::Error::InvalidArgument(format!(
-                "cannot reserve {count} staging buffer(s) of {len} bytes: {why}"
-            ))
+        let refuse = |in_use: usize| crate::Error::StagingBudget {
+            needed: (count as u64).saturating_mul(len as u64),
+            budget: inner.budget as u64,
+            in_use: in_use as u64,
         };
+        // The pool keeps no buffer larger than its budget (one save that large runs alone).
         if len > inner.budget {
-            return Err(refuse(format!(
-                "each is larger than the pool's budget of {} bytes, and the pool keeps no \
-                 buffer larger than its budget (raise it with Builder::pool_budget)",
-                inner.budget
-            )));
+            return Err(refuse(0));
         }
         let mut s = lock(&inner.state);
         let taken = s.in_use + s.pending;
@@ -281,10 +287,7 @@ impl StagingPool {
                 Some(m) if m.len() > len => others.extend(kept.pop()),
                 _ => {
                     s.free = kept.into_iter().chain(others).collect();
-                    return Err(refuse(format!(
-                        "the pool's budget is {} bytes, and {} bytes are in use now",
-                        inner.budget, taken
-                    )));
+                    return Err(refuse(taken));
                 }
             }
         }
@@ -587,16 +590,18 @@ mod tests {
         // Refused, and nothing released: the 30 MiB asked for is over the budget, and so is
         // any buffer over 24 MiB (the pool never keeps one).
         let held = pool.acquire(5 << 20);
-        for (len, count, why) in [
-            (
-                10 << 20,
-                3,
-                "budget is 25165824 bytes, and 5242880 bytes are in use",
-            ),
-            (25 << 20, 1, "larger than the pool's budget"),
-        ] {
-            let e = pool.reserve(len, count).unwrap_err().to_string();
-            assert!(e.contains(why), "{e}");
+        for (len, count, in_use) in [(10 << 20, 3, 5 << 20), (25 << 20, 1, 0)] {
+            match pool.reserve(len, count) {
+                Err(crate::Error::StagingBudget {
+                    needed,
+                    budget,
+                    in_use: used,
+                }) => assert_eq!(
+                    (needed, budget, used),
+                    ((len * count) as u64, 24 << 20, in_use)
+                ),
+                other => panic!("expected a budget refusal, got {other:?}"),
+            }
         }
         let s = pool.stats();
         assert_eq!(
