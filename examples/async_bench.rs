@@ -11,9 +11,9 @@
 //!   of it that is the staging the pool added for the state beside the rest (heap and thread
 //!   stacks: a few hundred KiB at most, whatever the state's size, with staging in ordinary
 //!   memory; libtorch's pinned allocator, used with CUDA, rounds buffers up). Eager runs three
-//!   times: with write protection (the default where the kernel allows it), copying on the
-//!   training thread with the write overlapping the copy (the default where nothing is
-//!   protected), and copying with the copy first (`WriteStart::AfterSnapshot`);
+//!   times: with write protection (`write_protect(true)`, where the kernel allows it), copying
+//!   on the training thread with the write overlapping the copy (the default), and copying
+//!   with the copy first (`WriteStart::AfterSnapshot`);
 //! - W0: one in-place pass over the state (`mul_(1)`, as an optimizer step writes it), alone and
 //!   started right after a write-protected Eager save returns: the difference is what the
 //!   protection moves from the save to the loop's first writes.
@@ -25,6 +25,10 @@
 //! an order rotated from round to round, and each time to durable is divided by the S0 of its
 //! own round: the disk's speed drifts within a run, and a ratio of two medians taken minutes
 //! apart measures the drift as much as the save.
+//!
+//! At the end the run writes `results/async_bench/` (Markdown, JSON) and, unless `--no-docs`,
+//! its section of `docs/benchmarks.md` with the command line, the commit, the date and the
+//! machine.
 //!
 //! ```text
 //! ./dev.sh cargo run --release --example async_bench -- --sizes-mib 64,1024 --reps 3
@@ -41,7 +45,13 @@ use tch::{Device, Kind, Tensor};
 mod common;
 use common::{median, raw_write, RawSource, RssPeak};
 
+/// How this benchmark is started from the repository's root.
+const COMMAND: &str = "./dev.sh cargo run --release --example async_bench --";
+
 #[derive(Parser)]
+#[command(
+    about = "AsyncCheckpointIo against the machine's limits (M0 memcpy, D0 write+fsync, S0 sync save)"
+)]
 struct Args {
     /// State sizes in MiB.
     #[arg(long, value_delimiter = ',', default_value = "64,1024")]
@@ -62,6 +72,9 @@ struct Args {
     /// Where to write results.json and results.md.
     #[arg(long, default_value = "results/async_bench")]
     out: PathBuf,
+    /// Leave `docs/benchmarks.md` alone (results still go to `--out`).
+    #[arg(long)]
+    no_docs: bool,
 }
 
 /// A state dict of float32 tensors (a few large, many small) totalling `bytes`.
@@ -210,9 +223,9 @@ fn run(args: &Args, dir: &Path, mib: usize) -> Row {
         ..Row::default()
     };
     res.w0 = median((0..reps).map(|_| pass(&state)).collect());
-    // The ways to save, side by side: Eager write-protected (the default), Eager copying (the
-    // write overlapping the copy, the default where nothing is protected), Deferred, and Eager
-    // copying with the copy first (`WriteStart::AfterSnapshot`).
+    // The ways to save, side by side: Eager write-protected (`write_protect(true)`), Eager
+    // copying (the default: the write overlapping the copy), Deferred, and Eager copying with
+    // the copy first (`WriteStart::AfterSnapshot`).
     let variants = [
         (SnapshotMode::Eager, true, None),
         (SnapshotMode::Eager, false, None),
@@ -264,7 +277,7 @@ fn run(args: &Args, dir: &Path, mib: usize) -> Row {
         }
         (stall, rep.write.as_secs_f64(), d)
     };
-    // The default mode's one-time cost: a first, small save (one 12 MiB tensor, so that it is
+    // The write-protected mode's one-time cost: a first, small save (one 12 MiB tensor, so that it is
     // protected, hashed on a second thread and written piece by piece like the large ones)
     // brings in the code, thread stacks and buffers every later save reuses. What it left
     // resident beyond its staging buffer is reported apart.
@@ -409,7 +422,7 @@ fn main() {
     std::fs::create_dir_all(&args.out).expect("create results dir");
     tch::set_num_threads(1);
     let mut md = String::from(
-        "| state | M0 memcpy | D0 write+fsync (buffered / direct) | S0 sync save | Eager stall (/M0) | Deferred stall | S0/Eager stall | write GB/s (/D0) | durable Eager (/S0) | durable Deferred (/S0) | peak extra RSS / size (staging / size, rest; one-time) |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| state | M0 memcpy | D0 write+fsync (buffered / direct) | S0 sync save | Eager write-protected: stall (/M0) | Deferred stall | S0 / write-protected stall | write-protected: write GB/s (/D0) | durable, write-protected (/S0) | durable, Deferred (/S0) | peak extra RSS / size, write-protected (staging / size, rest; one-time) |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut wp = String::from(
         "| state | M0 memcpy | Eager stall, write-protected (/M0) | Eager stall, copying (/M0) | S0 / stall, protected / copying | durable, copying (/S0) | copying, copy first: stall (/M0), durable (/S0) | W0 in-place pass | same pass right after save: protected (waits) / copying | stall + pass − W0, protected / copying (/M0) |\n|---|---|---|---|---|---|---|---|---|---|\n",
@@ -483,6 +496,18 @@ fn main() {
     md.push_str(&wp);
     println!("{md}");
     std::fs::write(args.out.join("results.md"), &md).expect("write results.md");
+    if !args.no_docs {
+        let command = common::command_line(COMMAND);
+        let header = common::section_header(
+            &command,
+            &common::commit(),
+            &common::machine(&dir),
+            "M0 and D0 for each state size, in the first table",
+        );
+        common::write_section(&common::benchmarks_md(), "async_bench", &(header + &md))
+            .expect("write docs/benchmarks.md");
+        eprintln!("wrote its section of docs/benchmarks.md");
+    }
     std::fs::write(
         args.out.join("results.json"),
         serde_json::to_string_pretty(&json).expect("json"),

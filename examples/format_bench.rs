@@ -17,7 +17,9 @@
 //!
 //! The PyTorch side runs in `benches/py/format_peer.py` (`$CKPTIO_PYTHON`, else `python3`),
 //! which builds the same tensors with its own random content and times only the torch calls.
-//! Results are printed as Markdown and written to `results/format_bench/` (JSON + Markdown).
+//! Results are printed as Markdown and written to `results/format_bench/` (JSON + Markdown)
+//! and, unless `--no-docs` or a check failed, to its section of `docs/benchmarks.md` with the
+//! command line, the commit, the date and the machine.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -26,12 +28,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
-use ckptio::json::tensor_digest;
 use ckptio::{
     CheckpointIo, DType, Dict, HostTensor, LoadOptions, SaveOptions, TorchCheckpointIo, Value,
 };
 use clap::Parser;
 use serde_json::{json, Value as Json};
+
+mod common;
+use common::tensor_digest;
+
+/// How this benchmark is started from the repository's root.
+const COMMAND: &str = "./dev.sh cargo run --release --example format_bench --";
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -64,6 +71,9 @@ struct Args {
     /// Keep the checkpoint files afterwards.
     #[arg(long)]
     keep: bool,
+    /// Leave `docs/benchmarks.md` alone (results still go to `--out`).
+    #[arg(long)]
+    no_docs: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -835,6 +845,17 @@ fn main() -> BoxResult<()> {
         serde_json::to_string_pretty(&out)? + "\n",
     )?;
     fs::write(args.out.join("format_bench.md"), &md)?;
+    if all_ok && !args.no_docs {
+        let header = common::section_header(
+            &common::command_line(COMMAND),
+            &common::commit(),
+            &common::machine(&dir),
+            "",
+        );
+        let body = md.replacen("# ckptio vs torch.save / torch.load\n\n", "", 1);
+        common::write_section(&common::benchmarks_md(), "format_bench", &(header + &body))?;
+        eprintln!("wrote its section of docs/benchmarks.md");
+    }
     eprintln!(
         "wrote {} and format_bench.md",
         args.out.join("format_bench.json").display()

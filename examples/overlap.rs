@@ -2,13 +2,21 @@
 //!
 //! A real training loop (an MLP trained with AdamW in tch, on CPU) checkpoints its model and
 //! optimizer state every K steps. The same loop runs, from the same seed, with: no checkpoint;
-//! a synchronous `TorchCheckpointIo`; `AsyncCheckpointIo` Eager (write-protected where the
-//! kernel allows it), and Eager with `write_protect(false)` (copying); `AsyncCheckpointIo` Deferred
-//! (the copy overlaps forward/backward, the loop waits on `staged()` just before the optimizer
-//! step). Then the same loop in Python from the project's `.venv`: `torch.save` in the loop,
-//! Lightning's `AsyncCheckpointIO`, and `torch.distributed.checkpoint.async_save`.
-//! Every ckptio checkpoint is reloaded and compared bit for bit with the parameters at the step
-//! it claims (from a deterministic re-run).
+//! a synchronous `TorchCheckpointIo`; `AsyncCheckpointIo` Eager (copying on the training
+//! thread, the default), and Eager with `write_protect(true)` (write-protected where the kernel
+//! allows it); `AsyncCheckpointIo` Deferred (the copy overlaps forward/backward, the loop waits
+//! on `staged()` just before the optimizer step). Then the same loop in Python from the
+//! project's `.venv`: `torch.save` in the loop, Lightning's `AsyncCheckpointIO`, and
+//! `torch.distributed.checkpoint.async_save`.
+//!
+//! Every ckptio checkpoint of the last round is reloaded with ckptio and compared bit for bit
+//! with the parameters at the step it claims (from a deterministic re-run), and the last
+//! checkpoint of each mode is loaded with the venv's `torch.load(weights_only=True)` and
+//! compared digest by digest; the run exits non-zero if any check fails.
+//!
+//! At the end the run writes `results/overlap/` (Markdown, JSON, plots) and, unless `--no-docs`,
+//! its section of `docs/benchmarks.md`, the headline table of `README.md` and the plots in
+//! `docs/`, each with the command line, the commit, the date and the machine.
 //!
 //! ```text
 //! ./dev.sh main                       # 256 MiB checkpoints, a few minutes
@@ -32,7 +40,7 @@ use tch::nn::{Module, VarStore};
 use tch::{nn, Device, Kind, Tensor};
 
 mod common;
-use common::{median, raw_write, RawSource, RssPeak};
+use common::{median, python, raw_write, tensor_digest, RawSource, RssPeak};
 
 #[derive(Parser, Clone)]
 #[command(about = "Overlap of compute and checkpoint writes, side by side with peers")]
@@ -79,15 +87,19 @@ struct Args {
     /// the save is write-protected.
     #[arg(long)]
     no_reserve: bool,
+    /// Leave `docs/` and `README.md` alone (results still go to `--out`).
+    #[arg(long)]
+    no_docs: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
     Baseline,
     Sync,
+    /// Eager, the default: the copy on the training thread.
     Eager,
-    /// Eager with write protection off: the copy on the training thread.
-    EagerCopy,
+    /// Eager with `write_protect(true)`: large CPU tensors write-protected, copied behind.
+    EagerProtected,
     Deferred,
 }
 
@@ -97,7 +109,7 @@ impl Mode {
             Mode::Baseline => "ckptio: no checkpoint (baseline)",
             Mode::Sync => "ckptio: TorchCheckpointIo (sync)",
             Mode::Eager => "ckptio: AsyncCheckpointIo Eager",
-            Mode::EagerCopy => "ckptio: AsyncCheckpointIo Eager, write_protect(false)",
+            Mode::EagerProtected => "ckptio: AsyncCheckpointIo Eager, write_protect(true)",
             Mode::Deferred => "ckptio: AsyncCheckpointIo Deferred",
         }
     }
@@ -106,7 +118,7 @@ impl Mode {
             Mode::Baseline => "baseline",
             Mode::Sync => "sync",
             Mode::Eager => "eager",
-            Mode::EagerCopy => "eager-copy",
+            Mode::EagerProtected => "eager-protected",
             Mode::Deferred => "deferred",
         }
     }
@@ -136,6 +148,12 @@ struct Run {
     peak_rss_extra_mib: f64,
     verified: Option<bool>,
     verify_note: String,
+    /// The mode's last checkpoint loaded with PyTorch's `torch.load(weights_only=True)` and
+    /// every tensor equal to the re-run's (ckptio modes).
+    torch_load: Option<bool>,
+    torch_load_note: String,
+    /// Bytes the mode's Eager saves write-protected instead of copying (`Status::write_protected`).
+    write_protected: u64,
     error: Option<String>,
 }
 
@@ -278,8 +296,7 @@ impl Trainer {
     fn digests(&self) -> HashMap<String, String> {
         let mut out = HashMap::new();
         for (i, n) in self.names.iter().enumerate() {
-            let d =
-                |t: &Tensor| ckptio::json::tensor_digest(&ckptio::tch::to_host(t).expect("host"));
+            let d = |t: &Tensor| tensor_digest(&ckptio::tch::to_host(t).expect("host"));
             out.insert(format!("model.{n}"), d(&self.params[i]));
             out.insert(format!("optimizer.state.{i}.exp_avg"), d(&self.exp_avg[i]));
             out.insert(
@@ -326,10 +343,10 @@ fn run_mode(mode: Mode, a: &Args, layers: usize, hidden: i64, dir: &Path, pb: &P
     let mut tr = Trainer::new(layers, hidden, a.batch, a.seed);
     let sync_io = TorchCheckpointIo::new();
     let aio = match mode {
-        Mode::Eager | Mode::EagerCopy => Some(
+        Mode::Eager | Mode::EagerProtected => Some(
             Builder::default()
                 .snapshot_mode(SnapshotMode::Eager)
-                .write_protect(mode == Mode::Eager)
+                .write_protect(mode == Mode::EagerProtected)
                 .build(TorchCheckpointIo::new()),
         ),
         Mode::Deferred => Some(
@@ -441,6 +458,7 @@ fn run_mode(mode: Mode, a: &Args, layers: usize, hidden: i64, dir: &Path, pb: &P
     }
     if let Some(aio) = &aio {
         aio.teardown().expect("teardown");
+        run.write_protected = aio.status().write_protected;
     }
     run.wall_s = t0.elapsed().as_secs_f64();
     run.peak_rss_extra_mib = rss.extra_bytes() as f64 / (1 << 20) as f64;
@@ -466,6 +484,9 @@ fn merge(acc: &mut Run, r: Run, offset: usize) {
     acc.peak_rss_extra_mib = acc.peak_rss_extra_mib.max(r.peak_rss_extra_mib);
     acc.verified = r.verified;
     acc.verify_note = r.verify_note;
+    acc.torch_load = r.torch_load;
+    acc.torch_load_note = r.torch_load_note;
+    acc.write_protected += r.write_protected;
 }
 
 /// Re-runs training from the seed and checks each mode's files bit for bit.
@@ -497,7 +518,7 @@ fn verify(runs: &mut [Run], modes: &[Mode], a: &Args, layers: usize, hidden: i64
                         .named_tensors()
                         .into_iter()
                         .filter(|(k, _)| want.contains_key(k))
-                        .map(|(k, t)| (k, ckptio::json::tensor_digest(t)))
+                        .map(|(k, t)| (k, tensor_digest(t)))
                         .collect();
                     for (k, d) in want {
                         checked += 1;
@@ -522,16 +543,95 @@ fn verify(runs: &mut [Run], modes: &[Mode], a: &Args, layers: usize, hidden: i64
             )
         };
     }
+    if let Some(&last) = expected.keys().max() {
+        verify_with_torch(runs, modes, last, &expected[&last], dir);
+    }
+}
+
+/// Loads each mode's last checkpoint with the venv's `torch.load(weights_only=True)` (one
+/// Python process for all of them) and compares its step and every tensor with the re-run's.
+fn verify_with_torch(
+    runs: &mut [Run],
+    modes: &[Mode],
+    step: usize,
+    want: &HashMap<String, String>,
+    dir: &Path,
+) {
+    let files: Vec<(usize, PathBuf)> = modes
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| **m != Mode::Baseline)
+        .map(|(i, m)| (i, dir.join(m.dir()).join(format!("step-{step}.pt"))))
+        .collect();
+    let report = torch_load_digests(files.iter().map(|(_, p)| p.as_path()), dir);
+    for (i, path) in &files {
+        let (ok, note) = match &report {
+            Ok(r) => compare_with_torch(r, path, step, want),
+            Err(e) => (false, e.clone()),
+        };
+        runs[*i].torch_load = Some(ok);
+        runs[*i].torch_load_note = note;
+    }
+}
+
+/// Runs `benches/py/torch_load_digests.py` on `files`; its JSON report.
+fn torch_load_digests<'a>(
+    files: impl Iterator<Item = &'a Path>,
+    dir: &Path,
+) -> Result<serde_json::Value, String> {
+    let out = dir.join("torch-load.json");
+    let script = common::repo_root().join("benches/py/torch_load_digests.py");
+    let status = std::process::Command::new(python())
+        .arg(&script)
+        .arg(&out)
+        .args(files)
+        .status()
+        .map_err(|e| format!("cannot run {}: {e}", python().display()))?;
+    if !status.success() {
+        return Err(format!("torch_load_digests.py exited with {status}"));
+    }
+    let text = std::fs::read_to_string(&out).map_err(|e| format!("no torch.load report: {e}"))?;
+    serde_json::from_str(&text).map_err(|e| format!("bad torch.load report: {e}"))
+}
+
+/// Whether PyTorch read `path` as the checkpoint of `step` with every tensor in `want`.
+fn compare_with_torch(
+    report: &serde_json::Value,
+    path: &Path,
+    step: usize,
+    want: &HashMap<String, String>,
+) -> (bool, String) {
+    let torch = report["torch"].as_str().unwrap_or("?");
+    let r = &report["files"][path.to_string_lossy().as_ref()];
+    if r["ok"].as_bool() != Some(true) {
+        let e = r["error"].as_str().unwrap_or("no result");
+        return (
+            false,
+            format!("torch {torch}: {}", e.lines().next().unwrap_or(e)),
+        );
+    }
+    if r["step"].as_u64() != Some(step as u64) {
+        return (false, format!("torch {torch} read step {}", r["step"]));
+    }
+    let differ: Vec<&String> = want
+        .iter()
+        .filter(|(k, d)| r["tensors"][k.as_str()].as_str() != Some(d.as_str()))
+        .map(|(k, _)| k)
+        .collect();
+    match differ.first() {
+        None => (
+            true,
+            format!("torch {torch}, step {step}, {} tensors equal", want.len()),
+        ),
+        Some(k) => (
+            false,
+            format!("torch {torch}: {} tensors differ, e.g. {k}", differ.len()),
+        ),
+    }
 }
 
 // ----------------------------------------------------------------------------------------------
 // Peers (Python)
-
-fn python() -> PathBuf {
-    std::env::var_os("CKPTIO_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"))
-}
 
 fn run_peers(a: &Args, layers: usize, hidden: i64, dir: &Path) -> Vec<Run> {
     let out = dir.join("peers.json");
@@ -665,6 +765,7 @@ struct Derived {
     median_ms: f64,
     p99_ms: f64,
     stall_mean_ms: f64,
+    stall_median_ms: f64,
     stall_max_ms: f64,
     interference: f64,
     durable_mean_s: f64,
@@ -708,6 +809,7 @@ fn derive(r: &Run, baseline: Option<&Run>) -> Derived {
         median_ms: percentile(&r.step_ms, 0.5),
         p99_ms: percentile(&r.step_ms, 0.99),
         stall_mean_ms: mean(&r.stall_ms),
+        stall_median_ms: percentile(&r.stall_ms, 0.5),
         stall_max_ms: r.stall_ms.iter().copied().fold(f64::NAN, f64::max),
         interference,
         durable_mean_s,
@@ -727,7 +829,14 @@ fn fmt(x: f64, prec: usize) -> String {
     }
 }
 
-fn plot(runs: &[Run], baselines: &HashMap<String, Run>, out: &Path) -> Result<(), String> {
+/// Draws `step_times.png` and `overhead.png` into `out`, each with `caption` (the command and
+/// the commit that produced it) at its foot.
+fn plot(
+    runs: &[Run],
+    baselines: &HashMap<String, Run>,
+    out: &Path,
+    caption: &str,
+) -> Result<(), String> {
     use plotters::prelude::*;
     let font = [
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -759,6 +868,7 @@ fn plot(runs: &[Run], baselines: &HashMap<String, Run>, out: &Path) -> Result<()
             ("sans-serif", 24),
         )
         .margin(15)
+        .margin_bottom(45)
         .x_label_area_size(40)
         .y_label_area_size(70)
         .build_cartesian_2d(1f64..steps as f64, 0f64..ymax)
@@ -800,6 +910,9 @@ fn plot(runs: &[Run], baselines: &HashMap<String, Run>, out: &Path) -> Result<()
         .position(SeriesLabelPosition::UpperRight)
         .draw()
         .map_err(|e| e.to_string())?;
+    let foot = root.dim_in_pixel().1 as i32 - 22;
+    root.draw(&Text::new(caption, (15, foot), ("sans-serif", 15)))
+        .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())?;
 
     let path = out.join("overhead.png");
@@ -823,8 +936,9 @@ fn plot(runs: &[Run], baselines: &HashMap<String, Run>, out: &Path) -> Result<()
             ("sans-serif", 24),
         )
         .margin(15)
+        .margin_bottom(45)
         .x_label_area_size(40)
-        .y_label_area_size(330)
+        .y_label_area_size(420)
         .build_cartesian_2d(bottom..top, 0f64..bars.len() as f64)
         .map_err(|e| e.to_string())?;
     chart
@@ -855,6 +969,9 @@ fn plot(runs: &[Run], baselines: &HashMap<String, Run>, out: &Path) -> Result<()
         ))
         .map_err(|e| e.to_string())?;
     }
+    let foot = root.dim_in_pixel().1 as i32 - 22;
+    root.draw(&Text::new(caption, (15, foot), ("sans-serif", 15)))
+        .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())?;
     Ok(())
 }
@@ -899,7 +1016,7 @@ fn main() {
         Mode::Baseline,
         Mode::Sync,
         Mode::Eager,
-        Mode::EagerCopy,
+        Mode::EagerProtected,
         Mode::Deferred,
     ];
     let rounds = a.rounds.max(1);
@@ -948,19 +1065,21 @@ fn main() {
             baselines.insert(r.group.clone(), r.clone());
         }
     }
+    let command = common::command_line("./dev.sh main");
+    let commit = common::commit();
     let gb = ckpt_bytes as f64 / 1e9;
     let mut md = format!(
         "Checkpoint {:.0} MiB ({layers} x Linear({hidden},{hidden}) + AdamW state), every {} steps, {} steps, batch {}, {} compute thread(s).\n\
          {} interleaved rounds of the ckptio modes (wall times summed over rounds); peers run once.\n\
          Machine limits in this run: memcpy M0 = {:.1} ms ({:.2} GB/s), write+fsync D0 = {:.0} ms ({:.2} GB/s; the faster of buffered and direct).\n\n\
-         | mode | wall s | overhead % | step median / p99 ms | stall mean / max ms (stall / M0) | interference | time to durable s | write GB/s (/D0) | peak extra RSS MiB | bit-exact | durability |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+         | mode | wall s | overhead % | step median / p99 ms | stall median / max ms (median / M0) | interference | time to durable s | write GB/s (/D0) | peak extra RSS MiB | ckptio reader: bit-exact | torch.load | durability |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         ckpt_bytes as f64 / (1 << 20) as f64, a.every, a.steps, a.batch, a.threads, rounds, m0 * 1e3, gb / m0, d0 * 1e3, gb / d0
     );
     let mut json_modes = Vec::new();
     for r in &runs {
         if let Some(e) = &r.error {
             md.push_str(&format!(
-                "| {} | failed: {} | | | | | | | | | |\n",
+                "| {} | failed: {} | | | | | | | | | | |\n",
                 r.name,
                 e.replace('|', "/")
             ));
@@ -968,41 +1087,35 @@ fn main() {
             continue;
         }
         let d = derive(r, baselines.get(&r.group));
-        let verified = match r.verified {
-            Some(true) => format!("yes ({})", r.verify_note),
-            Some(false) => format!("**NO: {}**", r.verify_note),
-            None => {
-                if r.name.contains("baseline") {
-                    "-".into()
-                } else {
-                    "not checked".into()
-                }
-            }
-        };
         md.push_str(&format!(
-            "| {} | {} | {} | {} / {} | {} / {} ({}) | {} | {} | {} ({}) | {} | {} | {} |\n",
-            r.name,
+            "| {} | {} | {} | {} / {} | {} / {} ({}) | {} | {} | {} ({}) | {} | {} | {} | {} |\n",
+            mode_label(r),
             fmt(r.wall_s, 2),
             fmt(d.overhead_pct, 1),
             fmt(d.median_ms, 0),
             fmt(d.p99_ms, 0),
-            fmt(d.stall_mean_ms, 1),
+            fmt(d.stall_median_ms, 1),
             fmt(d.stall_max_ms, 1),
-            fmt(d.stall_mean_ms / 1e3 / m0, 2),
+            fmt(d.stall_median_ms / 1e3 / m0, 2),
             fmt(d.interference, 3),
             fmt(d.durable_mean_s, 2),
             fmt(d.write_gbps, 2),
             fmt(d.write_gbps / (gb / d0), 2),
             fmt(r.peak_rss_extra_mib, 0),
-            verified,
+            check_cell(r, r.verified, &r.verify_note),
+            check_cell(r, r.torch_load, &r.torch_load_note),
             r.durability
         ));
         json_modes.push(json!({
             "name": r.name, "group": r.group, "durability": r.durability, "wall_s": r.wall_s,
             "overhead_pct": d.overhead_pct, "step_median_ms": d.median_ms, "step_p99_ms": d.p99_ms,
-            "stall_mean_ms": d.stall_mean_ms, "stall_max_ms": d.stall_max_ms, "interference": d.interference,
+            "stall_mean_ms": d.stall_mean_ms, "stall_median_ms": d.stall_median_ms,
+            "stall_max_ms": d.stall_max_ms, "interference": d.interference,
             "durable_mean_s": d.durable_mean_s, "write_gbps": d.write_gbps, "peak_rss_extra_mib": r.peak_rss_extra_mib,
-            "verified": r.verified, "verify_note": r.verify_note, "step_ms": r.step_ms, "stall_ms": r.stall_ms,
+            "verified": r.verified, "verify_note": r.verify_note,
+            "torch_load": r.torch_load, "torch_load_note": r.torch_load_note,
+            "write_protected_bytes": r.write_protected,
+            "step_ms": r.step_ms, "stall_ms": r.stall_ms,
             "save_steps": r.save_steps, "in_flight": r.in_flight,
             "step_stall_ms": r.step_stall_ms, "overlap": r.overlap, "durable_s": r.durable_s, "bytes": r.bytes,
             "reserve_ms": r.reserve_ms,
@@ -1026,6 +1139,7 @@ fn main() {
     }
     println!("{md}");
     let doc = json!({
+        "command": command, "commit": commit,
         "config": {"size_mib": a.size_mib, "checkpoint_bytes": ckpt_bytes, "layers": layers, "hidden": hidden,
                    "batch": a.batch, "steps": a.steps, "every": a.every, "threads": a.threads, "seed": a.seed},
         "limits": {"m0_s": m0, "d0_s": d0},
@@ -1037,22 +1151,218 @@ fn main() {
     )
     .expect("write results.json");
     std::fs::write(a.out.join("results.md"), &md).expect("write results.md");
-    match plot(&runs, &baselines, &a.out) {
-        Ok(()) => eprintln!(
-            "wrote {}/{{results.md,results.json,step_times.png,overhead.png}}",
-            a.out.display()
-        ),
-        Err(e) => eprintln!(
-            "wrote {}/results.{{md,json}}; plot skipped: {e}",
-            a.out.display()
-        ),
-    }
-    if runs
-        .iter()
-        .any(|r| r.group == "ckptio" && r.verified == Some(false))
-    {
-        eprintln!("FAILED: a ckptio checkpoint did not match the parameters at its step");
+    let caption = format!("{command} at commit {commit}, {}", common::utc_now());
+    let plotted = match plot(&runs, &baselines, &a.out, &caption) {
+        Ok(()) => {
+            eprintln!(
+                "wrote {}/{{results.md,results.json,step_times.png,overhead.png}}",
+                a.out.display()
+            );
+            true
+        }
+        Err(e) => {
+            eprintln!(
+                "wrote {}/results.{{md,json}}; plot skipped: {e}",
+                a.out.display()
+            );
+            false
+        }
+    };
+    let failed = failed_checks(&runs);
+    if !failed.is_empty() {
+        for f in &failed {
+            eprintln!("FAILED: {f}");
+        }
+        eprintln!(
+            "docs/ and README.md left as they were: a run whose checks fail is not published"
+        );
         std::process::exit(1);
     }
+    if !a.no_docs {
+        let doc = Published {
+            command: &command,
+            commit: &commit,
+            machine: common::machine(&dir),
+            limits: format!(
+                "M0 = {:.1} ms ({:.2} GB/s), D0 = {:.0} ms ({:.2} GB/s)",
+                m0 * 1e3,
+                gb / m0,
+                d0 * 1e3,
+                gb / d0
+            ),
+        };
+        match publish(
+            &doc,
+            &md,
+            &runs,
+            m0,
+            ckpt_bytes,
+            plotted.then_some(a.out.as_path()),
+        ) {
+            Ok(()) => eprintln!("wrote its section of docs/benchmarks.md and README.md's headline"),
+            Err(e) => {
+                eprintln!("FAILED to write docs/benchmarks.md or README.md: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A mode's name in the tables, with a note when `write_protect(true)` protected nothing here.
+fn mode_label(r: &Run) -> String {
+    if r.name == Mode::EagerProtected.name() && r.write_protected == 0 {
+        format!(
+            "{} (nothing was write-protected: userfaultfd unavailable here)",
+            r.name
+        )
+    } else {
+        r.name.clone()
+    }
+}
+
+/// A check's cell: yes (what was checked), FAILED (why), or "-" where nothing was checked.
+fn check_cell(r: &Run, ok: Option<bool>, note: &str) -> String {
+    match ok {
+        Some(true) => format!("yes ({note})"),
+        Some(false) => format!("**FAILED: {}**", note.replace('|', "/")),
+        None if r.group == "ckptio" && !r.name.contains("baseline") => "not checked".into(),
+        None => "-".into(),
+    }
+}
+
+/// Every check of a ckptio mode that failed: the ckptio reader's bit-exact comparison, or
+/// PyTorch's `torch.load`.
+fn failed_checks(runs: &[Run]) -> Vec<String> {
+    let mut out = Vec::new();
+    for r in runs.iter().filter(|r| r.group == "ckptio") {
+        if let Some(e) = &r.error {
+            out.push(format!("{}: {e}", r.name));
+        }
+        if r.verified == Some(false) {
+            out.push(format!("{}: ckptio reader: {}", r.name, r.verify_note));
+        }
+        if r.torch_load == Some(false) {
+            out.push(format!("{}: torch.load: {}", r.name, r.torch_load_note));
+        }
+    }
+    out
+}
+
+/// What a generated section says about the run that wrote it.
+struct Published<'a> {
+    command: &'a str,
+    commit: &'a str,
+    machine: String,
+    limits: String,
+}
+
+/// Writes this run's section of `docs/benchmarks.md`, the README's headline table, and the
+/// plots in `docs/` (copied from `plots`, where `plot` wrote them).
+fn publish(
+    doc: &Published<'_>,
+    md: &str,
+    runs: &[Run],
+    m0: f64,
+    ckpt_bytes: usize,
+    plots: Option<&Path>,
+) -> std::io::Result<()> {
+    let header = common::section_header(doc.command, doc.commit, &doc.machine, &doc.limits);
+    let mut body = format!("{header}{md}");
+    if let Some(from) = plots {
+        let docs = common::repo_root().join("docs");
+        for (file, alt) in [
+            ("step_times.png", "Step time per step"),
+            ("overhead.png", "Training slowdown per mode"),
+        ] {
+            std::fs::copy(from.join(file), docs.join(file))?;
+            body.push_str(&format!("\n![{alt}]({file})\n"));
+        }
+    }
+    common::write_section(&common::benchmarks_md(), "overlap", &body)?;
+    let headline = headline(doc, runs, m0, ckpt_bytes);
+    common::write_section(
+        &common::repo_root().join("README.md"),
+        "headline",
+        &headline,
+    )
+}
+
+/// A ratio as "N x": one decimal below 10, none above.
+fn times(r: f64) -> String {
+    match r {
+        r if !r.is_finite() => "n/a".into(),
+        r if r < 10.0 => format!("{r:.1}x"),
+        r => format!("{r:.0}x"),
+    }
+}
+
+/// The README's table: what one checkpoint costs the training loop with each contender.
+fn headline(doc: &Published<'_>, runs: &[Run], m0: f64, ckpt_bytes: usize) -> String {
+    let rows = [
+        (
+            Mode::Eager.name(),
+            "ckptio `AsyncCheckpointIo`, Eager (default)",
+        ),
+        (
+            Mode::EagerProtected.name(),
+            "ckptio Eager, `write_protect(true)`",
+        ),
+        (Mode::Deferred.name(), "ckptio Deferred"),
+        (
+            Mode::Sync.name(),
+            "ckptio `TorchCheckpointIo` (synchronous)",
+        ),
+        ("python: torch_save", "PyTorch `torch.save` + fsync"),
+        ("python: lightning_async", "Lightning `AsyncCheckpointIO`"),
+        ("python: dcp_async", "PyTorch DCP `async_save`"),
+    ];
+    let stall = |name: &str| {
+        runs.iter()
+            .find(|r| r.name == name && r.error.is_none())
+            .map(|r| derive(r, None).stall_median_ms)
+    };
+    let torch_save = stall("python: torch_save");
+    let mut s = format!(
+        "<!-- Written by `{}`; edit examples/overlap.rs, not this table. -->\n\
+         | {:.0} MiB checkpoint, CPU training loop | training stalled per checkpoint (median) | stall / one memcpy of the state | `torch.save`'s stall / this | time to durable |\n\
+         |---|---|---|---|---|\n",
+        doc.command,
+        ckpt_bytes as f64 / (1 << 20) as f64
+    );
+    for (name, label) in rows {
+        let Some(r) = runs.iter().find(|r| r.name == name) else {
+            continue;
+        };
+        if r.error.is_some() {
+            s.push_str(&format!("| {label} | failed | | | |\n"));
+            continue;
+        }
+        let d = derive(r, None);
+        let label = if name == Mode::EagerProtected.name() && r.write_protected == 0 {
+            format!("{label} (not protected on this machine)")
+        } else {
+            label.to_string()
+        };
+        let durable = if d.durable_mean_s.is_finite() {
+            format!("{:.2} s", d.durable_mean_s)
+        } else {
+            "never fsynced".into()
+        };
+        s.push_str(&format!(
+            "| {label} | {} ms | {} | {} | {durable} |\n",
+            fmt(d.stall_median_ms, 1),
+            fmt(d.stall_median_ms / 1e3 / m0, 2),
+            torch_save.map_or("n/a".into(), |t| times(t / d.stall_median_ms)),
+        ));
+    }
+    s.push_str(&format!(
+        "\n`{}` at commit `{}`, {}; {}. Every figure, with how it is measured: \
+         [docs/benchmarks.md](docs/benchmarks.md).\n",
+        doc.command,
+        doc.commit,
+        common::utc_now(),
+        doc.machine
+    ));
+    s
 }
