@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{skip, SkipKind};
+
 use ckptio::runtime::Builder;
 use ckptio::{
     AsyncCheckpointIo, Backpressure, CheckpointIo, Dict, HostTensor, LoadOptions,
@@ -454,7 +457,11 @@ impl Drop for Tmpfs {
 fn disk_full_and_read_only_filesystems_fail_cleanly_and_recover() {
     let dir = tempfile::tempdir().unwrap();
     let Some(fs) = Tmpfs::mount(dir.path(), "4m") else {
-        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        skip(
+            "disk_full_and_read_only_filesystems_fail_cleanly_and_recover",
+            SkipKind::Root,
+            "cannot mount a tmpfs here (needs root)",
+        );
         return;
     };
     let io = AsyncCheckpointIo::new(TorchCheckpointIo::new());
@@ -541,7 +548,11 @@ fn permission_denied_fails_with_the_path_and_keeps_the_previous_checkpoint() {
     // SAFETY: reads this process's effective user id.
     #[allow(unsafe_code)]
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: needs root to drop privileges in a child");
+        skip(
+            "permission_denied_fails_with_the_path_and_keeps_the_previous_checkpoint",
+            SkipKind::Root,
+            "needs root to drop privileges in a child",
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();
