@@ -505,7 +505,7 @@ fn soak_thousands_of_saves_and_removes_lose_and_reorder_nothing() {
         let start = Instant::now();
         let mut n = 0;
         let mut rss_after_warmup = 0u64;
-        while n < 3000 && start.elapsed() < Duration::from_secs(40) {
+        while n < 3000 {
             n += 1;
             let path = dir.path().join(format!("s{}.pt", next() % 5));
             if next() % 7 == 0 {
