@@ -6,6 +6,9 @@
 #
 # Seeds: files written by the venv's real torch.save (tests/python/corpus.py) and their data.pkl
 # records. Crashes land in fuzz/artifacts/TARGET/; turn each into a test in tests/bad_files.rs.
+#
+# Fails when a target finds something, exits non-zero, does not start, or runs fewer inputs than
+# CKPTIO_FUZZ_MIN_EXECS (default 2000); prints each target's number of executions.
 set -euo pipefail
 cd "$(dirname "$0")"
 secs=${1:-60}; shift || true
@@ -36,15 +39,40 @@ for root, _, files in os.walk("seeds"):
 PY
   rm -rf seeds
 fi
-status=0
+# Each target must start, exit 0 and run at least this many inputs: a fuzzer that crashed, never
+# started or barely ran fails the run instead of passing quietly.
+min_execs=${CKPTIO_FUZZ_MIN_EXECS:-2000}
+[[ "$min_execs" =~ ^[0-9]+$ ]] || { echo "CKPTIO_FUZZ_MIN_EXECS=$min_execs is not a number" >&2; exit 2; }
+logs=../target/fuzz/logs
+mkdir -p "$logs"
+failures=()
+summary=()
 for t in "${targets[@]}"; do
   mkdir -p "artifacts/$t"
-  echo "fuzzing $t for ${secs}s" >&2
-  "../target/fuzz/$TRIPLE/release/$t" "corpus/$t" -max_total_time="$secs" -max_len=65536 \
-    -rss_limit_mb=2048 -timeout=10 -artifact_prefix="artifacts/$t/" -print_final_stats=1 2>&1 \
-    | grep -E "^(#[0-9]+.*(DONE|pulse)|stat::|INFO: (Loaded|seed)|==[0-9]+==|SUMMARY|artifact)" || status=$?
+  log="$logs/$t.log"
+  echo "fuzzing $t for ${secs}s (full output: target/fuzz/logs/$t.log)" >&2
+  rc=0
+  "../target/fuzz/$TRIPLE/release/$t" "corpus/$t" -max_total_time="$secs" \
+    -max_len=65536 -rss_limit_mb=2048 -timeout=10 -artifact_prefix="artifacts/$t/" \
+    -print_final_stats=1 >"$log" 2>&1 || rc=$?
+  grep -E "^(#[0-9]+.*(DONE|pulse)|stat::|INFO: (Loaded|seed)|==[0-9]+==|SUMMARY|artifact)" "$log" >&2 || true
+  execs=$(sed -n 's/^stat::number_of_executed_units: *\([0-9]*\).*/\1/p' "$log" | tail -n 1)
+  summary+=("$t: ${execs:-no} executions in ${secs}s (floor $min_execs), exit status $rc")
+  if [[ $rc -ne 0 ]]; then
+    tail -n 20 "$log" >&2
+    failures+=("$t exited with status $rc")
+  elif [[ -z "$execs" ]]; then
+    tail -n 20 "$log" >&2
+    failures+=("$t printed no stat::number_of_executed_units: it did not run")
+  elif (( execs < min_execs )); then
+    failures+=("$t ran $execs executions, fewer than the floor of $min_execs (CKPTIO_FUZZ_MIN_EXECS)")
+  fi
   if compgen -G "artifacts/$t/crash-*" >/dev/null || compgen -G "artifacts/$t/oom-*" >/dev/null || compgen -G "artifacts/$t/timeout-*" >/dev/null; then
-    echo "FUZZ FINDING in $t: $(ls artifacts/$t)" >&2
-    exit 1
+    failures+=("FUZZ FINDING in $t: $(ls "artifacts/$t")")
   fi
 done
+printf '%s\n' "${summary[@]}" >&2
+if [[ ${#failures[@]} -gt 0 ]]; then
+  printf 'FUZZ FAILED: %s\n' "${failures[@]}" >&2
+  exit 1
+fi

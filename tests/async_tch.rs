@@ -5,6 +5,9 @@ use ckptio::runtime::Builder;
 use ckptio::{Dict, LoadOptions, SnapshotMode, TorchCheckpointIo, Value};
 use tch::{Device, Kind, Tensor};
 
+mod common;
+use common::{skip, SkipKind};
+
 fn run(mode: SnapshotMode) {
     run_on(mode, Device::Cpu, 256);
 }
@@ -13,6 +16,7 @@ fn run_on(mode: SnapshotMode, device: Device, rows: i64) {
     let dir = tempfile::tempdir().unwrap();
     let io = Builder::default()
         .snapshot_mode(mode)
+        .write_protect(true)
         .build(TorchCheckpointIo::new());
     let mut w = Tensor::randn([rows, 300], (Kind::Float, device));
     let mut b = Tensor::arange(1000, (Kind::Int64, device));
@@ -80,15 +84,26 @@ fn large_tensors_written_piece_by_piece_as_their_copy_advances_are_saved_exactly
     for mode in [SnapshotMode::Deferred, SnapshotMode::Eager] {
         run_on(mode, Device::Cpu, 40_000);
     }
+    if let Err(e) = ckptio::runtime::write_protect_available() {
+        skip(
+            "large_tensors_written_piece_by_piece_as_their_copy_advances_are_saved_exactly",
+            SkipKind::Userfaultfd,
+            &format!("write protection not available ({e}): the Eager save copied instead"),
+        );
+    }
 }
 
 /// CUDA tensors: the device-to-host copy goes into pinned staging memory (on the staging thread
 /// in Deferred mode) and what lands on disk is the state at save / `staged()` time. Runs only
-/// where CUDA is available (it says so and returns elsewhere).
+/// where CUDA is available (elsewhere it reports a skip of kind `cuda`).
 #[test]
 fn cuda_snapshots_are_the_state_at_save_and_staged_time() {
     if !tch::Cuda::is_available() {
-        eprintln!("skipped: CUDA is not available on this machine");
+        skip(
+            "cuda_snapshots_are_the_state_at_save_and_staged_time",
+            SkipKind::Cuda,
+            "CUDA is not available on this machine",
+        );
         return;
     }
     for mode in [SnapshotMode::Eager, SnapshotMode::Deferred] {
@@ -106,7 +121,11 @@ fn cuda_snapshots_are_the_state_at_save_and_staged_time() {
 #[test]
 fn cuda_saves_behind_queued_kernels_hold_the_state_those_kernels_leave() {
     if !tch::Cuda::is_available() {
-        eprintln!("skipped: CUDA is not available on this machine");
+        skip(
+            "cuda_saves_behind_queued_kernels_hold_the_state_those_kernels_leave",
+            SkipKind::Cuda,
+            "CUDA is not available on this machine",
+        );
         return;
     }
     use ckptio::{MapLocation, Value};
@@ -262,7 +281,13 @@ fn large_tensors_written_by_kernels_or_repointed_right_after_an_eager_save_are_s
     // `TensorSource::protectable_bytes` of `ckptio::tch`); with CUDA they are copied.
     if ckptio::runtime::cuda_available() {
         assert_eq!(io.status().write_protected, 0, "{:?}", io.status());
-    } else if ckptio::runtime::write_protect_available().is_ok() {
+    } else if let Err(e) = ckptio::runtime::write_protect_available() {
+        skip(
+            "large_tensors_written_by_kernels_or_repointed_right_after_an_eager_save_are_saved_as_they_were",
+            SkipKind::Userfaultfd,
+            &format!("write protection not available ({e}): the Eager save copied instead"),
+        );
+    } else {
         assert!(
             io.status().write_protected > (20 << 20),
             "{:?}",

@@ -759,8 +759,8 @@ fn zip64_end_records_that_lie() {
     }
 }
 
-// BUG: a zip64 locator whose record offset is near u64::MAX overflows `at + n` in
-// `read_directory`'s bounds helper (`data.get(at..at + n)`): a panic in debug builds.
+// A zip64 locator whose record offset is near u64::MAX is a format error: the bounds check on
+// `at + n` in `read_directory` must not overflow (a panic in debug builds).
 #[test]
 fn zip64_locator_pointing_at_u64_max() {
     let good = valid_archive();
@@ -829,8 +829,8 @@ fn zip64_extra_fields_that_lie() {
     }
 }
 
-// BUG: a zip64 local-header offset near u64::MAX overflows `lp + n` when read_directory checks
-// the local header signature: a panic in debug builds.
+// A zip64 local-header offset near u64::MAX is a format error: checking the local header
+// signature at `lp + n` must not overflow (a panic in debug builds).
 #[test]
 fn zip64_local_offset_u64_max() {
     for off in [u64::MAX, u64::MAX - 2, u64::MAX - 29] {
@@ -967,9 +967,10 @@ fn shapes_whose_product_overflows() {
     }
 }
 
-// BUG: a stride-0 view whose element count fits usize but whose byte size does not
-// (shape [2^62] of float64 over one element) is accepted; `nbytes()`, `contiguous_bytes()`,
-// `to_vec()` and `==` on it then overflow `numel * elem` (panic in debug builds).
+// A stride-0 view whose element count fits usize but whose byte size does not (shape [2^62] of
+// float64 over one element) is refused with a tensor error: no loaded tensor has a byte size
+// that overflows usize, so `nbytes()`, `contiguous_bytes()`, `to_vec()` and `==` never overflow
+// `numel * elem`.
 #[test]
 fn loaded_tensor_byte_size_fits_usize() {
     let rec = 1.5f64.to_le_bytes();
@@ -1275,8 +1276,8 @@ fn billion_laughs_tuples_of_tuples() {
     }
 }
 
-// BUG (memory): the reader charges ~48 bytes per node against its 256 MiB output budget, but the
-// real heap is ~2.5x that: this 20 KB stream peaks at ~660 MiB before being refused.
+// A 20 KB stream that expands to 1e8 nodes is refused before its heap passes twice the reader's
+// 256 MiB output budget: what the reader charges per node must follow the real heap.
 #[test]
 fn wide_memo_expansion_list_of_lists() {
     // One list of 10_000 Nones, referenced 10_000 times: 1e8 nodes.
@@ -1319,9 +1320,9 @@ fn small_limits() -> Limits {
     }
 }
 
-// BUG: bytes used as dict keys are copied (`Key::Bytes(b.to_vec())`) without being charged to
-// the output budget, so one memoised bytes object used in a key tuple many times expands past
-// `max_output_bytes` unchecked (here a 64 KiB stream expands to ~200 MiB with a 4 MiB budget).
+// Bytes used as dict keys are copied (`Key::Bytes`) and charged to the output budget: one
+// memoised 64 KiB bytes object used in a key tuple 3000 times (about 200 MiB) is refused under a
+// 1 MiB `max_output_bytes`.
 #[test]
 fn memo_bomb_through_bytes_dict_keys_is_charged() {
     let big = vec![b'x'; 64 << 10];
@@ -1343,9 +1344,9 @@ fn memo_bomb_through_bytes_dict_keys_is_charged() {
     assert_err!(r, Error::Pickle { .. });
 }
 
-// BUG: the module/name strings of a memoised global are cloned into every `Value::Object` it
-// expands to, charged only the flat 48 bytes per node, so a long global name referenced many
-// times expands far past `max_output_bytes`.
+// The module/name strings of a memoised global, cloned into every `Value::Object` it expands
+// to, are charged to the output budget by their length: a 60 KiB global name referenced 3000
+// times is refused under a 1 MiB `max_output_bytes`.
 #[test]
 fn memo_bomb_through_global_names_is_charged() {
     let long = "m".repeat(60 << 10);
@@ -1643,10 +1644,6 @@ fn garbage_after_proto() {
     assert!(panics.is_empty(), "panicked on:\n{}", panics.join("\n"));
 }
 
-// BUG (stack overflow): `_rebuild_from_type_v2(f, ty, args)` calls `f(*args)` recursively, and the
-// args tuple can hold another `_rebuild_from_type_v2` call, nested as deep as the stream likes;
-// the machine recurses without a depth limit (all opcodes and the global are weights-only
-// allowed). A stack overflow aborts the process, so this runs in a child process.
 /// `_rebuild_from_type_v2(*x_n)` with x0 = (F, T, ()), x(i+1) = (F, T, xi): only
 /// weights-only opcodes and globals.
 fn rebuild_from_type_bomb(levels: usize) -> Vec<u8> {
@@ -1682,10 +1679,11 @@ fn rebuild_from_type_shallow_is_an_error() {
     });
 }
 
-// BUG (stack overflow): `_rebuild_from_type_v2(f, ty, args)` interprets `f(*args)` by recursing
-// into `call`, and `args` can hold another `_rebuild_from_type_v2` call, nested as deep as the
-// stream likes, with no depth limit (all opcodes and globals involved are weights-only allowed).
-// A stack overflow aborts the process, so the load runs in a child process.
+// `_rebuild_from_type_v2(f, ty, args)` calls `f(*args)`, and `args` can hold another
+// `_rebuild_from_type_v2` call, nested as deep as the stream likes (every opcode and global
+// involved is allowed under weights-only): the reader bounds that nesting with a pickle error
+// instead of overflowing its stack. A stack overflow would abort the process, so the load runs
+// in a child process.
 #[test]
 fn rebuild_from_type_recursion_is_bounded() {
     isolated("rebuild_from_type_recursion_is_bounded", || {

@@ -103,7 +103,16 @@ fn resume_finds_the_newest_complete_checkpoint() {
         let state = s as i64;
         mgr.step(s, 0, None, &[("state", &state)]).unwrap();
         mgr.finish().unwrap();
-        std::thread::sleep(Duration::from_millis(20)); // distinct modification times
+    }
+    // Modification times a second apart, in step order.
+    let epoch = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    for s in 1..=3u64 {
+        std::fs::File::options()
+            .write(true)
+            .open(d.join(format!("step={s}.ckpt")))
+            .unwrap()
+            .set_modified(epoch + Duration::from_secs(s))
+            .unwrap();
     }
     type M = CheckpointManager<TorchCheckpointIo>;
     assert_eq!(step_of(&M::resume_path(&d).unwrap().unwrap()), 3);
@@ -146,28 +155,59 @@ fn a_restarted_manager_adopts_earlier_checkpoints_into_top_k() {
     );
 }
 
+fn by_time(d: &Path, every: Duration) -> CheckpointManager<TorchCheckpointIo> {
+    let cfg = ManagerConfig::new(d).every(every);
+    CheckpointManager::new(AsyncCheckpointIo::new(TorchCheckpointIo::new()), cfg)
+}
+
 #[test]
-fn saves_by_wall_time_when_the_interval_has_passed() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().to_path_buf();
-    let cfg = ManagerConfig::new(&d).every(Duration::from_millis(300));
-    let mut mgr = CheckpointManager::new(AsyncCheckpointIo::new(TorchCheckpointIo::new()), cfg);
+fn saves_by_wall_time_once_the_interval_has_passed_counting_from_the_start() {
     let x = 1i64;
-    assert_eq!(
-        mgr.step(1, 0, None, &[("x", &x)]).unwrap(),
-        None,
-        "the interval counts from the start"
-    );
-    std::thread::sleep(Duration::from_millis(350));
-    assert!(
-        mgr.step(2, 0, None, &[("x", &x)]).unwrap().is_some(),
-        "the interval has passed"
-    );
-    assert_eq!(
-        mgr.step(3, 0, None, &[("x", &x)]).unwrap(),
-        None,
-        "it starts again after a save"
-    );
+    // An interval no test run reaches: nothing is due, the first step included.
+    let dir = tempfile::tempdir().unwrap();
+    let mut mgr = by_time(dir.path(), Duration::from_secs(3600));
+    for s in 1..=3 {
+        assert_eq!(
+            mgr.step(s, 0, None, &[("x", &x)]).unwrap(),
+            None,
+            "step {s}"
+        );
+    }
     mgr.finish().unwrap();
-    assert_eq!(files(&d), vec!["step=2.ckpt"]);
+    assert!(files(dir.path()).is_empty());
+    // A short one, after a pause longer than it: due.
+    let dir = tempfile::tempdir().unwrap();
+    let mut mgr = by_time(dir.path(), Duration::from_millis(50));
+    std::thread::sleep(Duration::from_millis(60));
+    assert!(mgr.step(1, 0, None, &[("x", &x)]).unwrap().is_some());
+    mgr.finish().unwrap();
+    assert_eq!(files(dir.path()), vec!["step=1.ckpt"]);
+}
+
+#[test]
+fn the_wall_time_interval_starts_again_after_each_save() {
+    let x = 1i64;
+    let every = Duration::from_millis(300);
+    // The step right after a save must not be due when it came within `every` of that save.
+    // A try whose two steps were further apart (a stalled machine) shows nothing and is made
+    // again; none in ten that shows something fails the test.
+    for _ in 0..10 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut mgr = by_time(dir.path(), every);
+        std::thread::sleep(every + Duration::from_millis(50));
+        let before = std::time::Instant::now();
+        assert!(
+            mgr.step(1, 0, None, &[("x", &x)]).unwrap().is_some(),
+            "the interval has passed"
+        );
+        let right_after = mgr.step(2, 0, None, &[("x", &x)]).unwrap();
+        let shows = before.elapsed() < every;
+        mgr.finish().unwrap();
+        if shows {
+            assert_eq!(right_after, None, "due again right after a save");
+            assert_eq!(files(dir.path()), vec!["step=1.ckpt"]);
+            return;
+        }
+    }
+    panic!("in ten tries, the two steps never came within {every:?} of each other");
 }

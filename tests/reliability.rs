@@ -4,10 +4,15 @@
 //! The killed writer is this test binary run again as a child process (`CKPTIO_CHILD=...`).
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
+
+mod common;
+use common::{skip, SkipKind};
 
 use ckptio::runtime::Builder;
 use ckptio::{
@@ -62,7 +67,9 @@ fn rng(seed: u64) -> impl FnMut() -> u64 {
     }
 }
 
-/// Child: saves and removes forever, printing each operation once its handle resolved.
+/// Child: saves and removes forever. Prints `submit save|remove NAME STEP` before handing each
+/// operation to the runtime, and `durable NAME STEP` / `removed NAME STEP` for each once it
+/// resolved, in submission order.
 fn crash_child(dir: &Path, seed: u64, base: i64) {
     ckptio::atomic::clean_temp_files(dir).unwrap();
     let io = Builder::default()
@@ -70,17 +77,23 @@ fn crash_child(dir: &Path, seed: u64, base: i64) {
         .build(TorchCheckpointIo::new());
     let mut next = rng(seed);
     let out = std::io::stdout();
+    let say = |line: String| {
+        // One write per line (a pipe write this short is atomic): a kill never splits a line.
+        let mut o = out.lock();
+        o.write_all(line.as_bytes()).unwrap();
+        o.flush().unwrap();
+    };
+    // Ends the line libtest started with the test's name.
+    say("\n".to_owned());
     let mut pending: Vec<(String, ckptio::SaveHandle, &'static str, i64)> = Vec::new();
     for step in base.. {
         let name = format!("ck{}.pt", next() % 3);
         let path = dir.join(&name);
-        {
-            // Announce the operation before it can take effect.
-            let mut o = out.lock();
-            writeln!(o, "submit {name} {step}").unwrap();
-            o.flush().unwrap();
-        }
-        if next() % 6 == 0 {
+        let remove = next() % 6 == 0;
+        // Announce the operation before it can take effect.
+        let kind = if remove { "remove" } else { "save" };
+        say(format!("submit {kind} {name} {step}\n"));
+        if remove {
             let h = io.remove(&path).unwrap();
             pending.push((name, h, "removed", step));
         } else {
@@ -95,13 +108,229 @@ fn crash_child(dir: &Path, seed: u64, base: i64) {
             }
             let (name, h, what, s) = pending.remove(0);
             h.wait().unwrap();
-            let mut o = out.lock();
-            writeln!(o, "{what} {name} {s}").unwrap();
-            o.flush().unwrap();
+            say(format!("{what} {name} {s}\n"));
         }
     }
 }
 
+/// One operation a crash child submitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    /// A save of the checkpoint of this step.
+    Save(i64),
+    /// A removal, submitted as this step.
+    Remove(i64),
+}
+
+impl Op {
+    /// What the path holds once this operation took effect: a step, or nothing.
+    fn outcome(self) -> Option<i64> {
+        match self {
+            Op::Save(s) => Some(s),
+            Op::Remove(_) => None,
+        }
+    }
+}
+
+/// What a crash child printed before it was killed: per path, the operations in submission
+/// order and how many of them (always the first ones: reports come in submission order) it
+/// reported resolved.
+#[derive(Default)]
+struct ChildLog {
+    ops: HashMap<String, Vec<Op>>,
+    resolved: HashMap<String, usize>,
+}
+
+impl ChildLog {
+    fn parse(lines: &[String]) -> ChildLog {
+        let mut log = ChildLog::default();
+        for l in lines {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let (op, name) = match words[..] {
+                ["submit", "save", name, step] => (step.parse().map(Op::Save), name),
+                ["submit", "remove", name, step] => (step.parse().map(Op::Remove), name),
+                ["durable", name, step] => (step.parse().map(Op::Save), name),
+                ["removed", name, step] => (step.parse().map(Op::Remove), name),
+                ["submit" | "durable" | "removed", ..] => panic!("malformed line {l:?}"),
+                _ => continue, // the test harness's own output
+            };
+            let op = op.unwrap_or_else(|e| panic!("bad step in {l:?}: {e}"));
+            let ops = log.ops.entry(name.to_owned()).or_default();
+            if words[0] == "submit" {
+                ops.push(op);
+                continue;
+            }
+            let done = log.resolved.entry(name.to_owned()).or_default();
+            assert_eq!(
+                ops.get(*done),
+                Some(&op),
+                "{l:?} is not the next operation submitted on {name}: {ops:?}"
+            );
+            *done += 1;
+        }
+        log
+    }
+
+    /// Reports of resolved operations.
+    fn reported(&self) -> usize {
+        self.resolved.values().sum()
+    }
+
+    /// Whether a save was in progress: submitted and not reported resolved.
+    fn saving(&self) -> bool {
+        self.ops.iter().any(|(name, ops)| {
+            ops[self.resolved.get(name).copied().unwrap_or(0)..]
+                .iter()
+                .any(|op| matches!(op, Op::Save(_)))
+        })
+    }
+
+    /// What `name` may hold after the kill, given what it held when the child started.
+    ///
+    /// Operations on one path take effect in submission order, each whole (a save by an atomic
+    /// rename, made durable before it is reported). So the path holds the outcome of the last
+    /// operation reported resolved (that checkpoint, or nothing after a removal), or of any
+    /// operation submitted after it, which may have taken effect without being reported; when
+    /// none was reported, what it held at the start, or the outcome of any submitted operation.
+    /// A checkpoint reported durable may thus be missing only when a removal was submitted
+    /// after it, and replaced only by a later save of the same path.
+    fn allowed(&self, name: &str, at_start: Option<i64>) -> Vec<Option<i64>> {
+        let ops = self.ops.get(name).map(Vec::as_slice).unwrap_or_default();
+        let done = self.resolved.get(name).copied().unwrap_or(0);
+        let last = match done {
+            0 => at_start,
+            n => ops[n - 1].outcome(),
+        };
+        std::iter::once(last)
+            .chain(ops[done..].iter().map(|op| op.outcome()))
+            .collect()
+    }
+}
+
+/// Children started and killed, one kill each.
+const KILLS: usize = 100;
+/// Fewest kills that must land while a save is in progress (nearly all do: the child always
+/// has saves queued once it has submitted its first).
+const KILLS_DURING_SAVES: usize = 75;
+
+#[test]
+fn the_harness_accepts_a_missing_durable_checkpoint_only_after_a_later_removal() {
+    let lines = |l: &[&str]| ChildLog::parse(&l.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    // Reported durable, nothing after it: only that checkpoint.
+    let log = lines(&["submit save a 1", "durable a 1"]);
+    assert_eq!(log.allowed("a", None), [Some(1)]);
+    assert!(!log.saving());
+    // A later save submitted: that checkpoint or the later one, never nothing.
+    let log = lines(&["submit save a 1", "durable a 1", "submit save a 2"]);
+    assert_eq!(log.allowed("a", None), [Some(1), Some(2)]);
+    assert!(log.saving());
+    // A later removal submitted: nothing is allowed too.
+    let log = lines(&[
+        "submit save a 1",
+        "durable a 1",
+        "submit remove a 2",
+        "submit save a 3",
+    ]);
+    assert_eq!(log.allowed("a", None), [Some(1), None, Some(3)]);
+    // Nothing reported: what the path held at the start, or any submitted outcome.
+    let log = lines(&["submit save a 4", "submit save b 5"]);
+    assert_eq!(log.allowed("a", Some(2)), [Some(2), Some(4)]);
+    assert_eq!(log.allowed("c", Some(2)), [Some(2)]);
+    // A reported removal: nothing, or what came after it.
+    let log = lines(&["submit remove a 6", "removed a 6"]);
+    assert_eq!(log.allowed("a", Some(2)), [None]);
+    assert!(!log.saving());
+}
+
+#[test]
+fn the_harness_fails_when_a_child_ends_before_it_is_killed() {
+    let exe = std::env::current_exe().unwrap();
+    // A child that cannot parse its seed panics at once.
+    let spec = "crash:not-a-seed:1:/nonexistent";
+    let r = std::panic::catch_unwind(|| run_and_kill(&exe, spec, 0));
+    let message = r.expect_err("the harness accepted a child that ended by itself");
+    let message = message
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_default();
+    assert!(message.contains("ended by itself"), "{message}");
+    assert!(
+        message.contains("ParseIntError"),
+        "with the child's stderr: {message}"
+    );
+}
+
+/// Runs a crash child until its first submission, then kills it (SIGKILL) after a random pause
+/// of up to 250 ms; returns the lines it printed. Fails when the child ended by itself.
+fn run_and_kill(exe: &Path, spec: &str, pause_ms: u64) -> Vec<String> {
+    let mut child = Command::new(exe)
+        .args([
+            "--exact",
+            "sigkill_at_random_moments_never_tears_or_loses_a_durable_checkpoint",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("CKPTIO_CHILD", spec)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let errors = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let reader = std::thread::spawn(move || {
+        let mut line = String::new();
+        // Whole lines only: a line cut short by the kill says nothing.
+        while matches!(stdout.read_line(&mut line), Ok(n) if n > 0) && line.ends_with('\n') {
+            if tx.send(line.trim_end().to_owned()).is_err() {
+                break;
+            }
+            line.clear();
+        }
+    });
+    // The gate: the kill's random moment counts from the first submission, not from a start
+    // whose length depends on the machine's load.
+    let mut lines = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(l) => {
+                let first = l.starts_with("submit ");
+                lines.push(l);
+                if first {
+                    break;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => break, // it ended: told below
+            Err(RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                panic!("{spec}: the child submitted nothing in 120 s");
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(pause_ms));
+    let _ = child.kill(); // SIGKILL
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    lines.extend(rx.try_iter());
+    let stderr = errors.join().unwrap();
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "{spec}: the child ended by itself ({status}) before it was killed:\n{stderr}"
+    );
+    lines
+}
+
+/// The SIGKILL harness: a child saving and removing three paths is killed at random moments,
+/// [`KILLS`] times in a row over one directory. After each kill every path must hold what
+/// [`ChildLog::allowed`] allows (each checkpoint whole), and temporary files must be
+/// recognised and cleaned. At least [`KILLS_DURING_SAVES`] kills must land while a save is in
+/// progress.
 #[test]
 fn sigkill_at_random_moments_never_tears_or_loses_a_durable_checkpoint() {
     if let Ok(spec) = std::env::var("CKPTIO_CHILD") {
@@ -114,90 +343,38 @@ fn sigkill_at_random_moments_never_tears_or_loses_a_durable_checkpoint() {
     }
     let exe = std::env::current_exe().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let budget = Duration::from_secs(60);
     let start = Instant::now();
     let mut next = rng(0x5eed);
-    let mut kills = 0;
+    let mut during_saves = 0;
     let mut reported_total = 0;
-    while kills < 300 && start.elapsed() < budget {
+    // What each path held after the previous kill.
+    let mut held: HashMap<String, Option<i64>> = HashMap::new();
+    for kill in 1..=KILLS {
         let seed = next();
-        let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "sigkill_at_random_moments_never_tears_or_loses_a_durable_checkpoint",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(
-                "CKPTIO_CHILD",
-                format!(
-                    "crash:{seed}:{}:{}",
-                    (kills + 1) * 1_000_000,
-                    dir.path().display()
-                ),
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .collect::<Vec<String>>()
-        });
-        std::thread::sleep(Duration::from_millis(20 + next() % 300));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        kills += 1;
-        let lines = reader.join().unwrap();
-        // Per path: the last step reported durable, and the last step submitted at all.
-        let mut durable: HashMap<String, i64> = HashMap::new();
-        let mut submitted: HashMap<String, i64> = HashMap::new();
-        for l in &lines {
-            let mut it = l.split_whitespace();
-            let (Some(what), Some(name), Some(step)) = (it.next(), it.next(), it.next()) else {
-                continue;
-            };
-            let Ok(step) = step.parse::<i64>() else {
-                continue;
-            };
-            match what {
-                "submit" => {
-                    submitted.insert(name.to_owned(), step);
-                }
-                "durable" => {
-                    durable.insert(name.to_owned(), step);
-                    reported_total += 1;
-                }
-                "removed" => {
-                    durable.remove(name);
-                    reported_total += 1;
-                }
-                _ => {} // the test harness's own output
-            }
+        let spec = format!("crash:{seed}:{}:{}", kill * 1_000_000, dir.path().display());
+        let lines = run_and_kill(&exe, &spec, next() % 250);
+        let log = ChildLog::parse(&lines);
+        reported_total += log.reported();
+        if log.saving() {
+            during_saves += 1;
         }
-        // Every final path is absent or one whole checkpoint. One reported durable is there,
-        // unless a later operation on it was submitted (which may or may not have landed).
         for i in 0..3 {
             let name = format!("ck{i}.pt");
             let path = dir.path().join(&name);
-            let found = if path.exists() {
-                Some(
-                    check_whole(&path)
-                        .unwrap_or_else(|e| panic!("kill {kills} (seed {seed}): torn file: {e}")),
-                )
-            } else {
-                None
-            };
-            if let Some(&s) = durable.get(&name) {
-                if submitted.get(&name) == Some(&s) {
-                    assert_eq!(found, Some(s), "kill {kills} (seed {seed}): {name} step {s} was durable and nothing came after");
-                } else if let Some(got) = found {
-                    assert!(got >= s, "kill {kills} (seed {seed}): {name} holds step {got}, older than durable step {s}");
-                }
-            }
+            let found = path.exists().then(|| {
+                check_whole(&path)
+                    .unwrap_or_else(|e| panic!("kill {kill} (seed {seed}): torn file: {e}"))
+            });
+            let at_start = held.get(&name).copied().flatten();
+            let allowed = log.allowed(&name, at_start);
+            assert!(
+                allowed.contains(&found),
+                "kill {kill} (seed {seed}): {name} holds {found:?}, not one of {allowed:?} \
+                 (operations {:?}, {} reported resolved)",
+                log.ops.get(&name),
+                log.resolved.get(&name).copied().unwrap_or(0)
+            );
+            held.insert(name, found);
         }
         // The next start recognises and cleans temporary files left by the kill.
         ckptio::atomic::clean_temp_files(dir.path()).unwrap();
@@ -209,11 +386,16 @@ fn sigkill_at_random_moments_never_tears_or_loses_a_durable_checkpoint() {
             );
         }
     }
-    eprintln!(
-        "survived {kills} SIGKILLs in {:?}; {reported_total} durable/removed reports checked",
+    println!(
+        "survived {KILLS} SIGKILLs in {:?}, {during_saves} of them during a save; \
+         {reported_total} durable/removed reports checked",
         start.elapsed()
     );
-    assert!(kills >= 100, "only {kills} kills fit in the time budget");
+    assert!(
+        during_saves >= KILLS_DURING_SAVES,
+        "only {during_saves} of {KILLS} kills landed while a save was in progress (floor \
+         {KILLS_DURING_SAVES}): the harness is not exercising interrupted saves"
+    );
     assert!(
         reported_total > 0,
         "the child never reported anything: the harness is not exercising saves"
@@ -323,7 +505,7 @@ fn soak_thousands_of_saves_and_removes_lose_and_reorder_nothing() {
         let start = Instant::now();
         let mut n = 0;
         let mut rss_after_warmup = 0u64;
-        while n < 3000 && start.elapsed() < Duration::from_secs(40) {
+        while n < 3000 {
             n += 1;
             let path = dir.path().join(format!("s{}.pt", next() % 5));
             if next() % 7 == 0 {
@@ -454,7 +636,11 @@ impl Drop for Tmpfs {
 fn disk_full_and_read_only_filesystems_fail_cleanly_and_recover() {
     let dir = tempfile::tempdir().unwrap();
     let Some(fs) = Tmpfs::mount(dir.path(), "4m") else {
-        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        skip(
+            "disk_full_and_read_only_filesystems_fail_cleanly_and_recover",
+            SkipKind::Root,
+            "cannot mount a tmpfs here (needs root)",
+        );
         return;
     };
     let io = AsyncCheckpointIo::new(TorchCheckpointIo::new());
@@ -541,7 +727,11 @@ fn permission_denied_fails_with_the_path_and_keeps_the_previous_checkpoint() {
     // SAFETY: reads this process's effective user id.
     #[allow(unsafe_code)]
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: needs root to drop privileges in a child");
+        skip(
+            "permission_denied_fails_with_the_path_and_keeps_the_previous_checkpoint",
+            SkipKind::Root,
+            "needs root to drop privileges in a child",
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -493,10 +493,10 @@ fn shared_storage_across_dtypes_of_one_untyped_class() {
     assert_eq!(sharing(&back), vec![vec![true, true], vec![true, true]]);
 }
 
-// BUG: torch saves and loads `torch.zeros(0, 3)[:, 1:]` (an empty view with storage offset 1 over a
-// 0-byte storage: torch skips bounds checks for empty tensors), and ckptio's `narrow` builds the
-// same view and `save_to_writer` writes it, but ckptio's reader refuses it ("offset 1 beyond
-// storage of 0 elements"): ckptio cannot read a file it wrote (nor the same file from torch).
+// torch saves and loads `torch.zeros(0, 3)[:, 1:]` (an empty view with storage offset 1 over a
+// 0-byte storage: torch skips bounds checks for empty tensors); ckptio's `narrow` builds the same
+// view, `save_to_writer` writes it, and ckptio's reader reads it back (an empty view's offset is
+// not checked against its storage's end).
 #[test]
 fn empty_views_past_the_storage_end_round_trip() {
     let base = HostTensor::from_slice::<f32>(&[], &[0, 3]).unwrap();

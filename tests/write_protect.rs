@@ -3,7 +3,8 @@
 //! however soon.
 //!
 //! Where this process may not use `userfaultfd`, saves copy instead: the tests then still check
-//! what is saved, and say that the protected path was not exercised.
+//! what is saved, and report a skip of kind `userfaultfd` ([`common::skip`]) for the protected
+//! path they could not exercise.
 
 use std::io::Read;
 use std::path::Path;
@@ -156,19 +157,25 @@ fn load_f32(path: &Path, key: &str) -> Vec<f32> {
         .collect()
 }
 
+/// An Eager wrapper that write-protects; reports a skip when the protected path cannot run here.
 fn eager_io() -> AsyncCheckpointIo<TorchCheckpointIo> {
+    protected_here();
     Builder::default()
         .snapshot_mode(SnapshotMode::Eager)
         .write_protect(true)
         .build(TorchCheckpointIo::new())
 }
 
-/// Whether the protected path runs here; says so when it does not.
+/// Whether the protected path runs here; reports a skip of the running test when it does not.
 fn protected_here() -> bool {
     match write_protect_available() {
         Ok(()) => true,
         Err(e) => {
-            eprintln!("write protection not available ({e}): only the copying path is checked");
+            common::skip(
+                &common::this_test(),
+                common::SkipKind::Userfaultfd,
+                &format!("write protection not available ({e}): only the copying path is checked"),
+            );
             false
         }
     }
@@ -308,6 +315,7 @@ fn back_to_back_saves_each_hold_the_state_of_their_own_moment() {
     let w = Buf::new(vec![1.0; N / 4]);
     let m = Buf::new(vec![10.0; N / 8]);
     let t = tree(&[("w", &Param(w.clone())), ("m", &Param(m.clone()))]);
+    protected_here();
     let io = Builder::default()
         .capacity(4)
         .write_protect(true)

@@ -1,6 +1,7 @@
 //! A checkpoint past 4 GiB uses zip64 records, and PyTorch reads it.
 //!
-//! Writes a 4.1 GiB file: skipped (with a message) when the temp directory has under 10 GiB free.
+//! Writes a 4.1 GiB file: reported as a skip of kind `disk` ([`common::skip`]) when the temp
+//! directory has under 10 GiB free.
 
 use std::path::Path;
 use std::process::Command;
@@ -24,7 +25,11 @@ fn free_bytes(dir: &Path) -> u64 {
 fn a_file_past_4_gib_is_zip64_and_loads_in_pytorch() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     if free_bytes(dir.path()) < 10 << 30 {
-        eprintln!("SKIPPED: less than 10 GiB free in {}", dir.path().display());
+        common::skip(
+            "a_file_past_4_gib_is_zip64_and_loads_in_pytorch",
+            common::SkipKind::Disk,
+            &format!("less than 10 GiB free in {}", dir.path().display()),
+        );
         return;
     }
     let n: usize = (4 << 30) + (100 << 20);

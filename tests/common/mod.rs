@@ -1,14 +1,78 @@
 //! Helpers shared by the integration tests: the Python interpreter with torch, running the
 //! helper scripts in `tests/python/`, storage-sharing groups and tensor flags in the same shape
-//! the scripts print them.
+//! the scripts print them, and [`skip`], the one way a test says it could not run its check.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use ckptio::{DictKind, HostTensor, Key, Storage, Value};
 use serde_json::{json, Value as Json};
+
+/// What a machine lacked when a test could not run (all or part of) its check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SkipKind {
+    /// No CUDA device.
+    Cuda,
+    /// Not running as root (mounting a file system, dropping privileges).
+    Root,
+    /// `userfaultfd` write protection refused by the kernel or the process's privileges.
+    Userfaultfd,
+    /// Too little free disk.
+    Disk,
+    /// Too little free memory.
+    Memory,
+}
+
+impl SkipKind {
+    /// The name written in the skip log: `cuda`, `root`, `userfaultfd`, `disk`, `memory`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SkipKind::Cuda => "cuda",
+            SkipKind::Root => "root",
+            SkipKind::Userfaultfd => "userfaultfd",
+            SkipKind::Disk => "disk",
+            SkipKind::Memory => "memory",
+        }
+    }
+}
+
+/// The name of the running test: libtest names each test's thread after it.
+pub fn this_test() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("<unnamed test thread>")
+        .to_owned()
+}
+
+/// Says that `test` did not run (all or part of) its check here because the machine lacks
+/// `kind`: written to the process's stderr (past libtest's capture, so the run shows it) and,
+/// when `$CKPTIO_SKIP_LOG` names a file, appended to it as one line
+/// `test<TAB>kind<TAB>reason`, in one write so that parallel tests never interleave.
+/// `./dev.sh test` lists that file at the end and fails on any kind but `cuda`.
+pub fn skip(test: &str, kind: SkipKind, reason: &str) {
+    let reason = reason.replace(['\t', '\n'], " ");
+    let line = format!("{test}\t{}\t{reason}\n", kind.name());
+    let _ = std::io::stderr()
+        .lock()
+        .write_all(format!("SKIPPED {test} ({}): {reason}\n", kind.name()).as_bytes());
+    let Some(log) = std::env::var_os("CKPTIO_SKIP_LOG").filter(|p| !p.is_empty()) else {
+        return;
+    };
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        panic!(
+            "{test}: cannot record a skip in CKPTIO_SKIP_LOG={}: {e}",
+            Path::new(&log).display()
+        );
+    }
+}
 
 /// The Python with torch 2.13 (and Lightning): `$CKPTIO_PYTHON`, else the project's
 /// `.venv/bin/python`. Panics (never skips) when there is none.
