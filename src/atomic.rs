@@ -21,9 +21,10 @@ pub const TEMP_MARKER: &str = ".ckptio-tmp-";
 
 /// The temporary path used while writing `path`.
 fn temp_path(path: &Path) -> Result<PathBuf> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::InvalidArgument(format!("{} has no file name", path.display())))?;
+    let name = path.file_name().ok_or_else(|| Error::Path {
+        path: path.to_path_buf(),
+        reason: "it has no file name".into(),
+    })?;
     let tmp = format!(
         ".{}{}{}-{:08x}",
         name.to_string_lossy(),
@@ -70,7 +71,10 @@ where
     F: FnOnce(&mut FileSink) -> Result<()>,
 {
     if path.as_os_str().is_empty() {
-        return Err(Error::InvalidArgument("empty checkpoint path".into()));
+        return Err(Error::Path {
+            path: path.to_path_buf(),
+            reason: "it is empty".into(),
+        });
     }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -271,7 +275,7 @@ mod tests {
         .unwrap();
         let r = write_atomic(&p, true, |w| {
             w.write_all(b"partial").unwrap();
-            Err(Error::InvalidArgument("boom".into()))
+            Err(Error::io("write", "x", std::io::Error::other("boom")))
         });
         assert!(r.is_err());
         assert_eq!(fs::read(&p).unwrap(), b"old");

@@ -794,14 +794,14 @@ impl HostTensor {
         Bytes::from(out)
     }
 
-    /// The elements in row-major order. Fails when `T` does not match the dtype.
+    /// The elements in row-major order; an [`Error::TensorOp`] when `T` does not match the
+    /// dtype.
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
         if T::DTYPE != self.dtype {
-            return Err(Error::InvalidArgument(format!(
-                "tensor is {}, asked for {}",
-                self.dtype,
-                T::DTYPE
-            )));
+            return Err(self.op_error(
+                format!("to_vec::<{}>", std::any::type_name::<T>()),
+                format!("its elements are {}, not {}", self.dtype, T::DTYPE),
+            ));
         }
         let b = self.contiguous_bytes();
         Ok(b.chunks_exact(self.dtype.size()).map(T::get_le).collect())
@@ -825,13 +825,14 @@ impl HostTensor {
         }
     }
 
-    /// A view with dimensions `a` and `b` swapped (shares the storage).
+    /// A view with dimensions `a` and `b` swapped (shares the storage); an
+    /// [`Error::TensorOp`] when the tensor lacks one of them.
     pub fn transpose(&self, a: usize, b: usize) -> Result<HostTensor> {
         if a >= self.shape.len() || b >= self.shape.len() {
-            return Err(Error::InvalidArgument(format!(
-                "transpose({a}, {b}) of a {}-dim tensor",
-                self.shape.len()
-            )));
+            return Err(self.op_error(
+                format!("transpose({a}, {b})"),
+                format!("the tensor has {} dimensions", self.shape.len()),
+            ));
         }
         let mut t = self.clone();
         t.shape.swap(a, b);
@@ -839,13 +840,14 @@ impl HostTensor {
         Ok(t)
     }
 
-    /// A view of rows `start..end` of dimension 0 (shares the storage).
+    /// A view of indices `start..start + len` of dimension `dim` (shares the storage); an
+    /// [`Error::TensorOp`] when the range is not inside the tensor.
     pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<HostTensor> {
         if dim >= self.shape.len() || start.checked_add(len).is_none_or(|e| e > self.shape[dim]) {
-            return Err(Error::InvalidArgument(format!(
-                "narrow(dim={dim}, start={start}, len={len}) of shape {:?}",
-                self.shape
-            )));
+            return Err(self.op_error(
+                format!("narrow(dim={dim}, start={start}, len={len})"),
+                "the range is outside the tensor",
+            ));
         }
         let mut t = self.clone();
         if len > 0 {
@@ -853,6 +855,16 @@ impl HostTensor {
         }
         t.shape[dim] = len;
         Ok(t)
+    }
+
+    /// An [`Error::TensorOp`] for `op` on this tensor.
+    fn op_error(&self, op: String, reason: impl Into<String>) -> Error {
+        Error::TensorOp {
+            op,
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+            reason: reason.into(),
+        }
     }
 
     /// Whether both have the same dtype, shape and elements (bit for bit), whatever their

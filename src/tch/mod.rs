@@ -77,8 +77,12 @@ pub fn location_of(device: Device) -> String {
     }
 }
 
-/// The device a location tag names.
+/// The device a location tag names; an [`Error::Device`] for a tag tch has no device for.
 pub fn device_of(location: &str) -> Result<Device> {
+    let refuse = |reason: &str| Error::Device {
+        device: location.to_owned(),
+        reason: reason.to_owned(),
+    };
     if location == "cpu" {
         return Ok(Device::Cpu);
     }
@@ -86,15 +90,15 @@ pub fn device_of(location: &str) -> Result<Device> {
         let n = n.strip_prefix(':').unwrap_or("0");
         let n: usize = n
             .parse()
-            .map_err(|_| Error::InvalidArgument(format!("bad device {location:?}")))?;
+            .map_err(|_| refuse("not a CUDA device index (expected cuda:N)"))?;
         return Ok(Device::Cuda(n));
     }
     if location == "mps" {
         return Ok(Device::Mps);
     }
-    Err(Error::InvalidArgument(format!(
-        "unsupported device {location:?}"
-    )))
+    Err(refuse(
+        "not a device ckptio can place tensors on (cpu, cuda:N, mps); load with map_location",
+    ))
 }
 
 /// The tch device a [`MapLocation`] sends a storage saved at `saved` to.
@@ -124,11 +128,16 @@ pub fn check_savable(t: &Tensor) -> Result<(DType, usize)> {
 pub fn copy_into(t: &Tensor, dst: &mut [u8]) -> Result<()> {
     let (dtype, numel) = check_savable(t)?;
     if dst.len() != numel * dtype.size() {
-        return Err(Error::InvalidArgument(format!(
-            "destination holds {} bytes, tensor needs {}",
-            dst.len(),
-            numel * dtype.size()
-        )));
+        return Err(Error::TensorOp {
+            op: "copy_into".into(),
+            dtype,
+            shape: t.size().iter().map(|&d| d as usize).collect(),
+            reason: format!(
+                "the destination holds {} bytes, the tensor {}",
+                dst.len(),
+                numel * dtype.size()
+            ),
+        });
     }
     if numel == 0 {
         return Ok(());
@@ -182,7 +191,7 @@ pub fn to_host(t: &Tensor) -> Result<HostTensor> {
 
 /// A new tch tensor on `device` holding the elements of `t`.
 ///
-/// Fails with [`Error::InvalidArgument`] (never a panic) when `device` is a CUDA device this
+/// Fails with [`Error::Device`] (never a panic) when `device` is a CUDA device this
 /// process does not have, as when a checkpoint saved on a GPU is loaded with its saved
 /// locations on a machine without one: load it with [`MapLocation::Cpu`](crate::MapLocation).
 pub fn to_tch(t: &HostTensor, device: Device) -> Result<Tensor> {
@@ -198,10 +207,13 @@ pub fn to_tch(t: &HostTensor, device: Device) -> Result<Tensor> {
             } else {
                 format!("this process sees {have} CUDA device(s)")
             };
-            return Err(Error::InvalidArgument(format!(
-                "cannot place a tensor on cuda:{i}: {why}; load with map_location \
-                 (MapLocation::Cpu, or another device) to read it here"
-            )));
+            return Err(Error::Device {
+                device: format!("cuda:{i}"),
+                reason: format!(
+                    "cannot place a tensor there: {why}; load with map_location \
+                     (MapLocation::Cpu, or another device) to read it here"
+                ),
+            });
         }
     }
     let kind = kind_of(t.dtype()).ok_or_else(|| {
@@ -392,7 +404,7 @@ pub struct LoadReport {
 /// `strict` mode, a missing or unexpected key is an error and nothing is changed.
 pub fn load_state_dict(vs: &mut tch::nn::VarStore, sd: &Value, strict: bool) -> Result<LoadReport> {
     let d = sd.as_dict().ok_or_else(|| {
-        Error::InvalidArgument(format!(
+        Error::state(format!(
             "a state dict must be a dict, got {}",
             sd.type_name()
         ))
@@ -503,15 +515,21 @@ impl Restore for StateDictRestore<'_> {
                 let mut top = match loaded {
                     Value::Dict(d) => d,
                     other => {
-                        return Err(Error::InvalidArgument(format!(
-                            "checkpoint is a {}, expected a dict with {k:?}",
-                            other.type_name()
-                        )))
+                        return Err(Error::State {
+                            key: k.clone(),
+                            reason: format!(
+                                "the checkpoint is a {}, not a dict holding it",
+                                other.type_name()
+                            ),
+                        })
                     }
                 };
-                let sd = top.remove(&Key::Str(k.clone())).ok_or_else(|| {
-                    Error::InvalidArgument(format!("checkpoint has no {k:?} entry"))
-                })?;
+                let sd = top
+                    .remove(&Key::Str(k.clone()))
+                    .ok_or_else(|| Error::State {
+                        key: k.clone(),
+                        reason: "the checkpoint has no such entry".into(),
+                    })?;
                 (sd, Some(top))
             }
             None => (loaded, None),
@@ -565,9 +583,9 @@ mod tests {
         let h = HostTensor::from_parts(storage, DType::Float32, vec![2], vec![1], 0).unwrap();
         // As saved: refused with a way out.
         match to_tch_mapped(&h, &LoadOptions::default()) {
-            Err(Error::InvalidArgument(m)) => {
-                assert!(m.contains(&format!("cuda:{missing}")), "{m}");
-                assert!(m.contains("map_location"), "{m}");
+            Err(Error::Device { device, reason }) => {
+                assert_eq!(device, format!("cuda:{missing}"));
+                assert!(reason.contains("map_location"), "{reason}");
             }
             Err(e) => panic!("unexpected error {e}"),
             Ok(_) => panic!("placed on a device the process lacks"),
