@@ -90,10 +90,20 @@ impl TensorSource for Weights {
         dst.copy_from_slice(&self.0);
         Ok(())
     }
-    #[allow(unsafe_code)]
+    fn host_memory(&self) -> Option<&dyn ckptio::HostMemory> {
+        Some(self)
+    }
+}
+
+// SAFETY: the bytes own a reference to the vector, so its memory stays where it is for as long
+// as they live, and only this process's CPU threads could write it (none does).
+#[allow(unsafe_code)]
+unsafe impl ckptio::HostMemory for Weights {
+    // Not borrowed: without write protection, a save copies it with `copy_to`.
+    unsafe fn borrow_bytes(&self) -> Option<Bytes> {
+        None
+    }
     unsafe fn protectable_bytes(&self) -> Option<Bytes> {
-        // The bytes own a reference to the vector, so its memory stays where it is for as long
-        // as they live, and only this process's CPU threads could write it (none does).
         Some(Bytes::from_owner(Owned(Arc::clone(&self.0))))
     }
 }

@@ -52,7 +52,8 @@ pub use crate::io::{
 };
 pub use crate::runtime::{AsyncCheckpointIo, Backpressure, SaveHandle, SaveReport, SnapshotMode};
 pub use crate::tensor::{
-    contiguous_strides, DType, Element, HostTensor, LiveTensor, Storage, TensorSource, MAX_SNAPSHOT,
+    contiguous_strides, DType, Element, HostMemory, HostTensor, LiveTensor, Storage, TensorSource,
+    MAX_SNAPSHOT,
 };
 pub use crate::torch::TorchCheckpointIo;
 pub use crate::value::{Dict, DictKind, FloatKey, Key, KeyRef, Object, ObjectKind, Value};

@@ -126,10 +126,17 @@ impl TensorSource for Param {
         dst.copy_from_slice(self.0.bytes_mut(self.0.len()));
         Ok(())
     }
+    fn host_memory(&self) -> Option<&dyn ckptio::HostMemory> {
+        Some(self)
+    }
+}
+
+// SAFETY: the bytes are the buffer's elements, and the owner keeps the buffer at its address
+// while they are held; only this process's threads write it, through the test's own calls.
+unsafe impl ckptio::HostMemory for Param {
     unsafe fn borrow_bytes(&self) -> Option<Bytes> {
         Some(Bytes::from_owner(Owner(self.0.clone())))
     }
-    // The owner holds the buffer, which is ordinary heap memory: the stronger contract holds.
     unsafe fn protectable_bytes(&self) -> Option<Bytes> {
         Some(Bytes::from_owner(Owner(self.0.clone())))
     }
@@ -391,6 +398,17 @@ impl TensorSource for Unreadable {
         Err(ckptio::Error::InvalidArgument(
             "this tensor cannot be read".into(),
         ))
+    }
+    fn host_memory(&self) -> Option<&dyn ckptio::HostMemory> {
+        Some(self)
+    }
+}
+
+// SAFETY: as for `Param`.
+unsafe impl ckptio::HostMemory for Unreadable {
+    // Not borrowed: a save that does not protect it copies it, and the copy fails.
+    unsafe fn borrow_bytes(&self) -> Option<Bytes> {
+        None
     }
     unsafe fn protectable_bytes(&self) -> Option<Bytes> {
         Some(Bytes::from_owner(Owner(self.0.clone())))

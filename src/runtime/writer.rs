@@ -663,7 +663,7 @@ fn copy_streamed(
         // SAFETY: the bytes are read only here, inside the snapshot's copy, while the caller
         // does not write the tensor (an Eager save has not returned; a Deferred save's
         // `staged()` has not resolved), and dropped before this returns.
-        let src = unsafe { live.source().borrow_bytes() };
+        let src = unsafe { live.borrow_bytes() };
         if let Some(src) = src.filter(|b| b.len() == len) {
             let progress = filler.progress();
             let mut at = 0;
@@ -719,7 +719,7 @@ impl CopyPlan {
             if item.len >= PROTECT_MIN {
                 // SAFETY: the bytes are read only while write-protected (the ends: below, on
                 // this thread, before `save` returns), so never while the tensor is written.
-                if let Some(b) = unsafe { item.live.source().protectable_bytes() } {
+                if let Some(b) = unsafe { item.live.protectable_bytes() } {
                     if b.len() == item.len {
                         candidates.push((item, b));
                         continue;

@@ -25,7 +25,9 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::io::{LoadOptions, MapLocation, Restore};
-use crate::tensor::{contiguous_strides, DType, HostTensor, LiveTensor, Storage, TensorSource};
+use crate::tensor::{
+    contiguous_strides, DType, HostMemory, HostTensor, LiveTensor, Storage, TensorSource,
+};
 use crate::value::{Dict, Key, Value};
 
 fn torch_err(source: tch::TchError) -> Error {
@@ -269,8 +271,19 @@ impl TensorSource for TchSource {
         let t = self.tensor.lock().unwrap_or_else(|e| e.into_inner());
         copy_into(&t, dst)
     }
+    fn host_memory(&self) -> Option<&dyn HostMemory> {
+        Some(self)
+    }
+}
 
-    #[allow(unsafe_code)]
+// SAFETY: `in_place` hands out the memory of a plain CPU row-major tensor of this dtype and
+// length only, as bytes that own a tch tensor sharing its storage (which keeps the memory
+// allocated). libtorch itself writes a CPU tensor only when the user's code asks it to. For
+// `protectable_bytes`, the owner is a detached alias holding the storage itself, so the memory
+// stays at its address however the user's tensor changes (short of `resize_`, see below), and
+// CPU memory that a device may write (CUDA-pinned) is never offered.
+#[allow(unsafe_code)]
+unsafe impl HostMemory for TchSource {
     unsafe fn borrow_bytes(&self) -> Option<bytes::Bytes> {
         let t = self.tensor.lock().unwrap_or_else(|e| e.into_inner());
         self.in_place(&t, t.shallow_clone())
@@ -286,7 +299,6 @@ impl TensorSource for TchSource {
     /// (a device writes it without the kernel seeing), and the one way tch has to tell it from
     /// ordinary memory, `is_pinned(device)`, prints a libtorch deprecation warning to stderr at
     /// every call: once per tensor per save. There, CPU tensors are copied instead.
-    #[allow(unsafe_code)]
     unsafe fn protectable_bytes(&self) -> Option<bytes::Bytes> {
         if crate::runtime::cuda_available() {
             return None;
@@ -335,7 +347,7 @@ impl AsRef<[u8]> for Borrowed {
     fn as_ref(&self) -> &[u8] {
         // SAFETY: `ptr` is the data pointer of the contiguous CPU tensor `_tensor`, whose
         // `len` bytes stay allocated while this struct holds it. That nobody writes them
-        // meanwhile is the contract of `TensorSource::borrow_bytes`, whose caller drops these
+        // meanwhile is the contract of `HostMemory::borrow_bytes`, whose caller drops these
         // bytes before the tensor can be written.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
