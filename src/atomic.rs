@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::sink::{FileSink, SinkStats};
 
 /// Marker in the names of temporary files, so stray ones can be recognised and cleaned.
-pub const TEMP_MARKER: &str = ".ckptio-tmp-";
+pub(crate) const TEMP_MARKER: &str = ".ckptio-tmp-";
 
 /// The temporary path used while writing `path`.
 fn temp_path(path: &Path) -> Result<PathBuf> {
@@ -35,7 +35,12 @@ fn temp_path(path: &Path) -> Result<PathBuf> {
     Ok(path.with_file_name(tmp))
 }
 
-/// Whether `name` is one of ckptio's temporary files (left behind by a crash).
+/// Whether the file name `name` is one of ckptio's temporary files.
+///
+/// A save writes a checkpoint into a temporary file in the same directory (a hidden name
+/// holding `.ckptio-tmp-`) and renames it into place once it is whole, so a crash never leaves
+/// a torn file at the checkpoint's path; it may leave the temporary file, which this
+/// recognises. [`clean_temp_files`] removes them.
 pub fn is_temp_file(name: &str) -> bool {
     name.starts_with('.') && name.contains(TEMP_MARKER)
 }
@@ -66,7 +71,7 @@ pub fn clean_temp_files(dir: &Path) -> Result<usize> {
 /// With `durable`, the file and its directory are fsynced before this returns (traced as the
 /// span `ckptio_fsync`, timed in [`SinkStats::fsync`]), and the file is written with direct
 /// I/O where the file system allows it (see [`FileSink`]).
-pub fn write_atomic<F>(path: &Path, durable: bool, write: F) -> Result<SinkStats>
+pub(crate) fn write_atomic<F>(path: &Path, durable: bool, write: F) -> Result<SinkStats>
 where
     F: FnOnce(&mut FileSink) -> Result<()>,
 {
@@ -227,14 +232,14 @@ fn release_later(file: File) {
 }
 
 /// fsyncs a directory so a rename in it is durable.
-pub fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     let d = File::open(dir).map_err(|e| Error::io("open directory", dir, e))?;
     d.sync_all()
         .map_err(|e| Error::io("fsync directory", dir, e))
 }
 
 /// Removes a file or a directory tree; quiet when it is absent.
-pub fn remove_path(path: &Path) -> Result<()> {
+pub(crate) fn remove_path(path: &Path) -> Result<()> {
     let meta = match fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),

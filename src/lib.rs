@@ -28,14 +28,14 @@
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
 mod aligned;
-pub mod atomic;
+mod atomic;
 mod error;
 mod huge;
 mod io;
 pub mod json;
 pub mod manager;
 pub mod runtime;
-pub mod sink;
+mod sink;
 pub mod state;
 mod tensor;
 pub mod torch;
@@ -46,6 +46,7 @@ pub mod optim;
 #[cfg(feature = "tch")]
 pub mod tch;
 
+pub use crate::atomic::{clean_temp_files, is_temp_file};
 pub use crate::error::{Error, Result};
 pub use crate::io::{
     finish_load, CheckpointIo, LoadOptions, MapLocation, Restore, SaveOptions, WriteStats,

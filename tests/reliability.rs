@@ -64,7 +64,7 @@ fn rng(seed: u64) -> impl FnMut() -> u64 {
 
 /// Child: saves and removes forever, printing each operation once its handle resolved.
 fn crash_child(dir: &Path, seed: u64, base: i64) {
-    ckptio::atomic::clean_temp_files(dir).unwrap();
+    ckptio::clean_temp_files(dir).unwrap();
     let io = Builder::default()
         .capacity(2)
         .build(TorchCheckpointIo::new());
@@ -200,7 +200,7 @@ fn sigkill_at_random_moments_never_tears_or_loses_a_durable_checkpoint() {
             }
         }
         // The next start recognises and cleans temporary files left by the kill.
-        ckptio::atomic::clean_temp_files(dir.path()).unwrap();
+        ckptio::clean_temp_files(dir.path()).unwrap();
         for e in std::fs::read_dir(dir.path()).unwrap() {
             let n = e.unwrap().file_name().to_string_lossy().into_owned();
             assert!(
