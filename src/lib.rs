@@ -10,6 +10,16 @@
 //! - [`AsyncCheckpointIo`]: wraps any backend and writes off the training thread.
 //! - `ckptio::tch` (feature `tch`, on by default): `tch::Tensor` <-> [`HostTensor`], `VarStore`
 //!   state dicts.
+//! - [`clean_temp_files`]: removes the temporary files a crash left behind.
+//!
+//! # Features
+//! - `tch` (default): the tch integration (`ckptio::tch`, `ckptio::optim`, tch state in
+//!   `ckptio::state`); needs libtorch.
+//! - `cli` (default): the `ckptio` command line tool and its dependencies (`clap`,
+//!   `serde_json`, `sha2`, `base64`). A library user can leave it out with
+//!   `default-features = false, features = ["tch"]`.
+//! - `serde_json` (part of `cli`): `serde_json::Value` as [`Stateful`](state::Stateful)
+//!   metadata.
 //!
 //! ```no_run
 //! use ckptio::{CheckpointIo, Dict, HostTensor, LoadOptions, SaveOptions, TorchCheckpointIo, Value};
@@ -32,6 +42,8 @@ mod atomic;
 mod error;
 mod huge;
 mod io;
+#[cfg(feature = "cli")]
+#[doc(hidden)]
 pub mod json;
 pub mod manager;
 pub mod runtime;

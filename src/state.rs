@@ -76,8 +76,9 @@ impl Stateful for Value {
     }
 }
 
-/// Serde-able metadata: `serde_json::to_value(&my_config)` gives a value that saves as a plain
-/// tree (objects as string-keyed dicts, arrays as lists) and loads back.
+/// Serde-able metadata (feature `serde_json`): `serde_json::to_value(&my_config)` gives a value
+/// that saves as a plain tree (objects as string-keyed dicts, arrays as lists) and loads back.
+#[cfg(feature = "serde_json")]
 impl Stateful for serde_json::Value {
     fn state_dict(&self) -> Result<Value> {
         fn conv(j: &serde_json::Value) -> Value {
