@@ -36,6 +36,7 @@
 //! ```
 #![deny(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
+// #![warn(missing_debug_implementations)] -- enabled once src/runtime has Debug
 
 mod aligned;
 mod atomic;
@@ -74,4 +75,5 @@ pub use crate::value::{Dict, DictKind, FloatKey, Key, KeyRef, Object, ObjectKind
 /// The README's examples, compiled as doc tests so the README stays true.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
+#[derive(Debug)]
 pub struct ReadmeDoctests;

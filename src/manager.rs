@@ -129,6 +129,20 @@ pub struct CheckpointManager<I: CheckpointIo + 'static> {
     newest: Option<Kept>,
 }
 
+impl<I: CheckpointIo + 'static> std::fmt::Debug for CheckpointManager<I> {
+    /// The configuration and the checkpoints it keeps track of (not the backend).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pending: Vec<&Path> = self.pending.iter().map(|p| p.path.as_path()).collect();
+        let kept: Vec<&Path> = self.kept.iter().map(|k| k.path.as_path()).collect();
+        f.debug_struct("CheckpointManager")
+            .field("cfg", &self.cfg)
+            .field("pending", &pending)
+            .field("kept", &kept)
+            .field("newest", &self.newest.as_ref().map(|n| n.path.as_path()))
+            .finish_non_exhaustive()
+    }
+}
+
 fn render(template: &str, step: u64, epoch: u64, metric: Option<f64>) -> Result<String> {
     let refuse = |reason: String| Error::Template {
         template: template.to_owned(),

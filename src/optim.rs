@@ -294,6 +294,20 @@ impl Optimizer for Sgd {
     }
 }
 
+impl std::fmt::Debug for Sgd {
+    /// The hyperparameters and the number of parameters (not the tensors).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sgd")
+            .field("params", &self.params.len())
+            .field("lr", &self.lr)
+            .field("momentum", &self.momentum)
+            .field("dampening", &self.dampening)
+            .field("weight_decay", &self.weight_decay)
+            .field("nesterov", &self.nesterov)
+            .finish_non_exhaustive()
+    }
+}
+
 /// `torch.optim.Adam` and `torch.optim.AdamW` (decoupled weight decay).
 pub struct Adam {
     params: Vec<Tensor>,
@@ -313,6 +327,21 @@ pub struct Adam {
     exp_avg: Vec<Option<Tensor>>,
     exp_avg_sq: Vec<Option<Tensor>>,
     max_exp_avg_sq: Vec<Option<Tensor>>,
+}
+
+impl std::fmt::Debug for Adam {
+    /// The hyperparameters and the number of parameters (not the tensors).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Adam")
+            .field("params", &self.params.len())
+            .field("lr", &self.lr)
+            .field("betas", &self.betas)
+            .field("eps", &self.eps)
+            .field("weight_decay", &self.weight_decay)
+            .field("amsgrad", &self.amsgrad)
+            .field("decoupled_weight_decay", &self.decoupled_weight_decay)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Adam {

@@ -488,6 +488,18 @@ pub struct StateDictRestore<'a> {
     report: LoadReport,
 }
 
+impl std::fmt::Debug for StateDictRestore<'_> {
+    /// The settings and the last report (not the VarStore).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateDictRestore")
+            .field("key", &self.key)
+            .field("strip_prefix", &self.strip_prefix)
+            .field("strict", &self.strict)
+            .field("report", &self.report)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<'a> StateDictRestore<'a> {
     /// Restores `vs`, non-strict, from the whole checkpoint.
     pub fn new(vs: &'a mut tch::nn::VarStore) -> Self {
