@@ -3,8 +3,8 @@
 //! never a torn one; a failure removes the temporary file and leaves the old file untouched.
 //!
 //! Freeing a large file's blocks is not free: on ext4 mounted with `discard` (common on cloud
-//! disks) unlinking a file costs about 0.1 s per GiB, and a rename over an old checkpoint pays it
-//! too. So when a save replaces (or [`remove_path`] removes) a file of 32 MiB or more, ckptio
+//! disks) unlinking a file takes time in proportion to its size, and a rename over an old
+//! checkpoint pays it too. So when a save replaces (or [`remove_path`] removes) a file of 32 MiB or more, ckptio
 //! keeps the old file open across the rename or unlink and lets a background thread close it:
 //! the new checkpoint is durable without waiting for the old one's blocks to be freed. The name
 //! is gone at once either way; only the space comes back a moment later.
