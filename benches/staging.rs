@@ -57,10 +57,14 @@ impl CheckpointIo for Null {
         _: &LoadOptions,
         _: Option<&mut dyn Restore>,
     ) -> ckptio::Result<Option<Value>> {
-        Err(Error::InvalidArgument(format!(
-            "{}: the null backend keeps nothing",
-            p.display()
-        )))
+        Err(Error::Io {
+            op: "test",
+            path: std::path::PathBuf::new(),
+            source: std::io::Error::other(format!(
+                "{}: the null backend keeps nothing",
+                p.display()
+            )),
+        })
     }
     fn remove_checkpoint(&self, _: &Path) -> ckptio::Result<()> {
         Ok(())
@@ -90,10 +94,20 @@ impl TensorSource for Weights {
         dst.copy_from_slice(&self.0);
         Ok(())
     }
-    #[allow(unsafe_code)]
+    fn host_memory(&self) -> Option<&dyn ckptio::HostMemory> {
+        Some(self)
+    }
+}
+
+// SAFETY: the bytes own a reference to the vector, so its memory stays where it is for as long
+// as they live, and only this process's CPU threads could write it (none does).
+#[allow(unsafe_code)]
+unsafe impl ckptio::HostMemory for Weights {
+    // Not borrowed: without write protection, a save copies it with `copy_to`.
+    unsafe fn borrow_bytes(&self) -> Option<Bytes> {
+        None
+    }
     unsafe fn protectable_bytes(&self) -> Option<Bytes> {
-        // The bytes own a reference to the vector, so its memory stays where it is for as long
-        // as they live, and only this process's CPU threads could write it (none does).
         Some(Bytes::from_owner(Owned(Arc::clone(&self.0))))
     }
 }

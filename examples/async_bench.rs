@@ -215,7 +215,7 @@ fn run(args: &Args, dir: &Path, mib: usize) -> Row {
     let m0 = m0(&state, bytes, reps);
     let (mut d0_buffered, mut d0_direct) = d0(dir, bytes, reps);
     // Between two saves the bench idles as long as one raw write, as a training loop computes
-    // between checkpoints: the previous file's release (see `ckptio::atomic`) is then over.
+    // between checkpoints: the previous file's release (see `TorchCheckpointIo`) is then over.
     let gap = Duration::from_secs_f64(median(d0_buffered.clone()));
 
     let mut res = Row {

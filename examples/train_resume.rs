@@ -44,7 +44,7 @@ fn main() -> ckptio::Result<()> {
     let mut step = 0i64;
 
     // Resume from the newest complete checkpoint, if any.
-    ckptio::atomic::clean_temp_files(&args.dir)?;
+    ckptio::clean_temp_files(&args.dir)?;
     if let Some(path) = CheckpointManager::<TorchCheckpointIo>::resume_path(&args.dir)? {
         let tree = ckptio::torch::load(&path, &LoadOptions::default())?;
         let rest = restore(

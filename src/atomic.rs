@@ -3,8 +3,8 @@
 //! never a torn one; a failure removes the temporary file and leaves the old file untouched.
 //!
 //! Freeing a large file's blocks is not free: on ext4 mounted with `discard` (common on cloud
-//! disks) unlinking a file costs about 0.1 s per GiB, and a rename over an old checkpoint pays it
-//! too. So when a save replaces (or [`remove_path`] removes) a file of 32 MiB or more, ckptio
+//! disks) unlinking a file takes time in proportion to its size, and a rename over an old
+//! checkpoint pays it too. So when a save replaces (or [`remove_path`] removes) a file of 32 MiB or more, ckptio
 //! keeps the old file open across the rename or unlink and lets a background thread close it:
 //! the new checkpoint is durable without waiting for the old one's blocks to be freed. The name
 //! is gone at once either way; only the space comes back a moment later.
@@ -17,13 +17,14 @@ use crate::error::{Error, Result};
 use crate::sink::{FileSink, SinkStats};
 
 /// Marker in the names of temporary files, so stray ones can be recognised and cleaned.
-pub const TEMP_MARKER: &str = ".ckptio-tmp-";
+pub(crate) const TEMP_MARKER: &str = ".ckptio-tmp-";
 
 /// The temporary path used while writing `path`.
 fn temp_path(path: &Path) -> Result<PathBuf> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::InvalidArgument(format!("{} has no file name", path.display())))?;
+    let name = path.file_name().ok_or_else(|| Error::Path {
+        path: path.to_path_buf(),
+        reason: "it has no file name".into(),
+    })?;
     let tmp = format!(
         ".{}{}{}-{:08x}",
         name.to_string_lossy(),
@@ -34,7 +35,12 @@ fn temp_path(path: &Path) -> Result<PathBuf> {
     Ok(path.with_file_name(tmp))
 }
 
-/// Whether `name` is one of ckptio's temporary files (left behind by a crash).
+/// Whether the file name `name` is one of ckptio's temporary files.
+///
+/// A save writes a checkpoint into a temporary file in the same directory (a hidden name
+/// holding `.ckptio-tmp-`) and renames it into place once it is whole, so a crash never leaves
+/// a torn file at the checkpoint's path; it may leave the temporary file, which this
+/// recognises. [`clean_temp_files`] removes them.
 pub fn is_temp_file(name: &str) -> bool {
     name.starts_with('.') && name.contains(TEMP_MARKER)
 }
@@ -65,12 +71,15 @@ pub fn clean_temp_files(dir: &Path) -> Result<usize> {
 /// With `durable`, the file and its directory are fsynced before this returns (traced as the
 /// span `ckptio_fsync`, timed in [`SinkStats::fsync`]), and the file is written with direct
 /// I/O where the file system allows it (see [`FileSink`]).
-pub fn write_atomic<F>(path: &Path, durable: bool, write: F) -> Result<SinkStats>
+pub(crate) fn write_atomic<F>(path: &Path, durable: bool, write: F) -> Result<SinkStats>
 where
     F: FnOnce(&mut FileSink) -> Result<()>,
 {
     if path.as_os_str().is_empty() {
-        return Err(Error::InvalidArgument("empty checkpoint path".into()));
+        return Err(Error::Path {
+            path: path.to_path_buf(),
+            reason: "it is empty".into(),
+        });
     }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -223,14 +232,14 @@ fn release_later(file: File) {
 }
 
 /// fsyncs a directory so a rename in it is durable.
-pub fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     let d = File::open(dir).map_err(|e| Error::io("open directory", dir, e))?;
     d.sync_all()
         .map_err(|e| Error::io("fsync directory", dir, e))
 }
 
 /// Removes a file or a directory tree; quiet when it is absent.
-pub fn remove_path(path: &Path) -> Result<()> {
+pub(crate) fn remove_path(path: &Path) -> Result<()> {
     let meta = match fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -271,7 +280,7 @@ mod tests {
         .unwrap();
         let r = write_atomic(&p, true, |w| {
             w.write_all(b"partial").unwrap();
-            Err(Error::InvalidArgument("boom".into()))
+            Err(Error::io("write", "x", std::io::Error::other("boom")))
         });
         assert!(r.is_err());
         assert_eq!(fs::read(&p).unwrap(), b"old");

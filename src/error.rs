@@ -6,6 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::tensor::DType;
+
 /// Result with [`Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -142,35 +144,106 @@ pub enum Error {
         pending: Vec<PathBuf>,
     },
 
-    /// Staging memory for a save or a reservation would exceed the staging pool's budget
+    /// A tensor operation was asked for something the tensor's shape or dtype does not allow
+    /// ([`HostTensor::narrow`](crate::HostTensor::narrow) past the end,
+    /// [`HostTensor::to_vec`](crate::HostTensor::to_vec) with another element type, a copy
+    /// into a buffer of the wrong length).
+    #[error("{op} on a {dtype} tensor of shape {shape:?}: {reason}")]
+    TensorOp {
+        /// The operation (`"narrow(dim=0, start=2, len=3)"`, `"to_vec::<f32>"`, ...).
+        op: String,
+        /// The tensor's element type.
+        dtype: DType,
+        /// The tensor's shape.
+        shape: Vec<usize>,
+        /// What does not fit.
+        reason: String,
+    },
+
+    /// An argument of a call is out of its range or inconsistent with another one.
+    #[error("argument `{name}`: {reason}")]
+    Argument {
+        /// The argument's name, as in the function's signature.
+        name: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A checkpoint path cannot name a checkpoint file (empty, or without a file name).
+    #[error("checkpoint path {path:?} cannot be used: {reason}")]
+    Path {
+        /// The path as given.
+        path: PathBuf,
+        /// Why it cannot be used.
+        reason: String,
+    },
+
+    /// A [`CheckpointManager`](crate::manager::CheckpointManager) file name template is
+    /// malformed, or renders a name that is not allowed.
+    #[error("file name template {template:?}: {reason}")]
+    Template {
+        /// The template ([`ManagerConfig::filename`](crate::manager::ManagerConfig::filename)).
+        template: String,
+        /// What is wrong with it, or with the name it rendered.
+        reason: String,
+    },
+
+    /// A saved state value does not have the form the
+    /// [`Stateful`](crate::state::Stateful) restoring it expects (another type, a missing
+    /// entry, an optimizer state dict for other parameters or hyperparameters).
+    #[error("cannot restore state {}: {reason}", state_name(key))]
+    State {
+        /// The name the state was saved under (as given to [`state::load`](crate::state::load));
+        /// empty when `load_state_dict` was called directly.
+        key: String,
+        /// What does not match.
+        reason: String,
+    },
+
+    /// A device named by a location tag or asked for is unknown or not present in this
+    /// process.
+    #[error("device {device:?}: {reason}")]
+    Device {
+        /// The device (`"cuda:1"`, a location tag as saved).
+        device: String,
+        /// Why it cannot be used, and what to do.
+        reason: String,
+    },
+
+    /// Staging a snapshot would take more memory than the staging pool may hold
     /// ([`Builder::pool_budget`](crate::runtime::Builder::pool_budget)).
     #[error(
-        "staging for {needed} bytes would exceed the pool budget of {budget} bytes \
-         ({in_use} in use); raise Builder::pool_budget or reserve fewer saves"
+        "staging for {needed} bytes would exceed the pool budget of {budget} bytes, {in_use} \
+         of which are in use (Builder::pool_budget)"
     )]
     StagingBudget {
-        /// Bytes asked for.
+        /// Bytes the snapshot needs.
         needed: u64,
         /// The pool's budget.
         budget: u64,
-        /// Bytes of staging memory in use when it was asked.
+        /// Bytes of the pool in use when the snapshot asked.
         in_use: u64,
     },
 
-    /// The snapshot of a save's live tensors failed (a tensor that could not be read, a size
-    /// that cannot be allocated): nothing was written, the file at `path` is as it was.
+    /// Taking the snapshot of a save's live tensors failed (a tensor's copy failed or
+    /// panicked); the file at the path is left as it was.
     #[error("snapshot of the live tensors for {path} failed: {source}")]
     Snapshot {
         /// The checkpoint path.
         path: PathBuf,
-        /// Why.
+        /// Why the snapshot failed.
         #[source]
         source: std::sync::Arc<Error>,
     },
+}
 
-    /// An invalid argument from the caller.
-    #[error("invalid argument: {0}")]
-    InvalidArgument(String),
+/// How a [`Error::State`] message names its state.
+fn state_name(key: &str) -> String {
+    if key.is_empty() {
+        "value".to_owned()
+    } else {
+        format!("{key:?}")
+    }
 }
 
 impl Error {
@@ -208,6 +281,26 @@ impl Error {
         }
     }
 
+    /// A [`Error::State`] not yet knowing its key ([`state::restore`](crate::state::restore)
+    /// adds it).
+    pub(crate) fn state(reason: impl Into<String>) -> Self {
+        Error::State {
+            key: String::new(),
+            reason: reason.into(),
+        }
+    }
+
+    /// This error, naming `key` when it is a [`Error::State`] that names no key yet.
+    pub(crate) fn in_state(self, key: &str) -> Self {
+        match self {
+            Error::State { key: k, reason } if k.is_empty() => Error::State {
+                key: key.to_owned(),
+                reason,
+            },
+            other => other,
+        }
+    }
+
     /// The path this error is about, if it names one.
     pub fn path(&self) -> Option<&Path> {
         match self {
@@ -221,12 +314,17 @@ impl Error {
             | Error::Background { path, .. }
             | Error::Panic { path, .. }
             | Error::QueueFull { path }
+            | Error::Path { path, .. }
             | Error::Snapshot { path, .. } => Some(path),
             #[cfg(feature = "tch")]
             Error::Torch { path, .. } => Some(path),
-            Error::InvalidArgument(_)
-            | Error::Multiple { .. }
+            Error::Multiple { .. }
             | Error::TeardownTimeout { .. }
+            | Error::TensorOp { .. }
+            | Error::Argument { .. }
+            | Error::Template { .. }
+            | Error::State { .. }
+            | Error::Device { .. }
             | Error::StagingBudget { .. } => None,
         }
     }

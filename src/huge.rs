@@ -33,8 +33,8 @@ pub(crate) fn allowed() -> bool {
 }
 
 /// Asks the kernel to back the 2 MiB block at `start` (a multiple of [`HUGE`]) with a huge
-/// page now. Takes about a millisecond per MiB on the project's test VM, holding the process's
-/// memory-map lock for a moment.
+/// page now. The kernel copies the block's pages into the huge page, so this costs time in
+/// proportion to the block, holding the process's memory-map lock meanwhile.
 #[allow(unsafe_code)]
 pub(crate) fn collapse(start: usize) -> std::io::Result<()> {
     #[cfg(target_os = "linux")]

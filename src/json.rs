@@ -1,5 +1,8 @@
 //! A checkpoint tree as one JSON document (what `ckptio inspect --json` prints).
 //!
+//! This is the command line tool's JSON form (feature `cli`), public only so that the tool, the
+//! tests and the examples can share it; it is not a stable API and may change in any release.
+//!
 //! - dicts whose keys are all strings: JSON objects, in order;
 //! - other dicts: `{"$dict": [[key, value], ...]}`;
 //! - lists and tuples: arrays;

@@ -10,6 +10,16 @@
 //! - [`AsyncCheckpointIo`]: wraps any backend and writes off the training thread.
 //! - `ckptio::tch` (feature `tch`, on by default): `tch::Tensor` <-> [`HostTensor`], `VarStore`
 //!   state dicts.
+//! - [`clean_temp_files`]: removes the temporary files a crash left behind.
+//!
+//! # Features
+//! - `tch` (default): the tch integration (`ckptio::tch`, `ckptio::optim`, tch state in
+//!   `ckptio::state`); needs libtorch.
+//! - `cli` (default): the `ckptio` command line tool and its dependencies (`clap`,
+//!   `serde_json`, `sha2`, `base64`). A library user can leave it out with
+//!   `default-features = false, features = ["tch"]`.
+//! - `serde_json` (part of `cli`): `serde_json::Value` as [`Stateful`](state::Stateful)
+//!   metadata.
 //!
 //! ```no_run
 //! use ckptio::{CheckpointIo, Dict, HostTensor, LoadOptions, SaveOptions, TorchCheckpointIo, Value};
@@ -26,18 +36,23 @@
 //! ```
 #![deny(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
+#![warn(missing_debug_implementations)]
 
 mod aligned;
-pub mod atomic;
+mod atomic;
 mod error;
 mod huge;
 mod io;
+#[cfg(feature = "cli")]
+#[doc(hidden)]
 pub mod json;
 pub mod manager;
 pub mod runtime;
-pub mod sink;
+mod sink;
 pub mod state;
 mod tensor;
+#[cfg(test)]
+mod testing;
 pub mod torch;
 mod value;
 
@@ -46,13 +61,15 @@ pub mod optim;
 #[cfg(feature = "tch")]
 pub mod tch;
 
+pub use crate::atomic::{clean_temp_files, is_temp_file};
 pub use crate::error::{Error, Result};
 pub use crate::io::{
     finish_load, CheckpointIo, LoadOptions, MapLocation, Restore, SaveOptions, WriteStats,
 };
 pub use crate::runtime::{AsyncCheckpointIo, Backpressure, SaveHandle, SaveReport, SnapshotMode};
 pub use crate::tensor::{
-    contiguous_strides, DType, Element, HostTensor, LiveTensor, Storage, TensorSource, MAX_SNAPSHOT,
+    contiguous_strides, DType, Element, HostMemory, HostTensor, LiveTensor, Storage, TensorSource,
+    MAX_SNAPSHOT,
 };
 pub use crate::torch::TorchCheckpointIo;
 pub use crate::value::{Dict, DictKind, FloatKey, Key, KeyRef, Object, ObjectKind, Value};
@@ -60,4 +77,5 @@ pub use crate::value::{Dict, DictKind, FloatKey, Key, KeyRef, Object, ObjectKind
 /// The README's examples, compiled as doc tests so the README stays true.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
+#[derive(Debug)]
 pub struct ReadmeDoctests;

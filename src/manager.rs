@@ -129,14 +129,32 @@ pub struct CheckpointManager<I: CheckpointIo + 'static> {
     newest: Option<Kept>,
 }
 
+impl<I: CheckpointIo + 'static> std::fmt::Debug for CheckpointManager<I> {
+    /// The configuration and the checkpoints it keeps track of (not the backend).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pending: Vec<&Path> = self.pending.iter().map(|p| p.path.as_path()).collect();
+        let kept: Vec<&Path> = self.kept.iter().map(|k| k.path.as_path()).collect();
+        f.debug_struct("CheckpointManager")
+            .field("cfg", &self.cfg)
+            .field("pending", &pending)
+            .field("kept", &kept)
+            .field("newest", &self.newest.as_ref().map(|n| n.path.as_path()))
+            .finish_non_exhaustive()
+    }
+}
+
 fn render(template: &str, step: u64, epoch: u64, metric: Option<f64>) -> Result<String> {
+    let refuse = |reason: String| Error::Template {
+        template: template.to_owned(),
+        reason,
+    };
     let mut out = String::new();
     let mut rest = template;
     while let Some(i) = rest.find('{') {
         out.push_str(&rest[..i]);
         let j = rest[i..]
             .find('}')
-            .ok_or_else(|| Error::InvalidArgument(format!("unclosed {{ in {template:?}")))?
+            .ok_or_else(|| refuse("a { is not closed".into()))?
             + i;
         let field = &rest[i + 1..j];
         let (name, prec) = match field.split_once(":.") {
@@ -148,7 +166,7 @@ fn render(template: &str, step: u64, epoch: u64, metric: Option<f64>) -> Result<
             "epoch" => out.push_str(&epoch.to_string()),
             "metric" => {
                 let m = metric.ok_or_else(|| {
-                    Error::InvalidArgument(format!("{template:?} needs a metric"))
+                    refuse("it names {metric}, but the step passed no metric".into())
                 })?;
                 out.push_str(&match prec {
                     Some(p) => format!("{m:.p$}"),
@@ -156,8 +174,8 @@ fn render(template: &str, step: u64, epoch: u64, metric: Option<f64>) -> Result<
                 });
             }
             other => {
-                return Err(Error::InvalidArgument(format!(
-                    "unknown field {{{other}}} in {template:?}"
+                return Err(refuse(format!(
+                    "unknown field {{{other}}} (fields: step, epoch, metric, metric:.N)"
                 )))
             }
         }
@@ -165,8 +183,8 @@ fn render(template: &str, step: u64, epoch: u64, metric: Option<f64>) -> Result<
     }
     out.push_str(rest);
     if out.contains('/') || out == LAST || out.contains(TEMP_MARKER) {
-        return Err(Error::InvalidArgument(format!(
-            "file name {out:?} is not allowed"
+        return Err(refuse(format!(
+            "it renders {out:?}, which is not allowed (a path, {LAST:?}, or a temporary name)"
         )));
     }
     Ok(out)
@@ -331,9 +349,10 @@ impl<I: CheckpointIo + 'static> CheckpointManager<I> {
 
     /// Replaces `last.ckpt` atomically with a link to `target` (a file in the same directory).
     fn point_last_at(&self, target: &Path) -> Result<()> {
-        let name = target
-            .file_name()
-            .ok_or_else(|| Error::InvalidArgument("checkpoint has no file name".into()))?;
+        let name = target.file_name().ok_or_else(|| Error::Path {
+            path: target.to_path_buf(),
+            reason: "it has no file name".into(),
+        })?;
         let link = self.cfg.dir.join(LAST);
         let tmp = self
             .cfg
@@ -404,9 +423,17 @@ mod tests {
             .unwrap(),
             "step=12-e1-0.123.ckpt"
         );
-        assert!(render("{metric}.ckpt", 1, 0, None).is_err());
-        assert!(render("{nope}.ckpt", 1, 0, None).is_err());
-        assert!(render("a/{step}", 1, 0, None).is_err());
-        assert!(render(LAST, 1, 0, None).is_err());
+        for bad in [
+            "{metric}.ckpt",
+            "{nope}.ckpt",
+            "a/{step}",
+            LAST,
+            "step={step",
+        ] {
+            match render(bad, 1, 0, None) {
+                Err(Error::Template { template, .. }) => assert_eq!(template, bad),
+                other => panic!("{bad:?} gave {other:?}"),
+            }
+        }
     }
 }

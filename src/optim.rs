@@ -60,13 +60,17 @@ pub trait Optimizer {
     fn load_state_dict(&mut self, sd: &Value) -> Result<()>;
 }
 
+/// An optimizer state dict that does not fit this optimizer (an [`Error::State`]).
 fn bad(msg: impl Into<String>) -> Error {
-    Error::InvalidArgument(msg.into())
+    Error::state(msg)
 }
 
 fn check_grads(grads: &[Option<Tensor>], n: usize) -> Result<()> {
     if grads.len() != n {
-        return Err(bad(format!("{} gradients for {n} parameters", grads.len())));
+        return Err(Error::Argument {
+            name: "grads",
+            reason: format!("{} gradients for {n} parameters", grads.len()),
+        });
     }
     Ok(())
 }
@@ -267,7 +271,9 @@ impl Optimizer for Sgd {
     fn load_state_dict(&mut self, sd: &Value) -> Result<()> {
         let (group, state) = split(sd, self.params.len())?;
         if boolean(group, "maximize")? {
-            return Err(bad("maximize=True is not supported"));
+            return Err(bad(
+                "param group \"maximize\" is True, which is not supported",
+            ));
         }
         let mut buffers = Vec::with_capacity(self.params.len());
         for (i, p) in self.params.iter().enumerate() {
@@ -285,6 +291,20 @@ impl Optimizer for Sgd {
         self.nesterov = boolean(group, "nesterov")?;
         self.buffers = buffers;
         Ok(())
+    }
+}
+
+impl std::fmt::Debug for Sgd {
+    /// The hyperparameters and the number of parameters (not the tensors).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sgd")
+            .field("params", &self.params.len())
+            .field("lr", &self.lr)
+            .field("momentum", &self.momentum)
+            .field("dampening", &self.dampening)
+            .field("weight_decay", &self.weight_decay)
+            .field("nesterov", &self.nesterov)
+            .finish_non_exhaustive()
     }
 }
 
@@ -307,6 +327,21 @@ pub struct Adam {
     exp_avg: Vec<Option<Tensor>>,
     exp_avg_sq: Vec<Option<Tensor>>,
     max_exp_avg_sq: Vec<Option<Tensor>>,
+}
+
+impl std::fmt::Debug for Adam {
+    /// The hyperparameters and the number of parameters (not the tensors).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Adam")
+            .field("params", &self.params.len())
+            .field("lr", &self.lr)
+            .field("betas", &self.betas)
+            .field("eps", &self.eps)
+            .field("weight_decay", &self.weight_decay)
+            .field("amsgrad", &self.amsgrad)
+            .field("decoupled_weight_decay", &self.decoupled_weight_decay)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Adam {
@@ -445,7 +480,9 @@ impl Optimizer for Adam {
     fn load_state_dict(&mut self, sd: &Value) -> Result<()> {
         let (group, state) = split(sd, self.params.len())?;
         if boolean(group, "maximize")? {
-            return Err(bad("maximize=True is not supported"));
+            return Err(bad(
+                "param group \"maximize\" is True, which is not supported",
+            ));
         }
         let n = self.params.len();
         let (mut steps, mut m, mut v, mut mx) = (vec![0.0; n], Vec::new(), Vec::new(), Vec::new());
@@ -463,10 +500,12 @@ impl Optimizer for Adam {
                             crate::DType::Int64 => {
                                 t.to_vec::<i64>()?.first().copied().unwrap_or(0) as f64
                             }
-                            d => return Err(bad(format!("step tensor of dtype {d}"))),
+                            d => return Err(bad(format!("state {i} \"step\" is a {d} tensor"))),
                         },
-                        Some(x) => x.as_float().ok_or_else(|| bad("step must be a number"))?,
-                        None => return Err(bad(format!("state {i} has no step"))),
+                        Some(x) => x
+                            .as_float()
+                            .ok_or_else(|| bad(format!("state {i} \"step\" must be a number")))?,
+                        None => return Err(bad(format!("state {i} has no \"step\""))),
                     };
                     m.push(state_tensor(s, "exp_avg", p)?);
                     v.push(state_tensor(s, "exp_avg_sq", p)?);
@@ -482,14 +521,15 @@ impl Optimizer for Adam {
         let betas = group
             .get("betas")
             .and_then(Value::as_seq)
-            .ok_or_else(|| bad("no betas"))?;
+            .ok_or_else(|| bad("param group has no \"betas\" list"))?;
         let [b1, b2] = betas else {
-            return Err(bad("betas must be a pair"));
+            return Err(bad("param group \"betas\" must be a pair"));
         };
-        self.betas = (
-            b1.as_float().ok_or_else(|| bad("beta1 must be a number"))?,
-            b2.as_float().ok_or_else(|| bad("beta2 must be a number"))?,
-        );
+        let beta = |b: &Value, i: usize| {
+            b.as_float()
+                .ok_or_else(|| bad(format!("param group \"betas\"[{i}] must be a number")))
+        };
+        self.betas = (beta(b1, 0)?, beta(b2, 1)?);
         self.lr = float(group, "lr")?;
         self.eps = float(group, "eps")?;
         self.weight_decay = float(group, "weight_decay")?;

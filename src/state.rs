@@ -28,7 +28,8 @@ use crate::value::{Dict, Key, Value};
 pub trait Stateful {
     /// The state as a tree (tensors may be live: they are copied when saved).
     fn state_dict(&self) -> Result<Value>;
-    /// Restores the state in place.
+    /// Restores the state in place. A state that does not have the expected form is an
+    /// [`Error::State`] (whose key [`restore`] fills in).
     fn load_state_dict(&mut self, state: &Value) -> Result<()>;
 }
 
@@ -42,7 +43,7 @@ macro_rules! plain {
                 #[allow(clippy::redundant_closure_call)]
                 let v: Option<$t> = ($get)(state);
                 *self = v.ok_or_else(|| {
-                    Error::InvalidArgument(format!(
+                    Error::state(format!(
                         concat!("expected ", $what, ", got {}"),
                         state.type_name()
                     ))
@@ -75,8 +76,9 @@ impl Stateful for Value {
     }
 }
 
-/// Serde-able metadata: `serde_json::to_value(&my_config)` gives a value that saves as a plain
-/// tree (objects as string-keyed dicts, arrays as lists) and loads back.
+/// Serde-able metadata (feature `serde_json`): `serde_json::to_value(&my_config)` gives a value
+/// that saves as a plain tree (objects as string-keyed dicts, arrays as lists) and loads back.
+#[cfg(feature = "serde_json")]
 impl Stateful for serde_json::Value {
     fn state_dict(&self) -> Result<Value> {
         fn conv(j: &serde_json::Value) -> Value {
@@ -104,7 +106,7 @@ impl Stateful for serde_json::Value {
                 Value::Int(i) => serde_json::Value::from(*i),
                 Value::Float(f) => serde_json::Number::from_f64(*f)
                     .map(serde_json::Value::Number)
-                    .ok_or_else(|| Error::InvalidArgument(format!("{f} has no JSON form")))?,
+                    .ok_or_else(|| Error::state(format!("{f} has no JSON form")))?,
                 Value::Str(s) => serde_json::Value::String(s.clone()),
                 Value::List(items) | Value::Tuple(items) => {
                     serde_json::Value::Array(items.iter().map(conv).collect::<Result<_>>()?)
@@ -112,16 +114,16 @@ impl Stateful for serde_json::Value {
                 Value::Dict(d) => {
                     let mut m = serde_json::Map::new();
                     for (k, v) in d.iter() {
-                        let k = k.as_str().ok_or_else(|| {
-                            Error::InvalidArgument(format!("key {k} is not a string"))
-                        })?;
+                        let k = k
+                            .as_str()
+                            .ok_or_else(|| Error::state(format!("key {k} is not a string")))?;
                         m.insert(k.to_owned(), conv(v)?);
                     }
                     serde_json::Value::Object(m)
                 }
                 other => {
-                    return Err(Error::InvalidArgument(format!(
-                        "a {} is not metadata",
+                    return Err(Error::state(format!(
+                        "{} values have no JSON form",
                         other.type_name()
                     )))
                 }
@@ -154,9 +156,12 @@ impl Stateful for RngSeed {
         Ok(Value::Int(self.0))
     }
     fn load_state_dict(&mut self, state: &Value) -> Result<()> {
-        let seed = state
-            .as_int()
-            .ok_or_else(|| Error::InvalidArgument("an RNG seed must be an int".into()))?;
+        let seed = state.as_int().ok_or_else(|| {
+            Error::state(format!(
+                "an RNG seed must be an int, got {}",
+                state.type_name()
+            ))
+        })?;
         self.reseed(seed);
         Ok(())
     }
@@ -257,8 +262,36 @@ pub fn restore(
     }
     for (name, s) in state.iter_mut() {
         if let Some(v) = top.remove(&Key::Str((*name).to_owned())) {
-            s.load_state_dict(&v)?;
+            s.load_state_dict(&v).map_err(|e| e.in_state(name))?;
         }
     }
     Ok((!top.is_empty()).then_some(Value::Dict(top)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_of_the_wrong_type_is_refused_naming_its_key() {
+        let mut d = Dict::new();
+        d.insert("step", "ten");
+        let mut step = 0i64;
+        let err = restore(
+            Value::Dict(d),
+            Path::new("c.pt"),
+            &mut [("step", &mut step)],
+            true,
+        )
+        .unwrap_err();
+        match &err {
+            Error::State { key, reason } => {
+                assert_eq!(key, "step");
+                assert!(reason.contains("expected an int"), "{reason}");
+            }
+            other => panic!("unexpected error {other}"),
+        }
+        assert!(err.to_string().contains("\"step\""), "{err}");
+        assert_eq!(step, 0, "nothing restored");
+    }
 }

@@ -794,14 +794,14 @@ impl HostTensor {
         Bytes::from(out)
     }
 
-    /// The elements in row-major order. Fails when `T` does not match the dtype.
+    /// The elements in row-major order; an [`Error::TensorOp`] when `T` does not match the
+    /// dtype.
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
         if T::DTYPE != self.dtype {
-            return Err(Error::InvalidArgument(format!(
-                "tensor is {}, asked for {}",
-                self.dtype,
-                T::DTYPE
-            )));
+            return Err(self.op_error(
+                format!("to_vec::<{}>", std::any::type_name::<T>()),
+                format!("its elements are {}, not {}", self.dtype, T::DTYPE),
+            ));
         }
         let b = self.contiguous_bytes();
         Ok(b.chunks_exact(self.dtype.size()).map(T::get_le).collect())
@@ -825,13 +825,14 @@ impl HostTensor {
         }
     }
 
-    /// A view with dimensions `a` and `b` swapped (shares the storage).
+    /// A view with dimensions `a` and `b` swapped (shares the storage); an
+    /// [`Error::TensorOp`] when the tensor lacks one of them.
     pub fn transpose(&self, a: usize, b: usize) -> Result<HostTensor> {
         if a >= self.shape.len() || b >= self.shape.len() {
-            return Err(Error::InvalidArgument(format!(
-                "transpose({a}, {b}) of a {}-dim tensor",
-                self.shape.len()
-            )));
+            return Err(self.op_error(
+                format!("transpose({a}, {b})"),
+                format!("the tensor has {} dimensions", self.shape.len()),
+            ));
         }
         let mut t = self.clone();
         t.shape.swap(a, b);
@@ -839,13 +840,14 @@ impl HostTensor {
         Ok(t)
     }
 
-    /// A view of rows `start..end` of dimension 0 (shares the storage).
+    /// A view of indices `start..start + len` of dimension `dim` (shares the storage); an
+    /// [`Error::TensorOp`] when the range is not inside the tensor.
     pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<HostTensor> {
         if dim >= self.shape.len() || start.checked_add(len).is_none_or(|e| e > self.shape[dim]) {
-            return Err(Error::InvalidArgument(format!(
-                "narrow(dim={dim}, start={start}, len={len}) of shape {:?}",
-                self.shape
-            )));
+            return Err(self.op_error(
+                format!("narrow(dim={dim}, start={start}, len={len})"),
+                "the range is outside the tensor",
+            ));
         }
         let mut t = self.clone();
         if len > 0 {
@@ -853,6 +855,16 @@ impl HostTensor {
         }
         t.shape[dim] = len;
         Ok(t)
+    }
+
+    /// An [`Error::TensorOp`] for `op` on this tensor.
+    fn op_error(&self, op: String, reason: impl Into<String>) -> Error {
+        Error::TensorOp {
+            op,
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+            reason: reason.into(),
+        }
     }
 
     /// Whether both have the same dtype, shape and elements (bit for bit), whatever their
@@ -865,7 +877,19 @@ impl HostTensor {
 }
 
 /// A tensor whose bytes live outside ckptio (a `tch::Tensor`, a device buffer) and may change
-/// after the save call returns: the runtime copies it once, into a staging buffer.
+/// after the save call returns: the runtime snapshots it once per save.
+///
+/// # The live-tensor contract
+/// A save takes its snapshot of a live tensor at one moment: before an Eager `save` returns, or
+/// before a Deferred save's [`staged`](crate::SaveHandle::staged) resolves (and within a
+/// synchronous backend's `save_checkpoint`). The caller must not write the tensor until then;
+/// a write racing the snapshot leaves a mix of old and new values in the checkpoint.
+///
+/// A plain source is read only through [`copy_to`](TensorSource::copy_to): ckptio copies it,
+/// and nothing of it is held once the snapshot is taken. That is all this (safe) trait asks.
+/// A source may opt in to having its memory read in place, without a copy, by returning a
+/// [`HostMemory`] from [`host_memory`](TensorSource::host_memory): that is an `unsafe` trait,
+/// whose implementer vouches for the memory.
 pub trait TensorSource: Send + Sync {
     /// Element type.
     fn dtype(&self) -> DType;
@@ -882,10 +906,45 @@ pub trait TensorSource: Send + Sync {
     /// Copies the elements, row-major, little-endian, into `dst` (exactly `nbytes` long).
     fn copy_to(&self, dst: &mut [u8]) -> Result<()>;
 
-    /// The elements in place, with no copy, when they already are row-major little-endian host
-    /// memory (`None`, the default, otherwise: the caller copies with
-    /// [`TensorSource::copy_to`]). A synchronous save writes them straight from there, as
-    /// `torch.save` does.
+    /// The tensor's host memory, when the source lets ckptio read it in place (see
+    /// [`HostMemory`]); `None`, the default, to have it copied with
+    /// [`copy_to`](TensorSource::copy_to) every time.
+    fn host_memory(&self) -> Option<&dyn HostMemory> {
+        None
+    }
+}
+
+/// A live tensor's elements in host memory, which ckptio may read in place instead of copying
+/// them: a synchronous save writes them straight from there, as `torch.save` does, and an Eager
+/// save with [`Builder::write_protect`](crate::runtime::Builder::write_protect) write-protects
+/// them instead of copying them on the calling thread. A [`TensorSource`] offers it through
+/// [`TensorSource::host_memory`].
+///
+/// # Safety
+///
+/// The implementer promises, for every `Some(bytes)` its methods return:
+/// - `bytes` are exactly the tensor's elements, row-major and little-endian, as
+///   [`TensorSource::copy_to`] would copy them, and [`LiveTensor::nbytes`] long;
+/// - `bytes` (and each clone of them) keep that memory allocated for as long as they are held;
+/// - the memory is written only through the tensor itself, that is, only in ways the user who
+///   saves the tensor controls (no thread or device of the source's own writes it behind the
+///   user's back).
+///
+/// [`protectable_bytes`](HostMemory::protectable_bytes) asks for more, since ckptio holds those
+/// bytes after `save` has returned and the tensor is written again:
+/// - they keep the very memory they point to allocated, at the same address, for as long as
+///   they or a clone are held, even after the tensor is dropped, pointed at other memory, or
+///   written;
+/// - the memory is written only by this process's CPU threads and system calls: not by a
+///   device's DMA (CUDA-pinned memory, RDMA registrations), not by another process through
+///   shared memory.
+///
+/// ckptio checks the length of what it is given (and copies otherwise), and checks itself that
+/// memory it write-protects is private anonymous memory.
+#[allow(unsafe_code)]
+pub unsafe trait HostMemory: Send + Sync {
+    /// The elements in place, or `None` when they are not row-major little-endian host memory
+    /// now (ckptio then copies them with [`TensorSource::copy_to`]).
     ///
     /// # Safety
     ///
@@ -893,28 +952,18 @@ pub trait TensorSource: Send + Sync {
     /// must drop them, and every clone of them, before the tensor can be written: in ckptio
     /// they live only inside one synchronous save call, or one snapshot's copy (while an Eager
     /// `save` has not returned, or before a Deferred save's `staged()` resolves).
-    #[allow(unsafe_code)]
-    unsafe fn borrow_bytes(&self) -> Option<Bytes> {
-        None
-    }
+    unsafe fn borrow_bytes(&self) -> Option<Bytes>;
 
-    /// The elements in place, as [`TensorSource::borrow_bytes`], for an Eager snapshot that
-    /// write-protects them instead of copying them on the calling thread
-    /// ([`Builder::write_protect`](crate::runtime::Builder::write_protect)); `None` (the
-    /// default) to have them copied.
+    /// The elements in place, as [`borrow_bytes`](HostMemory::borrow_bytes) gives them, for an
+    /// Eager snapshot that write-protects them instead of copying them on the calling thread;
+    /// `None` (the default) to have them copied.
     ///
     /// # Safety
     ///
-    /// Stronger than `borrow_bytes`, since ckptio holds these bytes after `save` has returned:
-    /// - they must keep the very memory they point to allocated, at the same address, for as
-    ///   long as they or a clone are held, even after the tensor is dropped, pointed at other
-    ///   memory, or written;
-    /// - the memory must be written only by this process's CPU threads and system calls (not by
-    ///   a device's DMA, not by another process through shared memory).
-    ///
-    /// ckptio reads them only while their pages are write-protected, and checks itself that the
-    /// pages are private anonymous memory.
-    #[allow(unsafe_code)]
+    /// The caller may hold the bytes after the tensor can be written again, but must read them
+    /// only while nothing can write them: before the tensor can be written, or while their
+    /// pages are write-protected so that a write waits until the read is done. ckptio reads
+    /// them only while their pages are write-protected.
     unsafe fn protectable_bytes(&self) -> Option<Bytes> {
         None
     }
@@ -930,7 +979,9 @@ pub struct LiveTensor(Arc<dyn TensorSource>);
 pub const MAX_SNAPSHOT: usize = 1 << 47;
 
 impl LiveTensor {
-    /// Wraps a source.
+    /// Wraps a source. A save snapshots it as the [live-tensor contract](TensorSource) says:
+    /// by copying it with [`TensorSource::copy_to`], unless the source offers its memory in
+    /// place through [`TensorSource::host_memory`] (an `unsafe` opt-in, see [`HostMemory`]).
     pub fn new(source: impl TensorSource + 'static) -> LiveTensor {
         LiveTensor(Arc::new(source))
     }
@@ -980,21 +1031,47 @@ impl LiveTensor {
                 .with_requires_grad(self.0.requires_grad()),
         )
     }
-    /// The tensor in place (see [`TensorSource::borrow_bytes`]), or a copy when it cannot be
+    /// The elements in place, when the source offers them ([`HostMemory::borrow_bytes`]) and
+    /// they are [`nbytes`](Self::nbytes) long.
+    ///
+    /// # Safety
+    ///
+    /// As [`HostMemory::borrow_bytes`]: the bytes, and every clone of them, must be dropped
+    /// before the tensor can be written again.
+    #[allow(unsafe_code)]
+    pub(crate) unsafe fn borrow_bytes(&self) -> Option<Bytes> {
+        // SAFETY: the caller takes on the contract of `borrow_bytes`.
+        let b = unsafe { self.0.host_memory()?.borrow_bytes()? };
+        (b.len() == self.nbytes()).then_some(b)
+    }
+
+    /// The elements in place for a write-protected snapshot, when the source offers them
+    /// ([`HostMemory::protectable_bytes`]) and they are [`nbytes`](Self::nbytes) long.
+    ///
+    /// # Safety
+    ///
+    /// As [`HostMemory::protectable_bytes`]: the bytes must be read only while nothing can
+    /// write them (before the tensor can be written, or while their pages are write-protected).
+    #[allow(unsafe_code)]
+    pub(crate) unsafe fn protectable_bytes(&self) -> Option<Bytes> {
+        // SAFETY: the caller takes on the contract of `protectable_bytes`.
+        let b = unsafe { self.0.host_memory()?.protectable_bytes()? };
+        (b.len() == self.nbytes()).then_some(b)
+    }
+
+    /// The tensor in place (see [`HostMemory::borrow_bytes`]), or a copy when it cannot be
     /// borrowed.
     ///
     /// # Safety
     ///
-    /// As [`TensorSource::borrow_bytes`]: the result must be dropped before the tensor can be
+    /// As [`HostMemory::borrow_bytes`]: the result must be dropped before the tensor can be
     /// written again.
     #[allow(unsafe_code)]
     pub(crate) unsafe fn borrow_host(&self) -> Result<HostTensor> {
         // SAFETY: the caller takes on the contract of `borrow_bytes`.
-        match unsafe { self.0.borrow_bytes() } {
-            Some(b) if b.len() == self.nbytes() => {
-                self.host_view(Storage::with_location(b, self.0.location()))
-            }
-            _ => self.to_host(),
+        match unsafe { self.borrow_bytes() } {
+            Some(b) => self.host_view(Storage::with_location(b, self.0.location())),
+            None => self.to_host(),
         }
     }
 
@@ -1185,6 +1262,89 @@ mod tests {
         )
         .is_err());
         assert!(HostTensor::from_parts(s, DType::Float32, vec![0, 5], vec![5, 1], 4).is_ok());
+    }
+
+    #[test]
+    fn out_of_range_views_and_other_element_types_are_refused_naming_the_operation() {
+        let t = HostTensor::from_slice(&[0i64, 1, 2, 3, 4, 5], &[2, 3]).unwrap();
+        let errors = [
+            t.narrow(1, 2, 2).unwrap_err(),
+            t.narrow(2, 0, 1).unwrap_err(),
+            t.transpose(0, 2).unwrap_err(),
+            t.to_vec::<f32>().unwrap_err(),
+        ];
+        for (e, op) in errors
+            .iter()
+            .zip(["narrow", "narrow", "transpose", "to_vec"])
+        {
+            match e {
+                Error::TensorOp {
+                    op: o,
+                    dtype,
+                    shape,
+                    ..
+                } => {
+                    assert!(o.starts_with(op), "{o}");
+                    assert_eq!((*dtype, shape.as_slice()), (DType::Int64, &[2, 3][..]));
+                }
+                other => panic!("unexpected error {other}"),
+            }
+        }
+    }
+
+    /// A source over a vector that offers it in place, `short` bytes too short when asked.
+    struct InPlace {
+        data: Bytes,
+        short: usize,
+    }
+    impl TensorSource for InPlace {
+        fn dtype(&self) -> DType {
+            DType::UInt8
+        }
+        fn shape(&self) -> Vec<usize> {
+            vec![self.data.len()]
+        }
+        fn copy_to(&self, dst: &mut [u8]) -> Result<()> {
+            dst.copy_from_slice(&self.data);
+            Ok(())
+        }
+        fn host_memory(&self) -> Option<&dyn HostMemory> {
+            Some(self)
+        }
+    }
+    // SAFETY (test): immutable bytes, which own their memory.
+    #[allow(unsafe_code)]
+    unsafe impl HostMemory for InPlace {
+        unsafe fn borrow_bytes(&self) -> Option<Bytes> {
+            Some(self.data.slice(self.short..))
+        }
+    }
+
+    #[test]
+    #[allow(unsafe_code)]
+    fn live_tensors_are_read_in_place_only_when_the_source_offers_bytes_of_their_length() {
+        let data = Bytes::from(vec![7u8; 64]);
+        let whole = LiveTensor::new(InPlace {
+            data: data.clone(),
+            short: 0,
+        });
+        // SAFETY (test, both): the bytes are never written.
+        let b = unsafe { whole.borrow_host() }.unwrap();
+        assert_eq!(b.storage().bytes().as_ptr(), data.as_ptr(), "read in place");
+        assert!(
+            unsafe { whole.protectable_bytes() }.is_none(),
+            "not offered"
+        );
+
+        let short = LiveTensor::new(InPlace {
+            data: data.clone(),
+            short: 1,
+        });
+        // SAFETY: as above.
+        assert!(unsafe { short.borrow_bytes() }.is_none());
+        let c = unsafe { short.borrow_host() }.unwrap();
+        assert_ne!(c.storage().bytes().as_ptr(), data.as_ptr(), "copied");
+        assert_eq!(c.to_vec::<u8>().unwrap(), vec![7u8; 64]);
     }
 
     #[test]

@@ -590,7 +590,7 @@ impl Value {
     /// # Safety
     ///
     /// The result aliases the live tensors' memory: it must be dropped before any of them can be
-    /// written again (see [`TensorSource::borrow_bytes`](crate::TensorSource::borrow_bytes)).
+    /// written again (see [`HostMemory::borrow_bytes`](crate::HostMemory::borrow_bytes)).
     #[allow(unsafe_code)]
     pub(crate) unsafe fn materialize_borrowed(&self) -> Result<std::borrow::Cow<'_, Value>> {
         if self.has_live() {

@@ -83,10 +83,11 @@ impl CheckpointIo for MemIo {
         }
         if self.fail_next.load(Ordering::SeqCst) > 0 {
             self.fail_next.fetch_sub(1, Ordering::SeqCst);
-            return Err(Error::InvalidArgument(format!(
-                "disk full writing {}",
-                p.display()
-            )));
+            return Err(Error::Io {
+                op: "test",
+                path: std::path::PathBuf::new(),
+                source: std::io::Error::other(format!("disk full writing {}", p.display())),
+            });
         }
         // Store a deep copy so later buffer reuse could never change it.
         let copy = c.replace_live(&mut |l| l.to_host()).unwrap();
@@ -101,9 +102,16 @@ impl CheckpointIo for MemIo {
         o: &LoadOptions,
         s: Option<&mut dyn Restore>,
     ) -> ckptio::Result<Option<Value>> {
-        let v =
-            self.files.lock().unwrap().get(p).cloned().ok_or_else(|| {
-                Error::InvalidArgument(format!("no checkpoint at {}", p.display()))
+        let v = self
+            .files
+            .lock()
+            .unwrap()
+            .get(p)
+            .cloned()
+            .ok_or_else(|| Error::Io {
+                op: "test",
+                path: std::path::PathBuf::new(),
+                source: std::io::Error::other(format!("no checkpoint at {}", p.display())),
             })?;
         ckptio::finish_load(v, o, s)
     }
@@ -793,12 +801,19 @@ impl TensorSource for Gated {
     fn copy_to(&self, dst: &mut [u8]) -> ckptio::Result<()> {
         if let Some(ms) = self.fail_after_ms {
             std::thread::sleep(Duration::from_millis(ms));
-            return Err(Error::InvalidArgument("sensor unplugged".into()));
+            return Err(Error::Io {
+                op: "test",
+                path: std::path::PathBuf::new(),
+                source: std::io::Error::other("sensor unplugged"),
+            });
         }
         if let Some(rx) = self.open.lock().unwrap().take() {
-            rx.recv_timeout(Duration::from_secs(5)).map_err(|_| {
-                Error::InvalidArgument("the writer never read the first tensor".into())
-            })?;
+            rx.recv_timeout(Duration::from_secs(5))
+                .map_err(|_| Error::Io {
+                    op: "test",
+                    path: std::path::PathBuf::new(),
+                    source: std::io::Error::other("the writer never read the first tensor"),
+                })?;
         }
         for c in dst.chunks_exact_mut(4) {
             c.copy_from_slice(&self.x.to_le_bytes());
@@ -1036,7 +1051,11 @@ impl Held {
             .lock()
             .unwrap()
             .recv_timeout(Duration::from_secs(20))
-            .map_err(|_| Error::InvalidArgument("never released".into()))
+            .map_err(|_| Error::Io {
+                op: "test",
+                path: std::path::PathBuf::new(),
+                source: std::io::Error::other("never released"),
+            })
     }
 }
 

@@ -278,7 +278,7 @@ fn large_tensors_written_by_kernels_or_repointed_right_after_an_eager_save_are_s
     assert!(got("w").data_eq(&before_w));
     assert!(got("m").data_eq(&before_m));
     // tch tensors are write-protected only in a process without CUDA (see
-    // `TensorSource::protectable_bytes` of `ckptio::tch`); with CUDA they are copied.
+    // `HostMemory::protectable_bytes` of `ckptio::tch`); with CUDA they are copied.
     if ckptio::runtime::cuda_available() {
         assert_eq!(io.status().write_protected, 0, "{:?}", io.status());
     } else if let Err(e) = ckptio::runtime::write_protect_available() {

@@ -71,7 +71,7 @@ fn rng(seed: u64) -> impl FnMut() -> u64 {
 /// operation to the runtime, and `durable NAME STEP` / `removed NAME STEP` for each once it
 /// resolved, in submission order.
 fn crash_child(dir: &Path, seed: u64, base: i64) {
-    ckptio::atomic::clean_temp_files(dir).unwrap();
+    ckptio::clean_temp_files(dir).unwrap();
     let io = Builder::default()
         .capacity(2)
         .build(TorchCheckpointIo::new());
@@ -377,7 +377,7 @@ fn sigkill_at_random_moments_never_tears_or_loses_a_durable_checkpoint() {
             held.insert(name, found);
         }
         // The next start recognises and cleans temporary files left by the kill.
-        ckptio::atomic::clean_temp_files(dir.path()).unwrap();
+        ckptio::clean_temp_files(dir.path()).unwrap();
         for e in std::fs::read_dir(dir.path()).unwrap() {
             let n = e.unwrap().file_name().to_string_lossy().into_owned();
             assert!(

@@ -127,10 +127,17 @@ impl TensorSource for Param {
         dst.copy_from_slice(self.0.bytes_mut(self.0.len()));
         Ok(())
     }
+    fn host_memory(&self) -> Option<&dyn ckptio::HostMemory> {
+        Some(self)
+    }
+}
+
+// SAFETY: the bytes are the buffer's elements, and the owner keeps the buffer at its address
+// while they are held; only this process's threads write it, through the test's own calls.
+unsafe impl ckptio::HostMemory for Param {
     unsafe fn borrow_bytes(&self) -> Option<Bytes> {
         Some(Bytes::from_owner(Owner(self.0.clone())))
     }
-    // The owner holds the buffer, which is ordinary heap memory: the stronger contract holds.
     unsafe fn protectable_bytes(&self) -> Option<Bytes> {
         Some(Bytes::from_owner(Owner(self.0.clone())))
     }
@@ -398,9 +405,22 @@ impl TensorSource for Unreadable {
         vec![self.0.len()]
     }
     fn copy_to(&self, _dst: &mut [u8]) -> ckptio::Result<()> {
-        Err(ckptio::Error::InvalidArgument(
-            "this tensor cannot be read".into(),
-        ))
+        Err(ckptio::Error::Io {
+            op: "test",
+            path: std::path::PathBuf::new(),
+            source: std::io::Error::other("this tensor cannot be read"),
+        })
+    }
+    fn host_memory(&self) -> Option<&dyn ckptio::HostMemory> {
+        Some(self)
+    }
+}
+
+// SAFETY: as for `Param`.
+unsafe impl ckptio::HostMemory for Unreadable {
+    // Not borrowed: a save that does not protect it copies it, and the copy fails.
+    unsafe fn borrow_bytes(&self) -> Option<Bytes> {
+        None
     }
     unsafe fn protectable_bytes(&self) -> Option<Bytes> {
         Some(Bytes::from_owner(Owner(self.0.clone())))

@@ -28,7 +28,7 @@
 //!
 //! # When it applies
 //! Only to tensors of at least [`PROTECT_MIN`] bytes whose source offers
-//! [`TensorSource::protectable_bytes`](crate::TensorSource::protectable_bytes) (tch CPU tensors
+//! [`HostMemory::protectable_bytes`](crate::HostMemory::protectable_bytes) (tch CPU tensors
 //! do, in a process without CUDA, so never CUDA-pinned memory) and whose pages are private
 //! anonymous memory (the heap and `malloc`'s mappings, checked in `/proc/self/maps`): a
 //! protection holds this process's page tables only, so shared memory, which another mapping
@@ -1406,7 +1406,11 @@ mod imp {
         #[test]
         fn while_a_save_protects_ranges_the_copier_keeps_off_its_cpu_and_gets_it_back_after() {
             let Ok(p) = Protector::start(Arc::default(), true) else {
-                eprintln!("userfaultfd not available here: nothing to check");
+                crate::testing::skip(
+                    "while_a_save_protects_ranges_the_copier_keeps_off_its_cpu_and_gets_it_back_after",
+                    "userfaultfd",
+                    "write protection is not available here",
+                );
                 return;
             };
             let tid = loop {
@@ -1444,7 +1448,11 @@ mod imp {
         #[test]
         fn a_write_to_a_range_copied_while_the_save_still_protects_others_goes_ahead_at_once() {
             let Ok(p) = Protector::start(Arc::default(), true) else {
-                eprintln!("userfaultfd not available here: nothing to check");
+                crate::testing::skip(
+                    "a_write_to_a_range_copied_while_the_save_still_protects_others_goes_ahead_at_once",
+                    "userfaultfd",
+                    "write protection is not available here",
+                );
                 return;
             };
             let live = map(libc::MAP_PRIVATE);
@@ -1550,7 +1558,11 @@ mod imp {
         fn a_range_saved_twice_in_place_gets_huge_pages_and_later_saves_still_hold_their_bytes() {
             let counters: Arc<super::super::ProtectCounters> = Arc::default();
             let Ok(p) = Protector::start(counters.clone(), true) else {
-                eprintln!("userfaultfd not available here: nothing to check");
+                crate::testing::skip(
+                    "a_range_saved_twice_in_place_gets_huge_pages_and_later_saves_still_hold_their_bytes",
+                    "userfaultfd",
+                    "write protection is not available here",
+                );
                 return;
             };
             // 16 MiB that start 1 MiB past a huge page boundary: huge pages do not line up with
@@ -1624,8 +1636,13 @@ mod imp {
                 unsafe { std::ptr::write_volatile(at.0 as *mut u8, 7) };
             }
             if checked {
-                // Chunks line up with huge pages: lifting their protection split none.
-                assert_eq!(huge_kib(&map), huge, "the huge pages are still whole");
+                // Chunks line up with huge pages: lifting their protection split none (khugepaged
+                // may have collapsed more blocks meanwhile, never fewer).
+                let now = huge_kib(&map);
+                assert!(
+                    now >= huge,
+                    "the huge pages are still whole: {now} KiB, was {huge}"
+                );
             }
         }
     }

@@ -411,7 +411,7 @@ fn copy_streamed(
         // SAFETY: the bytes are read only here, inside the snapshot's copy, while the caller
         // does not write the tensor (an Eager save has not returned; a Deferred save's
         // `staged()` has not resolved), and dropped before this returns.
-        let src = unsafe { live.source().borrow_bytes() };
+        let src = unsafe { live.borrow_bytes() };
         if let Some(src) = src.filter(|b| b.len() == len) {
             let progress = filler.progress();
             let mut at = 0;
@@ -435,7 +435,7 @@ fn copy_streamed(
 
 impl CopyPlan {
     /// [`CopyPlan::run`] for an Eager save, with write protection: each large CPU tensor that
-    /// offers [`protectable_bytes`](crate::TensorSource::protectable_bytes) is write-protected
+    /// offers [`protectable_bytes`](crate::HostMemory::protectable_bytes) is write-protected
     /// instead of copied (see [`protect`](super::protect)), and the copier thread copies it in
     /// the background; the rest is copied here, first, so that the protection is set up in one
     /// short step. Each tensor goes to the copier as soon as it is protected, and `on_first`
@@ -526,7 +526,7 @@ fn protectable(items: Vec<CopyItem>) -> (Vec<(CopyItem, Bytes)>, Vec<CopyItem>) 
             // SAFETY: the bytes are read only while write-protected (the ends: in
             // `protect_item`, on this thread, before `save` returns), so never while the
             // tensor is written.
-            if let Some(b) = unsafe { item.live.source().protectable_bytes() } {
+            if let Some(b) = unsafe { item.live.protectable_bytes() } {
                 if b.len() == item.len {
                     candidates.push((item, b));
                     continue;

@@ -25,7 +25,9 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::io::{LoadOptions, MapLocation, Restore};
-use crate::tensor::{contiguous_strides, DType, HostTensor, LiveTensor, Storage, TensorSource};
+use crate::tensor::{
+    contiguous_strides, DType, HostMemory, HostTensor, LiveTensor, Storage, TensorSource,
+};
 use crate::value::{Dict, Key, Value};
 
 fn torch_err(source: tch::TchError) -> Error {
@@ -77,8 +79,12 @@ pub fn location_of(device: Device) -> String {
     }
 }
 
-/// The device a location tag names.
+/// The device a location tag names; an [`Error::Device`] for a tag tch has no device for.
 pub fn device_of(location: &str) -> Result<Device> {
+    let refuse = |reason: &str| Error::Device {
+        device: location.to_owned(),
+        reason: reason.to_owned(),
+    };
     if location == "cpu" {
         return Ok(Device::Cpu);
     }
@@ -86,15 +92,15 @@ pub fn device_of(location: &str) -> Result<Device> {
         let n = n.strip_prefix(':').unwrap_or("0");
         let n: usize = n
             .parse()
-            .map_err(|_| Error::InvalidArgument(format!("bad device {location:?}")))?;
+            .map_err(|_| refuse("not a CUDA device index (expected cuda:N)"))?;
         return Ok(Device::Cuda(n));
     }
     if location == "mps" {
         return Ok(Device::Mps);
     }
-    Err(Error::InvalidArgument(format!(
-        "unsupported device {location:?}"
-    )))
+    Err(refuse(
+        "not a device ckptio can place tensors on (cpu, cuda:N, mps); load with map_location",
+    ))
 }
 
 /// The tch device a [`MapLocation`] sends a storage saved at `saved` to.
@@ -124,11 +130,16 @@ pub fn check_savable(t: &Tensor) -> Result<(DType, usize)> {
 pub fn copy_into(t: &Tensor, dst: &mut [u8]) -> Result<()> {
     let (dtype, numel) = check_savable(t)?;
     if dst.len() != numel * dtype.size() {
-        return Err(Error::InvalidArgument(format!(
-            "destination holds {} bytes, tensor needs {}",
-            dst.len(),
-            numel * dtype.size()
-        )));
+        return Err(Error::TensorOp {
+            op: "copy_into".into(),
+            dtype,
+            shape: t.size().iter().map(|&d| d as usize).collect(),
+            reason: format!(
+                "the destination holds {} bytes, the tensor {}",
+                dst.len(),
+                numel * dtype.size()
+            ),
+        });
     }
     if numel == 0 {
         return Ok(());
@@ -182,7 +193,7 @@ pub fn to_host(t: &Tensor) -> Result<HostTensor> {
 
 /// A new tch tensor on `device` holding the elements of `t`.
 ///
-/// Fails with [`Error::InvalidArgument`] (never a panic) when `device` is a CUDA device this
+/// Fails with [`Error::Device`] (never a panic) when `device` is a CUDA device this
 /// process does not have, as when a checkpoint saved on a GPU is loaded with its saved
 /// locations on a machine without one: load it with [`MapLocation::Cpu`](crate::MapLocation).
 pub fn to_tch(t: &HostTensor, device: Device) -> Result<Tensor> {
@@ -198,10 +209,13 @@ pub fn to_tch(t: &HostTensor, device: Device) -> Result<Tensor> {
             } else {
                 format!("this process sees {have} CUDA device(s)")
             };
-            return Err(Error::InvalidArgument(format!(
-                "cannot place a tensor on cuda:{i}: {why}; load with map_location \
-                 (MapLocation::Cpu, or another device) to read it here"
-            )));
+            return Err(Error::Device {
+                device: format!("cuda:{i}"),
+                reason: format!(
+                    "cannot place a tensor there: {why}; load with map_location \
+                     (MapLocation::Cpu, or another device) to read it here"
+                ),
+            });
         }
     }
     let kind = kind_of(t.dtype()).ok_or_else(|| {
@@ -257,8 +271,19 @@ impl TensorSource for TchSource {
         let t = self.tensor.lock().unwrap_or_else(|e| e.into_inner());
         copy_into(&t, dst)
     }
+    fn host_memory(&self) -> Option<&dyn HostMemory> {
+        Some(self)
+    }
+}
 
-    #[allow(unsafe_code)]
+// SAFETY: `in_place` hands out the memory of a plain CPU row-major tensor of this dtype and
+// length only, as bytes that own a tch tensor sharing its storage (which keeps the memory
+// allocated). libtorch itself writes a CPU tensor only when the user's code asks it to. For
+// `protectable_bytes`, the owner is a detached alias holding the storage itself, so the memory
+// stays at its address however the user's tensor changes (short of `resize_`, see below), and
+// CPU memory that a device may write (CUDA-pinned) is never offered.
+#[allow(unsafe_code)]
+unsafe impl HostMemory for TchSource {
     unsafe fn borrow_bytes(&self) -> Option<bytes::Bytes> {
         let t = self.tensor.lock().unwrap_or_else(|e| e.into_inner());
         self.in_place(&t, t.shallow_clone())
@@ -274,7 +299,6 @@ impl TensorSource for TchSource {
     /// (a device writes it without the kernel seeing), and the one way tch has to tell it from
     /// ordinary memory, `is_pinned(device)`, prints a libtorch deprecation warning to stderr at
     /// every call: once per tensor per save. There, CPU tensors are copied instead.
-    #[allow(unsafe_code)]
     unsafe fn protectable_bytes(&self) -> Option<bytes::Bytes> {
         if crate::runtime::cuda_available() {
             return None;
@@ -323,7 +347,7 @@ impl AsRef<[u8]> for Borrowed {
     fn as_ref(&self) -> &[u8] {
         // SAFETY: `ptr` is the data pointer of the contiguous CPU tensor `_tensor`, whose
         // `len` bytes stay allocated while this struct holds it. That nobody writes them
-        // meanwhile is the contract of `TensorSource::borrow_bytes`, whose caller drops these
+        // meanwhile is the contract of `HostMemory::borrow_bytes`, whose caller drops these
         // bytes before the tensor can be written.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
@@ -392,7 +416,7 @@ pub struct LoadReport {
 /// `strict` mode, a missing or unexpected key is an error and nothing is changed.
 pub fn load_state_dict(vs: &mut tch::nn::VarStore, sd: &Value, strict: bool) -> Result<LoadReport> {
     let d = sd.as_dict().ok_or_else(|| {
-        Error::InvalidArgument(format!(
+        Error::state(format!(
             "a state dict must be a dict, got {}",
             sd.type_name()
         ))
@@ -464,6 +488,18 @@ pub struct StateDictRestore<'a> {
     report: LoadReport,
 }
 
+impl std::fmt::Debug for StateDictRestore<'_> {
+    /// The settings and the last report (not the VarStore).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateDictRestore")
+            .field("key", &self.key)
+            .field("strip_prefix", &self.strip_prefix)
+            .field("strict", &self.strict)
+            .field("report", &self.report)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<'a> StateDictRestore<'a> {
     /// Restores `vs`, non-strict, from the whole checkpoint.
     pub fn new(vs: &'a mut tch::nn::VarStore) -> Self {
@@ -503,15 +539,21 @@ impl Restore for StateDictRestore<'_> {
                 let mut top = match loaded {
                     Value::Dict(d) => d,
                     other => {
-                        return Err(Error::InvalidArgument(format!(
-                            "checkpoint is a {}, expected a dict with {k:?}",
-                            other.type_name()
-                        )))
+                        return Err(Error::State {
+                            key: k.clone(),
+                            reason: format!(
+                                "the checkpoint is a {}, not a dict holding it",
+                                other.type_name()
+                            ),
+                        })
                     }
                 };
-                let sd = top.remove(&Key::Str(k.clone())).ok_or_else(|| {
-                    Error::InvalidArgument(format!("checkpoint has no {k:?} entry"))
-                })?;
+                let sd = top
+                    .remove(&Key::Str(k.clone()))
+                    .ok_or_else(|| Error::State {
+                        key: k.clone(),
+                        reason: "the checkpoint has no such entry".into(),
+                    })?;
                 (sd, Some(top))
             }
             None => (loaded, None),
@@ -565,9 +607,9 @@ mod tests {
         let h = HostTensor::from_parts(storage, DType::Float32, vec![2], vec![1], 0).unwrap();
         // As saved: refused with a way out.
         match to_tch_mapped(&h, &LoadOptions::default()) {
-            Err(Error::InvalidArgument(m)) => {
-                assert!(m.contains(&format!("cuda:{missing}")), "{m}");
-                assert!(m.contains("map_location"), "{m}");
+            Err(Error::Device { device, reason }) => {
+                assert_eq!(device, format!("cuda:{missing}"));
+                assert!(reason.contains("map_location"), "{reason}");
             }
             Err(e) => panic!("unexpected error {e}"),
             Ok(_) => panic!("placed on a device the process lacks"),

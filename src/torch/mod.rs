@@ -60,8 +60,7 @@ pub fn load_from_bytes(data: Bytes, name: &str, options: &LoadOptions) -> Result
 ///
 /// - **Save** is atomic and (by default) durable: a temporary file in the same directory,
 ///   fsync, rename, fsync of the directory. Parent directories are created. Storage bytes are
-///   written straight from the tensors' buffers (with direct I/O for durable saves where the
-///   file system allows it; see [`crate::sink`]); tensors that share a storage share it in the
+///   written straight from the tensors' buffers; tensors that share a storage share it in the
 ///   file. Live tensors ([`crate::LiveTensor`]) in host memory are written in place, with no
 ///   copy, as `torch.save` does: like there, they must not be written by another thread until
 ///   the save returns (wrap the backend in [`crate::AsyncCheckpointIo`] to snapshot them
@@ -70,6 +69,16 @@ pub fn load_from_bytes(data: Bytes, name: &str, options: &LoadOptions) -> Result
 ///   slices each storage out of it without further copies. `weights_only` (the default) refuses
 ///   anything PyTorch's weights-only unpickler refuses.
 /// - **Remove** deletes a file or a directory, quietly when absent.
+///
+/// # How the bytes reach the disk
+/// Durable saves use direct I/O (Linux `O_DIRECT`) where the file system allows it: large
+/// storages go from the tensors' memory to the disk with no copy into the page cache, which
+/// saves the kernel's copy of every byte, keeps a checkpoint from pushing the training data out
+/// of the page cache, and makes the final fsync cheap. Non-durable saves, file systems that
+/// refuse `O_DIRECT`, other systems, and a process run with `CKPTIO_DIRECT_IO=0` write through
+/// the page cache instead; durable ones then ask the kernel to start writing back every 32 MiB
+/// (`CKPTIO_WRITEBACK_MIB=N` sets another interval in MiB, 0 turns it off), so the final fsync
+/// has little left to do.
 #[derive(Clone, Debug, Default)]
 pub struct TorchCheckpointIo {
     limits: Limits,
