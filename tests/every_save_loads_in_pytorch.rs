@@ -13,7 +13,6 @@
 //! shapes, storage sharing, flags and container types, with and without `mmap=True`.
 #![cfg(feature = "tch")]
 
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use ckptio::manager::{CheckpointManager, ManagerConfig};
@@ -373,22 +372,7 @@ fn every_way_to_save_writes_what_pytorch_loads_as_the_snapshot() {
         .iter()
         .map(|s| json!({"file": s.path, "weights_only": true, "subtrees": s.subtrees}))
         .collect();
-    let jobs_path = dir.path().join("jobs.json");
-    std::fs::write(&jobs_path, Json::Array(jobs).to_string()).unwrap();
-    let out = dir.path().join("load_check.json");
-    common::run_python(
-        "load_check.py",
-        &[
-            OsStr::new("--jobs"),
-            jobs_path.as_os_str(),
-            OsStr::new("--out"),
-            out.as_os_str(),
-        ],
-    );
-    let results = common::read_json(&out)["results"]
-        .as_array()
-        .expect("load_check.py results")
-        .clone();
+    let results = common::load_check(dir.path(), jobs);
     assert_eq!(results.len(), saved.len(), "one result per file");
     for (s, r) in saved.iter().zip(&results) {
         check_with_torch(s, r, &mut failures);

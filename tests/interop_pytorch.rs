@@ -744,19 +744,7 @@ fn convert_round_trip() {
         }));
         checked.push(e);
     }
-    let jobs_path = dir.path().join("jobs.json");
-    std::fs::write(&jobs_path, Json::Array(jobs).to_string()).unwrap();
-    let out = dir.path().join("load_check.json");
-    common::run_python(
-        "load_check.py",
-        &[
-            OsStr::new("--jobs"),
-            jobs_path.as_os_str(),
-            OsStr::new("--out"),
-            out.as_os_str(),
-        ],
-    );
-    let results = results_of(&out);
+    let results = common::load_check(dir.path(), jobs);
     assert_eq!(results.len(), checked.len());
     for (e, r) in checked.iter().zip(&results) {
         if r["ok"] != Json::Bool(true) {

@@ -659,14 +659,14 @@ impl<I: CheckpointIo + 'static> AsyncCheckpointIo<I> {
             Some(stager) => self.to_stager(stager, request, tree)?,
             None => {
                 let writer = &workers.writers[route(&request.path, workers.writers.len())];
-                let at = SnapshotAt::Caller {
-                    protector: workers.protector.as_ref(),
-                    policy: self.config.backpressure,
-                };
                 let policy = self.config.backpressure;
                 if policy != Backpressure::Block && writer.is_full() {
                     pipeline::refuse(&self.shared, policy, &done, &request.path)?;
                 } else {
+                    let at = SnapshotAt::Caller {
+                        protector: workers.protector.as_ref(),
+                        policy,
+                    };
                     pipeline::run(&self.shared, writer, request, Cow::Borrowed(tree), at)?;
                 }
             }

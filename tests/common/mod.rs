@@ -134,6 +134,27 @@ fn output_of(mut cmd: Command, what: &str, args: &[&std::ffi::OsStr]) -> String 
     stdout
 }
 
+/// Has `tests/python/load_check.py` load every file of `jobs` (`{"file", "weights_only",
+/// "subtrees"}`) with `torch.load` in one process; returns its results, one per job.
+pub fn load_check(dir: &Path, jobs: Vec<Json>) -> Vec<Json> {
+    let jobs_path = dir.join("jobs.json");
+    std::fs::write(&jobs_path, Json::Array(jobs).to_string()).unwrap();
+    let out = dir.join("load_check.json");
+    run_python(
+        "load_check.py",
+        &[
+            std::ffi::OsStr::new("--jobs"),
+            jobs_path.as_os_str(),
+            std::ffi::OsStr::new("--out"),
+            out.as_os_str(),
+        ],
+    );
+    read_json(&out)["results"]
+        .as_array()
+        .expect("load_check.py results")
+        .clone()
+}
+
 pub fn read_json(path: &Path) -> Json {
     let text = std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
