@@ -58,13 +58,14 @@
 //!   off where the loop does).
 //!
 //! # Costs
-//! Write-protecting takes about a third of a memcpy of the same memory on the project's test
-//! VM in 4 KiB pages, a few percent in huge pages. A write to a page not yet copied waits for
-//! one chunk's copy (8 MiB) and two context switches; during a process's first save, whose new
-//! staging buffer the copier faults in as it copies, that copy includes mapping the chunk's
-//! staging pages (in huge pages, which the kernel may have to compact memory for). Only one protected snapshot is in flight at a time: a save that comes while the
-//! previous one is still being copied waits for that copy first (with `Skip` or `Error`
-//! backpressure, it copies instead of waiting). The copier keeps the tensors' memory alive
+//! Write-protecting costs page-table work per page: a fraction of a memcpy of the same memory
+//! in 4 KiB pages, much less in huge pages (`docs/benchmarks.md` has both). A write to a page
+//! not yet copied waits for one chunk's copy (8 MiB) and two context switches; during a
+//! process's first save, whose new staging buffer the copier faults in as it copies, that copy
+//! includes mapping the chunk's staging pages (in huge pages, which the kernel may have to
+//! compact memory for). Only one protected snapshot is in flight at a time: a save that comes
+//! while the previous one is still being copied waits for that copy first (with `Skip` or
+//! `Error` backpressure, it copies instead of waiting). The copier keeps the tensors' memory alive
 //! until it has copied them.
 
 #![allow(unsafe_code)]
