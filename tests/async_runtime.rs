@@ -534,8 +534,8 @@ fn skip_policy_skips_and_counts_when_the_queue_is_full() {
             .build(held);
         let p = Param::new(4, 0.0);
         let first = io.save(&tree_of(&p, 0), "s0").unwrap();
-        started.recv_timeout(Duration::from_secs(20)).unwrap(); // the writer holds "s0"
-                                                                // "s1" fills the queue; the four after it find it full.
+        // The writer holds "s0"; "s1" fills the queue; the four after it find it full.
+        started.recv_timeout(Duration::from_secs(20)).unwrap();
         let handles: Vec<_> = (1..6)
             .map(|i| io.save(&tree_of(&p, i), format!("s{i}")).unwrap())
             .collect();

@@ -125,7 +125,7 @@ pub(crate) fn run<I>(
     if plan.is_some() && at.protector().is_none() && shared.write_start != WriteStart::AfterSnapshot
     {
         match slot.offer() {
-            Offered::Queued | Offered::Held => {}
+            Offered::Queued | Offered::Nothing => {}
             Offered::Gone => return Ok(()),
             Offered::Full if !at.waits() => {
                 drop(plan); // the plan holds the staging buffer: it goes back first
@@ -293,8 +293,8 @@ struct Slot<'a, I> {
 /// What [`Slot::offer`] did.
 enum Offered {
     Queued,
-    /// Nothing to offer: queued (or ended) before.
-    Held,
+    /// Nothing to offer: the job was queued (or ended) before.
+    Nothing,
     /// No room: the job is still held.
     Full,
     /// The writer is gone: the job has been failed.
@@ -305,7 +305,7 @@ impl<I> Slot<'_, I> {
     /// Queues the job if there is room now.
     fn offer(&mut self) -> Offered {
         let Some(job) = self.job.take() else {
-            return Offered::Held;
+            return Offered::Nothing;
         };
         match queue(self.shared, self.writer, job) {
             Queued::Yes => Offered::Queued,
