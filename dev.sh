@@ -3,7 +3,8 @@
 #
 #   ./dev.sh main     the main job: the demo / benchmark (see README)
 #   ./dev.sh test     every test: Rust unit, integration, doc tests, PyTorch interop, clippy, fmt,
-#                     the core built without default features, and a short fuzz run. Ends with
+#                     the core built without default features, the Python package (built into
+#                     .venv) and its pytest suite, and a short fuzz run. Ends with
 #                     the checks that were skipped and why (from target/skips.log, which tests
 #                     append to through $CKPTIO_SKIP_LOG); fails when any skip is of a kind other
 #                     than `cuda` (this project's machine and CI run as root without a GPU).
@@ -11,13 +12,15 @@
 #                     without root or userfaultfd.
 #   ./dev.sh env      print the exports that let plain `cargo` commands build against the venv
 #   ./dev.sh cargo …  run any cargo command with the environment set
+#   ./dev.sh python   build the Python package (python/) and install it into .venv
+#   ./dev.sh pytest … build the Python package, then run pytest on python/tests with arguments
 #   ./dev.sh device-build [V] / device-run   CUDA tests on a GPU machine with PyTorch V (.ci/device-cuda.sh)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
 VENV="$ROOT/.venv"
-PY_REQS=(torch==2.13.0 lightning==2.6.6 numpy)
-STAMP="$VENV/.ckptio-setup-v1"
+PY_REQS=(torch==2.13.0 lightning==2.6.6 numpy maturin==1.16.0 pytest==9.2.0)
+STAMP="$VENV/.ckptio-setup-v2"
 
 log() { printf '\033[1m[ckptio]\033[0m %s\n' "$*" >&2; }
 
@@ -38,6 +41,8 @@ export_env() {
   export LIBTORCH_BYPASS_VERSION_CHECK=1
   # Python used by the interop tests and the benchmark's peers.
   export CKPTIO_PYTHON="$VENV/bin/python"
+  # The Python package's crate (python/) builds against the venv's CPython.
+  export PYO3_PYTHON="$VENV/bin/python"
   export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-auto}
 }
 
@@ -71,12 +76,21 @@ check_skips() {
   exit 1
 }
 
+# Builds the Python package (python/: the PyO3 crate and the pure-Python layer) in release mode
+# and installs it into the venv, editable: Python files take effect without a rebuild.
+build_python() {
+  log "Python package: maturin develop --release (python/)"
+  VIRTUAL_ENV="$VENV" PATH="$VENV/bin:$PATH" "$VENV/bin/maturin" develop --release --quiet \
+    -m "$ROOT/python/Cargo.toml"
+}
+
 cmd=${1:-help}
 shift || true
 case "$cmd" in
   main)
     setup_venv; export_env
     cargo build --release --examples --bins
+    build_python
     exec cargo run --release --example overlap -- "$@"
     ;;
   test)
@@ -90,12 +104,16 @@ case "$cmd" in
     cargo fmt --all -- --check
     cargo clippy --all-targets -- -D warnings
     cargo clippy --no-default-features --lib --bins -- -D warnings
+    cargo clippy -p ckptio-python -- -D warnings
     log "core without libtorch"
     cargo build --no-default-features
     cargo test --no-default-features --lib
     log "all tests (with tch and PyTorch interop)"
     cargo test --all-targets "$@"
     cargo test --doc
+    build_python
+    log "Python package tests (pytest python/tests)"
+    "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$ROOT/python/tests"
     log "fuzz smoke run (coverage-guided, libFuzzer on stable; fuzz/run.sh SECONDS for longer)"
     fuzz/run.sh "${CKPTIO_FUZZ_SECONDS:-15}"
     check_skips "$SKIP_LOG"
@@ -108,6 +126,15 @@ case "$cmd" in
     setup_venv; export_env
     exec cargo "$@"
     ;;
+  python)
+    setup_venv; export_env
+    build_python
+    ;;
+  pytest)
+    setup_venv; export_env
+    build_python
+    exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$ROOT/python/tests" "$@"
+    ;;
   device-build)
     setup_venv
     exec "$ROOT/.ci/device-cuda.sh" build "$@"
@@ -116,5 +143,5 @@ case "$cmd" in
     exec "$ROOT/.ci/device-cuda.sh" run
     ;;
   *)
-    sed -n '2,14p' "$0"; exit 2;;
+    sed -n '2,16p' "$0"; exit 2;;
 esac

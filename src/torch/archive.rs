@@ -1,5 +1,6 @@
 //! A checkpoint tree <-> a `torch.save` archive (`data.pkl` + one record per storage).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -40,10 +41,7 @@ pub(crate) fn write_archive<W: ZipSink>(
     sink: W,
     path: &Path,
 ) -> Result<W> {
-    let mut table = StorageTable::default();
-    let pkl = PickleWriter::new(&mut table)
-        .finish(value)
-        .map_err(|reason| Error::unsupported(path, reason))?;
+    let (pkl, storages) = pickle_and_storages(value, path)?;
     let io = |e| Error::io("write", path, e);
     let mut z = ZipWriter::new(sink);
     z.entry(&format!("{prefix}/data.pkl"), pkl.len() as u64, [&pkl[..]])
@@ -54,7 +52,7 @@ pub(crate) fn write_archive<W: ZipSink>(
         .map_err(io)?;
     z.entry(&format!("{prefix}/byteorder"), 6, [&b"little"[..]])
         .map_err(io)?;
-    for (i, s) in table.storages.iter().enumerate() {
+    for (i, s) in storages.iter().enumerate() {
         let storage_err = |e| match e {
             Error::Tensor { reason, .. } => Error::tensor(path, format!("storage {i}"), reason),
             other => other,
@@ -87,6 +85,23 @@ pub(crate) fn write_archive<W: ZipSink>(
     )
     .map_err(io)?;
     z.finish().map_err(io)
+}
+
+/// The `data.pkl` stream and the storages it refers to, in key order: pickled here from the
+/// tree, or handed over finished ([`super::pickled`]).
+fn pickle_and_storages<'v>(value: &'v Value, path: &Path) -> Result<(Cow<'v, [u8]>, Vec<Storage>)> {
+    if let Some(parts) = super::pickled::parts(value) {
+        let (pkl, storages) = parts.map_err(|e| match e {
+            Error::Argument { reason, .. } => Error::unsupported(path, reason),
+            other => other,
+        })?;
+        return Ok((Cow::Borrowed(&pkl[..]), storages));
+    }
+    let mut table = StorageTable::default();
+    let pkl = PickleWriter::new(&mut table)
+        .finish(value)
+        .map_err(|reason| Error::unsupported(path, reason))?;
+    Ok((Cow::Owned(pkl), table.storages))
 }
 
 /// 40 decimal digits, as PyTorch writes to `.data/serialization_id`.
@@ -156,6 +171,37 @@ impl<F: Fn(usize, usize) -> u32> StorageSource for Records<'_, F> {
     }
 }
 
+/// The folder every entry of an archive lies in (`"archive"` for `archive/data.pkl`), after
+/// checking that no entry name appears twice.
+pub(crate) fn archive_folder(entries: &[ZipEntry], path: &Path) -> Result<String> {
+    let first = entries
+        .first()
+        .ok_or_else(|| Error::format(path, "empty archive"))?;
+    let Some(i) = first.name.find('/') else {
+        return Err(Error::format(
+            path,
+            format!("entry {:?} has no archive folder", first.name),
+        ));
+    };
+    let mut seen = std::collections::HashSet::with_capacity(entries.len());
+    for e in entries {
+        if !seen.insert(e.name.as_str()) {
+            return Err(Error::format(path, format!("duplicate entry {:?}", e.name)));
+        }
+    }
+    Ok(first.name[..i].to_owned())
+}
+
+/// Why an archive without `data.pkl` cannot be read as a `torch.save` file.
+pub(crate) fn no_data_pkl(prefix: &str, has: impl Fn(&str) -> bool) -> String {
+    if has("constants.pkl") || has("code/__torch__.py") {
+        "this is a TorchScript archive (torch.jit.save / tch's save_multi), not a torch.save file"
+            .to_owned()
+    } else {
+        format!("no {prefix}/data.pkl record")
+    }
+}
+
 /// Reads a `torch.save` archive held in `data` (read into memory or memory-mapped).
 pub(crate) fn read_archive<F: Fn(usize, usize) -> u32>(
     data: &Bytes,
@@ -163,24 +209,8 @@ pub(crate) fn read_archive<F: Fn(usize, usize) -> u32>(
     s: &ReadSettings<'_, F>,
 ) -> Result<Value> {
     let entries = read_directory(data).map_err(|r| Error::format(path, r))?;
-    let first = entries
-        .first()
-        .ok_or_else(|| Error::format(path, "empty archive"))?;
-    let prefix = match first.name.find('/') {
-        Some(i) => first.name[..i].to_owned(),
-        None => {
-            return Err(Error::format(
-                path,
-                format!("entry {:?} has no archive folder", first.name),
-            ))
-        }
-    };
-    let mut by_name = HashMap::with_capacity(entries.len());
-    for e in &entries {
-        if by_name.insert(e.name.as_str(), e).is_some() {
-            return Err(Error::format(path, format!("duplicate entry {:?}", e.name)));
-        }
-    }
+    let prefix = archive_folder(&entries, path)?;
+    let by_name: HashMap<&str, &ZipEntry> = entries.iter().map(|e| (e.name.as_str(), e)).collect();
     let records = Records {
         data,
         prefix: prefix.clone(),
@@ -195,13 +225,7 @@ pub(crate) fn read_archive<F: Fn(usize, usize) -> u32>(
             .contains_key(format!("{prefix}/{n}").as_str())
     };
     if !has("data.pkl") {
-        let why = if has("constants.pkl") || has("code/__torch__.py") {
-            "this is a TorchScript archive (torch.jit.save / tch's save_multi), not a torch.save file"
-                .to_owned()
-        } else {
-            format!("no {prefix}/data.pkl record")
-        };
-        return Err(Error::format(path, why));
+        return Err(Error::format(path, no_data_pkl(&prefix, has)));
     }
     if has("byteorder") {
         let bo = records

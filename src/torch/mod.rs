@@ -16,7 +16,9 @@
 
 mod archive;
 pub(crate) mod pickle;
+mod pickled;
 mod read;
+mod records;
 pub(crate) mod zip;
 
 use std::io::Write;
@@ -26,6 +28,8 @@ use bytes::Bytes;
 
 pub use self::archive::archive_prefix;
 pub use self::pickle::reader::Limits;
+pub use self::pickled::pickled;
+pub use self::records::{RecordSpan, Records};
 use crate::atomic::{remove_path, write_atomic};
 use crate::error::{Error, Result};
 use crate::io::{finish_load, CheckpointIo, LoadOptions, Restore, SaveOptions, WriteStats};

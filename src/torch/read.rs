@@ -20,6 +20,12 @@ const BLOCK: usize = 4 << 20;
 /// A file held in memory with the CRC-32 of each block of [`BLOCK`] bytes.
 pub(crate) struct CheckedFile {
     pub(crate) data: Bytes,
+    crcs: BlockCrcs,
+}
+
+/// The CRC-32 of each block of [`BLOCK`] bytes of a file, computed while it was read.
+#[derive(Debug)]
+pub(crate) struct BlockCrcs {
     blocks: Vec<crc32fast::Hasher>,
 }
 
@@ -40,66 +46,88 @@ fn read_part<'a>(
     Ok(())
 }
 
+/// The length of the file at `path`, as a `usize`.
+pub(crate) fn file_len(file: &File, path: &Path) -> Result<usize> {
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io("stat", path, e))?
+        .len();
+    usize::try_from(len).map_err(|_| Error::format(path, "file is larger than the address space"))
+}
+
+/// Reads all of `file` into `buf` (exactly its length) on two threads, hashing blocks on a
+/// third as they arrive when `hash`.
+pub(crate) fn read_into(file: &File, path: &Path, buf: &mut [u8], hash: bool) -> Result<BlockCrcs> {
+    let len = buf.len();
+    let nblocks = len.div_ceil(BLOCK);
+    let (tx, rx) = unbounded::<(usize, &[u8])>();
+    // Two readers (each half of the file, positional reads) and one hasher: copying out of
+    // the page cache is bound by one core's memcpy, and the hash is cheaper still.
+    let half = (nblocks.div_ceil(2) * BLOCK).min(len);
+    let (a, b) = buf.split_at_mut(half);
+    let blocks = std::thread::scope(|scope| -> Result<Vec<crc32fast::Hasher>> {
+        let hasher = scope.spawn(move || {
+            let mut out = vec![crc32fast::Hasher::new(); nblocks];
+            for (i, chunk) in rx {
+                if hash {
+                    out[i].update(chunk);
+                }
+            }
+            out
+        });
+        let second = {
+            let tx = tx.clone();
+            scope.spawn(move || read_part(file, b, half / BLOCK, &tx))
+        };
+        let first = read_part(file, a, 0, &tx);
+        drop(tx);
+        let second = second
+            .join()
+            .map_err(|_| Error::format(path, "reader thread panicked"))?;
+        first.and(second).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                Error::format(path, "the file shrank while it was read")
+            }
+            _ => Error::io("read", path, e),
+        })?;
+        hasher
+            .join()
+            .map_err(|_| Error::format(path, "CRC thread panicked"))
+    })?;
+    Ok(BlockCrcs { blocks })
+}
+
 impl CheckedFile {
     /// Reads `path` on two threads, hashing blocks on a third as they arrive when `hash`.
     pub(crate) fn read(path: &Path, hash: bool) -> Result<CheckedFile> {
         let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
-        let len = file
-            .metadata()
-            .map_err(|e| Error::io("stat", path, e))?
-            .len();
-        let len = usize::try_from(len)
-            .map_err(|_| Error::format(path, "file is larger than the address space"))?;
+        let len = file_len(&file, path)?;
         // Page-aligned, so the storages in it (64-byte aligned in the file) can be saved again
         // with direct I/O, in place.
         let mut page_vec = crate::aligned::PageVec::zeroed(len);
-        let buf = page_vec.as_mut_slice();
-        let nblocks = len.div_ceil(BLOCK);
-        let (tx, rx) = unbounded::<(usize, &[u8])>();
-        // Two readers (each half of the file, positional reads) and one hasher: copying out of
-        // the page cache is bound by one core's memcpy, and the hash is cheaper still.
-        let half = (nblocks.div_ceil(2) * BLOCK).min(len);
-        let (a, b) = buf.split_at_mut(half);
-        let file = &file;
-        let blocks = std::thread::scope(|scope| -> Result<Vec<crc32fast::Hasher>> {
-            let hasher = scope.spawn(move || {
-                let mut out = vec![crc32fast::Hasher::new(); nblocks];
-                for (i, chunk) in rx {
-                    if hash {
-                        out[i].update(chunk);
-                    }
-                }
-                out
-            });
-            let second = {
-                let tx = tx.clone();
-                scope.spawn(move || read_part(file, b, half / BLOCK, &tx))
-            };
-            let first = read_part(file, a, 0, &tx);
-            drop(tx);
-            let second = second
-                .join()
-                .map_err(|_| Error::format(path, "reader thread panicked"))?;
-            first.and(second).map_err(|e| Error::io("read", path, e))?;
-            hasher
-                .join()
-                .map_err(|_| Error::format(path, "CRC thread panicked"))
-        })?;
+        let crcs = read_into(&file, path, page_vec.as_mut_slice(), hash)?;
         Ok(CheckedFile {
             data: page_vec.into_bytes(),
-            blocks,
+            crcs,
         })
     }
 
     /// The CRC-32 of `data[start..start + len]`.
     pub(crate) fn crc(&self, start: usize, len: usize) -> u32 {
+        self.crcs.crc(&self.data, start, len)
+    }
+}
+
+impl BlockCrcs {
+    /// The CRC-32 of `data[start..start + len]`, where `data` is the file these blocks hashed.
+    pub(crate) fn crc(&self, data: &[u8], start: usize, len: usize) -> u32 {
         let end = start + len;
         let mut h = crc32fast::Hasher::new();
         let mut pos = start;
         // Partial first block.
         let first_end = (start.div_ceil(BLOCK) * BLOCK).min(end);
         if pos < first_end {
-            h.update(&self.data[pos..first_end]);
+            h.update(&data[pos..first_end]);
             pos = first_end;
         }
         // Whole blocks.
@@ -109,7 +137,7 @@ impl CheckedFile {
         }
         // Partial last block.
         if pos < end {
-            h.update(&self.data[pos..end]);
+            h.update(&data[pos..end]);
         }
         h.finalize()
     }

@@ -422,6 +422,8 @@ impl<W: ZipSink> ZipWriter<W> {
 #[derive(Clone, Debug)]
 pub(crate) struct ZipEntry {
     pub(crate) name: String,
+    /// Offset of the entry's local header in the archive.
+    pub(crate) header_offset: u64,
     /// Offset of the data in the archive.
     pub(crate) data_offset: u64,
     pub(crate) size: u64,
@@ -572,6 +574,7 @@ pub(crate) fn read_directory(data: &[u8]) -> Result<Vec<ZipEntry>, String> {
         }
         entries.push(ZipEntry {
             name,
+            header_offset: local,
             data_offset,
             size: usize_,
             crc,
