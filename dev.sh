@@ -14,6 +14,7 @@
 #   ./dev.sh cargo …  run any cargo command with the environment set
 #   ./dev.sh python   build the Python package (python/) and install it into .venv
 #   ./dev.sh pytest … build the Python package, then run pytest on python/tests with arguments
+#   ./dev.sh pybench …  build it, then benches/py/python_io_bench.py (ckptio.save/load vs torch's)
 #   ./dev.sh device-build [V] / device-run   CUDA tests on a GPU machine with PyTorch V (.ci/device-cuda.sh)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -135,6 +136,11 @@ case "$cmd" in
     build_python
     exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$ROOT/python/tests" "$@"
     ;;
+  pybench)
+    setup_venv; export_env
+    build_python
+    exec "$VENV/bin/python" "$ROOT/benches/py/python_io_bench.py" "$@"
+    ;;
   device-build)
     setup_venv
     exec "$ROOT/.ci/device-cuda.sh" build "$@"
@@ -143,5 +149,5 @@ case "$cmd" in
     exec "$ROOT/.ci/device-cuda.sh" run
     ;;
   *)
-    sed -n '2,16p' "$0"; exit 2;;
+    sed -n '2,17p' "$0"; exit 2;;
 esac
