@@ -21,6 +21,9 @@ class QueueFullError(CheckpointError):
 def save(path: _Path, pickle: bytes, storages: List[_StorageSpec], durable: bool = True) -> None:
     """Writes a pickled checkpoint in the torch.save format, atomically, GIL released."""
 
+def remove(path: _Path) -> None:
+    """Removes the checkpoint at `path` (a file or a directory); quiet when it is absent."""
+
 def clean_temp_files(dir: _Path) -> int:
     """Removes the temporary files an interrupted save left in `dir`; returns how many."""
 

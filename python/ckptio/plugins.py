@@ -12,6 +12,7 @@ import abc
 import importlib
 from typing import Any, Optional
 
+from . import _ckptio
 from ._loading import load
 from ._runtime import Runtime, local_path
 from ._saving import save
@@ -75,9 +76,7 @@ class TorchCheckpointIO(CheckpointIOBase):
         return load(local_path(path), map_location, weights_only=weights_only is not False)
 
     def remove_checkpoint(self, path: Any) -> None:
-        from ._ckptio import Engine
-
-        Engine().remove(local_path(path)).wait()
+        _ckptio.remove(local_path(path))
 
 
 class AsyncCheckpointIO(CheckpointIOBase):

@@ -36,6 +36,13 @@ pub(crate) fn save(
         .py_err()
 }
 
+/// Removes the checkpoint at `path` (a file or a directory); quiet when it is absent.
+#[pyfunction]
+pub(crate) fn remove(py: Python<'_>, path: PathBuf) -> PyResult<()> {
+    py.detach(|| TorchCheckpointIo::new().remove_checkpoint(&path))
+        .py_err()
+}
+
 /// Removes the temporary files an interrupted save left in `dir`; returns how many.
 #[pyfunction]
 pub(crate) fn clean_temp_files(py: Python<'_>, dir: PathBuf) -> PyResult<usize> {

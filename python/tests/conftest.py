@@ -74,3 +74,22 @@ def assert_same(a, b, path="root"):
         assert_same(vars(a), vars(b), f"{path}.__dict__")
     else:
         assert a == b, f"{path}: {a!r} vs {b!r}"
+
+
+# Skips are recorded like the Rust tests' (`test<TAB>kind<TAB>reason` lines in
+# $CKPTIO_SKIP_LOG): `./dev.sh test` lists them and fails on any kind but `cuda`. A test marks
+# its kind with `pytest.skip(f"[cuda] reason")`; any other skip (importorskip, ...) is kind
+# `python`.
+def pytest_runtest_logreport(report):
+    if not report.skipped:
+        return
+    reason = str(report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    kind = "python"
+    if reason.startswith("[") and "]" in reason:
+        kind, reason = reason[1:].split("]", 1)
+    log = os.environ.get("CKPTIO_SKIP_LOG")
+    if log:
+        name = report.nodeid.replace("\t", " ")
+        with open(log, "a") as f:
+            f.write(f"{name}\t{kind}\t{' '.join(reason.split())}\n")

@@ -129,3 +129,13 @@ def test_a_background_error_is_raised_at_the_next_call(tmp_path):
     plugin.teardown()
     with pytest.raises(TypeError, match="storage_options"):
         plugin.save_checkpoint({}, tmp_path / "x.ckpt", storage_options={"bucket": 1})
+
+
+def test_the_synchronous_plugin_removes_files_and_directories_quietly(tmp_path):
+    plugin = ckptio.TorchCheckpointIO()
+    plugin.save_checkpoint({"w": torch.ones(2)}, tmp_path / "a.ckpt")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_text("x")
+    for p in ("a.ckpt", "d", "absent.ckpt"):
+        plugin.remove_checkpoint(tmp_path / p)
+    assert list(tmp_path.iterdir()) == []
