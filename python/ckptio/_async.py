@@ -81,6 +81,12 @@ class AsyncSaver:
     - **Backpressure**: at most ``capacity`` saves wait per writer; when full, ``"block"``
       (default) waits, ``"skip"`` resolves the future as skipped, ``"error"`` raises
       ``ckptio.QueueFullError``. ``pool_budget`` caps the staging memory in bytes.
+    - ``write_protect=True`` (opt-in; Linux with ``userfaultfd``, e.g. as root): large CPU
+      tensors are write-protected instead of copied on the calling thread, and copied by a
+      background thread; a write to a part not yet copied waits for that part (at most
+      8 MiB). The stall becomes a fraction of a copy. Leave it off where a device writes the
+      saved CPU tensors by DMA (RDMA-registered memory) or the loop grows them in place
+      (``resize_``) right after a save. Pinned tensors are always copied.
     - **Errors**: a failed save fails its future. An error no one took from its future (with
       ``result()`` or ``exception()``) is raised by the next call (``save``, ``remove``,
       ``load``, ``flush``, ``close``), once.
@@ -95,9 +101,14 @@ class AsyncSaver:
         backpressure: str = "block",
         durable: bool = True,
         pool_budget: Optional[int] = None,
+        write_protect: bool = False,
     ) -> None:
         self._runtime = Runtime(
-            capacity=capacity, writers=writers, backpressure=backpressure, pool_budget=pool_budget
+            capacity=capacity,
+            writers=writers,
+            backpressure=backpressure,
+            pool_budget=pool_budget,
+            write_protect=write_protect,
         )
         self._durable = durable
         self._futures: List[SaveFuture] = []

@@ -4,8 +4,8 @@ import os
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 _Path = Union[str, os.PathLike]
-#: (address, bytes, torch.save location tag, owner of the memory)
-_StorageSpec = Tuple[int, int, str, Any]
+#: (address, bytes, torch.save location tag, owner of the memory, may be write-protected)
+_StorageSpec = Tuple[int, int, str, Any, bool]
 
 __version__: str
 
@@ -23,6 +23,9 @@ def save(path: _Path, pickle: bytes, storages: List[_StorageSpec], durable: bool
 
 def remove(path: _Path) -> None:
     """Removes the checkpoint at `path` (a file or a directory); quiet when it is absent."""
+
+def write_protect_unavailable() -> Optional[str]:
+    """None when this process may write-protect memory (userfaultfd), else why not."""
 
 def clean_temp_files(dir: _Path) -> int:
     """Removes the temporary files an interrupted save left in `dir`; returns how many."""
@@ -46,6 +49,7 @@ class Engine:
         writers: int = 1,
         backpressure: str = "block",
         pool_budget: Optional[int] = None,
+        write_protect: bool = False,
     ) -> None: ...
     def save(self, path: _Path, pickle: bytes, storages: List[_StorageSpec], durable: bool = True) -> Handle: ...
     def remove(self, path: _Path) -> Handle: ...

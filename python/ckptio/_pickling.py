@@ -19,8 +19,9 @@ from torch.serialization import location_tag, normalize_storage_type
 #: ``torch.save``'s pickle protocol.
 PROTOCOL = 2
 
-#: What the engine is handed for each storage: address, bytes, location, owner.
-StorageSpec = Tuple[int, int, str, Any]
+#: What the engine is handed for each storage: address, bytes, location, owner, and whether it
+#: may be write-protected instead of copied.
+StorageSpec = Tuple[int, int, str, Any, bool]
 
 
 def pickle_checkpoint(obj: Any) -> Tuple[bytes, List[torch.UntypedStorage]]:
@@ -75,5 +76,5 @@ def host_specs(storages: List[torch.UntypedStorage]) -> List[StorageSpec]:
         location = location_tag(s)
         if s.device.type != "cpu":
             s = s.cpu()
-        specs.append((s.data_ptr(), s.nbytes(), location, s))
+        specs.append((s.data_ptr(), s.nbytes(), location, s, False))
     return specs

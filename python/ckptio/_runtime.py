@@ -54,10 +54,16 @@ class Runtime:
         writers: int = 1,
         backpressure: str = "block",
         pool_budget: Optional[int] = None,
+        write_protect: bool = False,
     ) -> None:
         self.engine = _ckptio.Engine(
-            capacity=capacity, writers=writers, backpressure=backpressure, pool_budget=pool_budget
+            capacity=capacity,
+            writers=writers,
+            backpressure=backpressure,
+            pool_budget=pool_budget,
+            write_protect=write_protect,
         )
+        self._write_protect = write_protect
         self._pinned = PinnedPool()
 
     def submit(self, obj: Any, path: str, durable: bool) -> "_ckptio.Handle":
@@ -81,16 +87,17 @@ class Runtime:
         for s in storages:
             location = location_tag(s)
             if s.device.type == "cpu":
-                specs.append((s.data_ptr(), s.nbytes(), location, s))
+                protectable = self._write_protect and not s.is_pinned()
+                specs.append((s.data_ptr(), s.nbytes(), location, s, protectable))
             elif s.device.type == "cuda":
                 buf = self._pinned.take(s.nbytes())
                 buf.untyped_storage().copy_(s, non_blocking=True)
                 devices.add(s.device)
                 pinned.append(buf)
-                specs.append((buf.data_ptr(), s.nbytes(), location, buf))
+                specs.append((buf.data_ptr(), s.nbytes(), location, buf, False))
             else:
                 host = s.cpu()
-                specs.append((host.data_ptr(), host.nbytes(), location, host))
+                specs.append((host.data_ptr(), host.nbytes(), location, host, False))
         for d in devices:
             torch.cuda.current_stream(d).synchronize()
         return specs, pinned

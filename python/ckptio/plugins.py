@@ -94,6 +94,12 @@ class AsyncCheckpointIO(CheckpointIOBase):
     - At most ``capacity`` saves wait per writer; when full, ``backpressure`` ``"block"``
       (default) waits, ``"skip"`` drops the save (counted in ``status()``), ``"error"`` raises
       ``ckptio.QueueFullError``. ``pool_budget`` caps the staging memory in bytes.
+    - ``write_protect=True`` (opt-in; Linux with ``userfaultfd``, e.g. as root): large CPU
+      tensors are write-protected instead of copied on the calling thread, and copied by a
+      background thread; a write to a part not yet copied waits for that part (at most
+      8 MiB). The stall becomes a fraction of a copy. Leave it off where a device writes the
+      saved CPU tensors by DMA (RDMA-registered memory) or the loop grows them in place
+      (``resize_``) right after a save. Pinned tensors are always copied.
     """
 
     def __init__(
@@ -104,9 +110,14 @@ class AsyncCheckpointIO(CheckpointIOBase):
         backpressure: str = "block",
         durable: bool = True,
         pool_budget: Optional[int] = None,
+        write_protect: bool = False,
     ) -> None:
         self._runtime = Runtime(
-            capacity=capacity, writers=writers, backpressure=backpressure, pool_budget=pool_budget
+            capacity=capacity,
+            writers=writers,
+            backpressure=backpressure,
+            pool_budget=pool_budget,
+            write_protect=write_protect,
         )
         self._durable = durable
 

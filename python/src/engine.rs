@@ -36,6 +36,14 @@ pub(crate) fn save(
         .py_err()
 }
 
+/// `None` when this process may write-protect memory (`userfaultfd`), else the reason why not.
+#[pyfunction]
+pub(crate) fn write_protect_unavailable() -> Option<String> {
+    ckptio::runtime::write_protect_available()
+        .err()
+        .map(|e| e.to_string())
+}
+
 /// Removes the checkpoint at `path` (a file or a directory); quiet when it is absent.
 #[pyfunction]
 pub(crate) fn remove(py: Python<'_>, path: PathBuf) -> PyResult<()> {
@@ -70,12 +78,13 @@ pub(crate) struct Engine {
 #[pymethods]
 impl Engine {
     #[new]
-    #[pyo3(signature = (*, capacity = 1, writers = 1, backpressure = "block", pool_budget = None))]
+    #[pyo3(signature = (*, capacity = 1, writers = 1, backpressure = "block", pool_budget = None, write_protect = false))]
     fn new(
         capacity: usize,
         writers: usize,
         backpressure: &str,
         pool_budget: Option<usize>,
+        write_protect: bool,
     ) -> PyResult<Self> {
         if writers == 0 {
             return Err(PyValueError::new_err("writers must be at least 1"));
@@ -83,7 +92,8 @@ impl Engine {
         let mut b = AsyncCheckpointIo::<TorchCheckpointIo>::builder()
             .capacity(capacity)
             .writers(writers)
-            .backpressure(self::backpressure(backpressure)?);
+            .backpressure(self::backpressure(backpressure)?)
+            .write_protect(write_protect);
         if let Some(budget) = pool_budget {
             b = b.pool_budget(budget);
         }
@@ -154,6 +164,7 @@ impl Engine {
         d.set_item("errors", s.errors)?;
         d.set_item("pool_bytes", s.pool.in_use + s.pool.free)?;
         d.set_item("pool_allocations", s.pool.allocations)?;
+        d.set_item("write_protected", s.write_protected)?;
         Ok(d)
     }
 }

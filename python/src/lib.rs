@@ -21,6 +21,7 @@ fn _ckptio(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(engine::save, m)?)?;
     m.add_function(wrap_pyfunction!(engine::remove, m)?)?;
+    m.add_function(wrap_pyfunction!(engine::write_protect_unavailable, m)?)?;
     m.add_function(wrap_pyfunction!(engine::clean_temp_files, m)?)?;
     m.add_class::<engine::Engine>()?;
     m.add_class::<engine::Handle>()?;

@@ -7,9 +7,10 @@ use ckptio::{DType, HostMemory, LiveTensor, TensorSource, Value};
 use pyo3::prelude::*;
 
 /// What Python passes for each storage: its address, its length in bytes, its `torch.save`
-/// location tag (`"cpu"`, or the device a host copy was taken from), and the object that owns
-/// the memory (kept alive for as long as ckptio may read it).
-pub(crate) type StorageSpec = (usize, usize, String, Py<PyAny>);
+/// location tag (`"cpu"`, or the device a host copy was taken from), the object that owns
+/// the memory (kept alive for as long as ckptio may read it), and whether the memory may be
+/// write-protected instead of copied (a CPU storage that is not pinned for a device's DMA).
+pub(crate) type StorageSpec = (usize, usize, String, Py<PyAny>, bool);
 
 /// Keeps a Python object alive; dropped without the GIL, PyO3 releases it later.
 struct Owner(#[allow(dead_code)] Py<PyAny>);
@@ -45,15 +46,17 @@ pub(crate) struct PyStorage {
     len: usize,
     location: String,
     owner: Arc<Owner>,
+    protectable: bool,
 }
 
 impl PyStorage {
-    pub(crate) fn live((addr, len, location, owner): StorageSpec) -> Value {
+    pub(crate) fn live((addr, len, location, owner, protectable): StorageSpec) -> Value {
         Value::Live(LiveTensor::new(PyStorage {
             addr,
             len,
             location,
             owner: Arc::new(Owner(owner)),
+            protectable,
         }))
     }
 
@@ -89,13 +92,20 @@ impl TensorSource for PyStorage {
     }
 }
 
-// SAFETY: the bytes are the storage's own memory, `len` long, kept allocated by the owner they
-// hold; they are written only by the Python program that saves them (PyTorch has no thread of
-// its own writing a CPU storage). `protectable_bytes` is not offered: the memory may be pinned
-// for a device's DMA.
+// SAFETY: the bytes are the storage's own memory, `len` long, kept allocated at the same
+// address by the storage object they hold, for as long as they are held (the storage may be
+// dropped by the program, not freed); they are written only by the Python program that saves
+// them (PyTorch has no thread of its own writing a CPU storage). `protectable_bytes` is offered
+// only for storages the Python layer found not pinned (`is_pinned()`), so no device writes them
+// by DMA; the rest of its promise (no RDMA registration, no `resize_` right after a save) is
+// the opt-in's documented condition (`write_protect=True`).
 #[allow(unsafe_code)]
 unsafe impl HostMemory for PyStorage {
     unsafe fn borrow_bytes(&self) -> Option<Bytes> {
         Some(Bytes::from_owner(self.region()))
+    }
+
+    unsafe fn protectable_bytes(&self) -> Option<Bytes> {
+        self.protectable.then(|| Bytes::from_owner(self.region()))
     }
 }
