@@ -81,8 +81,9 @@ check_skips() {
 # and installs it into the venv, editable: Python files take effect without a rebuild.
 build_python() {
   log "Python package: maturin develop --release (python/)"
+  # pip's "Requirement already satisfied" lines (torch, already in the venv) are left out.
   VIRTUAL_ENV="$VENV" PATH="$VENV/bin:$PATH" "$VENV/bin/maturin" develop --release --quiet \
-    -m "$ROOT/python/Cargo.toml"
+    -m "$ROOT/python/Cargo.toml" 2>&1 | { grep -v '^Requirement already satisfied' || true; }
 }
 
 cmd=${1:-help}

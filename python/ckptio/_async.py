@@ -60,10 +60,17 @@ class SaveFuture(concurrent.futures.Future):
         return super().exception(timeout)
 
     def _unobserved_error(self) -> Optional[BaseException]:
+        """The error this save ended with, once, if nobody took it from the future."""
         if self._observed or not self.done():
             return None
         self._observed = True
         return super().exception()
+
+    def _may_need_reporting(self) -> bool:
+        """Whether the saver must keep this future: pending, or failed and not yet seen."""
+        if not self.done():
+            return True
+        return not self._observed and super().exception() is not None
 
 
 _STOP = object()
@@ -167,7 +174,7 @@ class AsyncSaver:
     def _track(self, path: str, handle: Any) -> SaveFuture:
         fut = SaveFuture(path)
         with self._lock:
-            self._futures = [f for f in self._futures if not f.done() or not f._observed]
+            self._futures = [f for f in self._futures if f._may_need_reporting()]
             self._futures.append(fut)
             if self._watcher is None:
                 self._watcher = threading.Thread(

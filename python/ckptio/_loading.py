@@ -121,7 +121,9 @@ def load(
     when ``weights_only`` (the default), and the storages are views of the memory the file was
     read into, not copies. ``map_location`` works as in ``torch.load``.
 
-    A file object (not a path) is handed to ``torch.load`` itself.
+    A file object (not a path) is handed to ``torch.load`` itself. Files in the legacy format
+    (``torch.save`` before PyTorch 1.6, not a zip archive) and TorchScript archives are
+    refused with ``ckptio.CheckpointFormatError``: load those with ``torch.load``.
 
     Raises ``OSError`` (``FileNotFoundError``, ...) when the file cannot be read,
     ``ckptio.CheckpointFormatError`` when it is not a valid, intact ``torch.save`` archive, and

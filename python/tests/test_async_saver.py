@@ -112,3 +112,12 @@ def test_write_protected_saves_hold_the_state_at_the_call(tmp_path):
     for i in range(3):
         got = torch.load(tmp_path / f"{i}.ckpt", weights_only=True)
         assert got["i"] == i and torch.equal(got["w"], torch.full_like(w, float(i))), i
+
+
+def test_a_long_run_keeps_no_finished_futures(tmp_path):
+    with ckptio.AsyncSaver() as saver:
+        for i in range(50):
+            saver.save({"i": i}, tmp_path / f"{i % 2}.pt")
+        saver.flush()
+        saver.save({"i": -1}, tmp_path / "last.pt")
+        assert len(saver._futures) <= 2

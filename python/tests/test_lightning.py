@@ -1,6 +1,7 @@
 """A real Lightning Trainer with ckptio.AsyncCheckpointIO."""
 
 import os
+import time
 
 import pytest
 import torch
@@ -119,14 +120,22 @@ def test_the_synchronous_plugin_writes_the_same_checkpoints(tmp_path):
         assert torch.equal(state["state_dict"][k], v), k
 
 
-def test_a_background_error_is_raised_at_the_next_call(tmp_path):
+def test_a_background_error_is_raised_once_at_the_next_call(tmp_path):
     plugin = ckptio.AsyncCheckpointIO()
     (tmp_path / "file").write_text("x")
     plugin.save_checkpoint({"w": torch.ones(3)}, tmp_path / "file" / "a.ckpt")
+    deadline = time.monotonic() + 60
+    while plugin.status()["errors"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
     with pytest.raises(OSError, match="a.ckpt"):
-        plugin.teardown()
+        plugin.save_checkpoint({"w": torch.ones(3)}, tmp_path / "b.ckpt")
     plugin.save_checkpoint({"w": torch.ones(3)}, tmp_path / "ok.ckpt")
-    plugin.teardown()
+    plugin.teardown()  # told once: not again here
+    assert (tmp_path / "ok.ckpt").exists() and not (tmp_path / "b.ckpt").exists()
+    (tmp_path / "file2").write_text("x")
+    plugin.save_checkpoint({"w": torch.ones(3)}, tmp_path / "file2" / "c.ckpt")
+    with pytest.raises(OSError, match="c.ckpt"):
+        plugin.teardown()
     with pytest.raises(TypeError, match="storage_options"):
         plugin.save_checkpoint({}, tmp_path / "x.ckpt", storage_options={"bucket": 1})
 

@@ -121,6 +121,25 @@ mod tests {
     }
 
     #[test]
+    fn a_pickled_checkpoint_is_written_as_its_pickle_and_storages_in_key_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.pt");
+        let pickle = b"\x80\x02K\x07.".to_vec(); // the int 7
+        let a = HostTensor::from_slice(&[1u8, 2, 3], &[3]).unwrap();
+        let b = HostTensor::from_slice(&[9.5f32; 4], &[4]).unwrap();
+        let v = pickled(pickle.clone(), vec![a.into(), b.into()]).unwrap();
+        super::super::save(&v, &p).unwrap();
+        let data = std::fs::read(&p).unwrap();
+        let r = super::super::Records::index(&data, &p, true).unwrap();
+        assert_eq!(r.record(&data, "data.pkl").unwrap(), &pickle[..]);
+        assert_eq!(r.record(&data, "data/0").unwrap(), &[1, 2, 3]);
+        assert_eq!(r.record(&data, "data/1").unwrap().len(), 16);
+        assert!(!r.contains("data/2"));
+        let loaded = super::super::load(&p, &crate::LoadOptions::default()).unwrap();
+        assert_eq!(loaded, Value::Int(7));
+    }
+
+    #[test]
     fn other_trees_are_not_pickled() {
         assert!(parts(&Value::Int(1)).is_none());
     }
