@@ -15,9 +15,10 @@ the median time of each, and the ratios the issue's goals are stated in:
   load:  ckptio.load(p) (CRC-32s checked, the default; and without, like torch.load, which
          checks none) against torch.load(p, weights_only=True), and the same with mmap=True
          (each load then reads one byte of every 4 KiB page, so that a lazy map pays for its
-         reads). Each load runs twice: "warm", both files read once before (page cache), and
+         reads). Each load runs three ways: "warm", both files read once before (page cache);
          "cold", both files evicted from the page cache first (posix_fadvise DONTNEED, after an
-         fsync), as when a job resumes after a restart.
+         fsync); and "new process": warm, but loaded by a new Python process (timed in it,
+         imports excluded), as when a job resumes, whose memory is all first touched.
   peak:  peak extra RSS of ckptio.AsyncCheckpointIO over a save (sampled every millisecond),
          per byte of state: one staging copy per save in flight (here one) is 1.0.
 
@@ -106,6 +107,27 @@ def touched(state):
     return state
 
 
+NEW_PROCESS = {
+    "ckptio.load": "ckptio.load(p)",
+    "ckptio.load, no CRC": "ckptio.load(p, verify_crc=False)",
+    "torch.load": "torch.load(p, weights_only=True)",
+    "ckptio.load mmap + touch": "touched(ckptio.load(p, mmap=True))",
+    "torch.load mmap + touch": "touched(torch.load(p, weights_only=True, mmap=True))",
+}
+
+
+def in_new_process(name, path):
+    """Seconds a new Python process takes to load `path` the way `name` does (imports not
+    counted)."""
+    code = (
+        f"import sys, time; sys.path.insert(0, {HERE!r}); import torch, ckptio; "
+        f"from python_io_bench import touched; torch.set_num_threads(1); p = {path!r}; "
+        f"t = time.perf_counter(); {NEW_PROCESS[name]}; print(time.perf_counter() - t)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def timed(fn):
     t = time.perf_counter()
     out = fn()
@@ -158,7 +180,8 @@ def run(args, d):
         ("ckptio.load mmap + touch", lambda: touched(ckptio.load(p["ckptio"], mmap=True)), p["ckptio"]),
         ("torch.load mmap + touch", lambda: touched(torch.load(p["torch"], weights_only=True, mmap=True)), p["torch"]),
     ]
-    loads = {f"{name}, {cache}": [] for cache in ("warm", "cold") for name, _, _ in load_fns}
+    caches = ("warm", "cold", "new process")
+    loads = {f"{name}, {cache}": [] for cache in caches for name, _, _ in load_fns}
     save_fns = [
         ("ckptio.save", lambda: ckptio.save(state, p["ckptio"])),
         ("torch.save + fsync", lambda: torch_save_durable(state, p["torch"])),
@@ -172,9 +195,12 @@ def run(args, d):
             secs, _ = timed(fn)
             if r >= 0:
                 saves[name].append(secs)
-        for cache in ("warm", "cold"):
+        for cache in caches:
             for name, fn, path in load_fns[::order]:
-                (read_through if cache == "warm" else evict)(path)
+                (evict if cache == "cold" else read_through)(path)
+                if cache == "new process":
+                    loads[f"{name}, {cache}"].append(in_new_process(name, path)) if r >= 0 else None
+                    continue
                 secs, loaded = timed(fn)
                 if r >= 0:
                     loads[f"{name}, {cache}"].append(secs)
@@ -199,7 +225,7 @@ def table(saves, loads, peak, size_mib):
     goals = [
         ("`ckptio.save` durable vs `torch.save` + fsync", ratio("torch.save + fsync", "ckptio.save"), 1.5),
     ]
-    for cache in ("warm", "cold"):
+    for cache in ("warm", "cold", "new process"):
         goals += [
             (f"`ckptio.load` vs `torch.load`, {cache} (CRC-32s checked: more than torch does)",
              ratio(f"torch.load, {cache}", f"ckptio.load, {cache}"), 2.0),

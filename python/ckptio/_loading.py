@@ -1,9 +1,9 @@
 """``ckptio.load``: ``torch.load`` of a path, with the archive read and checked by ckptio.
 
-ckptio's Rust engine reads the file (on two threads, with the CRC-32 of every record checked
-on a third as the bytes arrive) into one block of memory that torch owns, or indexes it for a
-memory map; PyTorch's own loader then rebuilds the objects from it, with PyTorch's own
-unpicklers, and every storage is a view of that memory, never another copy. So
+ckptio's Rust engine indexes the file and reads every storage record (on two threads, each
+checking the CRC-32 of what it read) straight into a tensor torch allocated for it, or leaves
+the storages to a memory map; PyTorch's own loader then rebuilds the objects, with PyTorch's own
+unpicklers, from those tensors or that map, never another copy. So
 ``weights_only=True`` refuses exactly what ``torch.load(weights_only=True)`` refuses.
 """
 
@@ -26,9 +26,9 @@ class _ZipReader:
     """The parts of ``torch._C.PyTorchFileReader`` that ``torch.serialization._load`` uses,
     served from an archive ckptio opened and checked."""
 
-    def __init__(self, archive: "_ckptio.Archive", storage: torch.UntypedStorage) -> None:
+    def __init__(self, archive: "_ckptio.Archive", storages: Dict[str, torch.Tensor]) -> None:
         self._archive = archive
-        self._storage = storage
+        self._storages = storages
 
     def has_record(self, name: str) -> bool:
         return self._archive.has(name)
@@ -49,13 +49,16 @@ class _ZipReader:
         return self._archive.span_of(name)[1]
 
     def get_storage_from_record(self, name: str, numel: int, _cls: Any) -> torch.Tensor:
-        _, offset, length = self._archive.span_of(name)
-        if numel > length:
+        t = self._storages.get(name)
+        if t is None:
+            raise _ckptio.CheckpointFormatError(f"no storage record {name}")
+        if numel > t.numel():
             raise _ckptio.CheckpointFormatError(
-                f"record {name} holds {length} bytes, fewer than the {numel} its tensor needs"
+                f"record {name} holds {t.numel()} bytes, fewer than the {numel} its tensor needs"
             )
-        view = self._storage[offset : offset + numel]
-        return torch.empty(0, dtype=torch.uint8).set_(view)
+        if numel == t.numel():
+            return t
+        return torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage()[0:numel])
 
     def serialization_id(self) -> str:
         if self._archive.has(".data/serialization_id"):
@@ -93,16 +96,24 @@ class _CheckedStorage:
         return self._storage[start:stop]
 
 
-def _open(path: str, mmap: bool, verify_crc: bool):
-    if mmap:
-        archive = _ckptio.Archive.map(path)
-        shared = _ser.get_default_mmap_options() == _mmap.MAP_SHARED
-        storage = torch.UntypedStorage.from_file(path, shared, os.path.getsize(path))
-        return archive, storage
-    nbytes = os.path.getsize(path)
-    storage = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
-    archive = _ckptio.Archive.read(path, storage.data_ptr(), nbytes, storage, verify_crc)
-    return archive, storage
+def _read(path: str, verify_crc: bool):
+    """The archive, and each storage record read into a tensor of its own: allocated by torch as
+    ``torch.load`` allocates them, filled by ckptio on two threads with the GIL released."""
+    archive = _ckptio.Archive.open(path, verify_crc)
+    storages = {}
+    for name in archive.names():
+        if name.startswith("data/"):
+            storages[name] = torch.empty(archive.span_of(name)[2], dtype=torch.uint8)
+    archive.read_storages([(n, t.data_ptr(), t.numel(), t) for n, t in storages.items()])
+    return archive, storages
+
+
+def _map(path: str):
+    """The archive, indexed, and the file mapped as ``torch.load(mmap=True)`` maps it."""
+    archive = _ckptio.Archive.open(path, False)
+    shared = _ser.get_default_mmap_options() == _mmap.MAP_SHARED
+    storage = torch.UntypedStorage.from_file(path, shared, os.path.getsize(path))
+    return archive, _CheckedStorage(archive, storage, path)
 
 
 def load(
@@ -115,11 +126,11 @@ def load(
 ) -> Any:
     """Loads a ``torch.save`` file from the path ``f``: the counterpart of ``torch.load``.
 
-    ckptio reads the whole file at once (or memory-maps it with ``mmap=True``), checks the
-    archive's structure and, unless ``verify_crc=False`` or ``mmap=True``, every record's
-    CRC-32; the objects are rebuilt by PyTorch's own loader, with its weights-only unpickler
-    when ``weights_only`` (the default), and the storages are views of the memory the file was
-    read into, not copies. ``map_location`` works as in ``torch.load``.
+    ckptio checks the archive's structure and reads every storage on two threads straight into
+    its tensor (or memory-maps the file with ``mmap=True``), checking every record's CRC-32
+    unless ``verify_crc=False`` or ``mmap=True``; the objects are rebuilt by PyTorch's own
+    loader, with its weights-only unpickler when ``weights_only`` (the default), from those
+    tensors, without another copy. ``map_location`` works as in ``torch.load``.
 
     A file object (not a path) is handed to ``torch.load`` itself. Files in the legacy format
     (``torch.save`` before PyTorch 1.6, not a zip archive) and TorchScript archives are
@@ -133,21 +144,25 @@ def load(
     if not isinstance(f, (str, os.PathLike)):
         return torch.load(f, map_location=map_location, weights_only=weights_only, mmap=mmap)
     path = os.fspath(f)
-    archive, storage = _open(path, mmap, verify_crc)
+    if mmap:
+        archive, overall = _map(path)
+        storages: Dict[str, torch.Tensor] = {}
+    else:
+        archive, storages = _read(path, verify_crc)
+        overall = None
     if archive.has("constants.pkl"):
         raise _ckptio.CheckpointFormatError(
             f"{path}: this is a TorchScript archive (torch.jit.save); load it with torch.jit.load"
         )
-    reader = _ZipReader(archive, storage)
-    storage = _CheckedStorage(archive, storage, path)
+    reader = _ZipReader(archive, storages)
     if not weights_only:
-        return _ser._load(reader, map_location, pickle, overall_storage=storage, encoding="utf-8")
+        return _ser._load(reader, map_location, pickle, overall_storage=overall, encoding="utf-8")
     try:
         return _ser._load(
             reader,
             map_location,
             torch._weights_only_unpickler,
-            overall_storage=storage,
+            overall_storage=overall,
             encoding="utf-8",
         )
     except pickle.UnpicklingError as e:

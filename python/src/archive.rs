@@ -16,32 +16,14 @@ fn is_storage(name: &str) -> bool {
     name.starts_with("data/")
 }
 
-/// The size of a transparent huge page.
-const HUGE: usize = 2 << 20;
-
-/// Asks the kernel to back the whole 2 MiB blocks of `len` bytes at `addr` with transparent
-/// huge pages (a hint; failures are ignored). A fresh buffer's first write otherwise takes one
-/// page fault per 4 KiB, which costs more than reading the file into it.
-fn advise_huge_pages(addr: usize, len: usize) {
-    let start = addr.next_multiple_of(HUGE);
-    let end = (addr + len) / HUGE * HUGE;
-    if end > start {
-        // SAFETY: `madvise(MADV_HUGEPAGE)` changes how the range is backed, never its contents;
-        // the range lies inside the caller's buffer.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE)
-        };
-    }
-}
-
-/// A `torch.save` archive, opened and checked: every record located inside the file, every
-/// record's CRC-32 checked (unless memory-mapped or asked not to), and the small records
-/// copied out. It keeps no pointer into the file's bytes: storages are handed to torch by
-/// offset, into memory torch owns.
+/// A `torch.save` archive, opened and checked: every record located inside the file, and the
+/// small records copied out and checked against their CRC-32s (unless asked not to). It keeps
+/// no pointer into the file's bytes: storages are read into memory torch owns
+/// (`read_storages`, checked the same way), or mapped by torch itself.
 #[pyclass(frozen, module = "ckptio._ckptio")]
 pub(crate) struct Archive {
     path: PathBuf,
+    records: Records,
     prefix: String,
     names: Vec<String>,
     spans: HashMap<String, RecordSpan>,
@@ -49,26 +31,20 @@ pub(crate) struct Archive {
 }
 
 impl Archive {
-    fn new(
-        path: &Path,
-        data: &[u8],
-        records: &Records,
-        check_storages: bool,
-    ) -> ckptio::Result<Self> {
+    fn new(path: &Path, data: &[u8], records: Records) -> ckptio::Result<Self> {
         let mut spans = HashMap::new();
         let mut small = HashMap::new();
         for name in records.names() {
             spans.insert(name.to_owned(), records.span(name)?);
             if !is_storage(name) {
                 small.insert(name.to_owned(), records.record(data, name)?.to_vec());
-            } else if check_storages {
-                records.record(data, name)?;
             }
         }
         Ok(Archive {
             path: path.to_path_buf(),
             prefix: records.prefix().to_owned(),
             names: records.names().map(str::to_owned).collect(),
+            records,
             spans,
             small,
         })
@@ -86,45 +62,12 @@ impl Archive {
 
 #[pymethods]
 impl Archive {
-    /// Reads the file at `path` into the `nbytes` bytes at address `addr` (memory `owner`
-    /// owns; exactly the file's length), with the GIL released, and checks it.
+    /// Indexes the file at `path` through a memory map and copies its small records out
+    /// (checked against their CRC-32s when `verify_crc`); storages are left in the file, for
+    /// [`read_storages`](Self::read_storages) or for a map of torch's own.
     #[staticmethod]
-    #[pyo3(signature = (path, addr, nbytes, owner, verify_crc = true))]
-    fn read(
-        py: Python<'_>,
-        path: PathBuf,
-        addr: usize,
-        nbytes: usize,
-        owner: Py<PyAny>,
-        verify_crc: bool,
-    ) -> PyResult<Archive> {
-        if addr == 0 && nbytes != 0 {
-            return Err(pyo3::exceptions::PyValueError::new_err(
-                "null buffer address",
-            ));
-        }
-        let result = py.detach(|| {
-            advise_huge_pages(addr, nbytes);
-            // SAFETY: the Python caller (`ckptio/_loading.py`) passes a storage it has just
-            // allocated with `nbytes` bytes, which nothing else references until this returns,
-            // and `owner` keeps it alive meanwhile. No pointer into it outlives this call.
-            #[allow(unsafe_code)]
-            let data: &mut [u8] = if nbytes == 0 {
-                &mut []
-            } else {
-                unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, nbytes) }
-            };
-            let records = Records::read_into(&path, data, verify_crc)?;
-            Archive::new(&path, data, &records, verify_crc)
-        });
-        drop(owner);
-        result.py_err()
-    }
-
-    /// Indexes the file at `path` through a memory map (for a load whose storages torch maps
-    /// itself); CRC-32s are not checked, since that would read every page.
-    #[staticmethod]
-    fn map(py: Python<'_>, path: PathBuf) -> PyResult<Archive> {
+    #[pyo3(signature = (path, verify_crc = true))]
+    fn open(py: Python<'_>, path: PathBuf, verify_crc: bool) -> PyResult<Archive> {
         py.detach(|| {
             let file = std::fs::File::open(&path).map_err(|e| Error::Io {
                 op: "open",
@@ -139,10 +82,50 @@ impl Archive {
                 path: path.clone(),
                 source: e,
             })?;
-            let records = Records::index(&map, &path, false)?;
-            Archive::new(&path, &map, &records, false)
+            let records = Records::index(&map, &path, verify_crc)?;
+            Archive::new(&path, &map, records)
         })
         .py_err()
+    }
+
+    /// Reads storage records into buffers Python allocated, one per record: each target is
+    /// `(name, address, nbytes, owner)`, `nbytes` the record's length. Two threads read, with
+    /// the GIL released, each checking what it read against its CRC-32 (unless the archive was
+    /// opened without checks).
+    fn read_storages(
+        &self,
+        py: Python<'_>,
+        targets: Vec<(String, usize, usize, Py<PyAny>)>,
+    ) -> PyResult<()> {
+        let mut seen = std::collections::HashSet::new();
+        for (name, addr, nbytes, _) in &targets {
+            if *nbytes != 0 && (*addr == 0 || !seen.insert(*addr)) {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "target for {name}: a null or repeated buffer address"
+                )));
+            }
+        }
+        let result = py.detach(|| {
+            // SAFETY: the Python caller (`ckptio/_loading.py`) passes, for each record, a
+            // storage it has just allocated with `nbytes` bytes, distinct from every other
+            // (checked above), referenced by nothing else until this returns, and kept alive by
+            // its owner in `targets` meanwhile. No pointer into them outlives this call.
+            #[allow(unsafe_code)]
+            let slices: Vec<(&str, &mut [u8])> = targets
+                .iter()
+                .map(|(name, addr, nbytes, _)| {
+                    let dst: &mut [u8] = if *nbytes == 0 {
+                        &mut []
+                    } else {
+                        unsafe { std::slice::from_raw_parts_mut(*addr as *mut u8, *nbytes) }
+                    };
+                    (name.as_str(), dst)
+                })
+                .collect();
+            self.records.read_records_into(slices)
+        });
+        drop(targets);
+        result.py_err()
     }
 
     /// The archive's folder (`archive/` in `archive/data.pkl`).

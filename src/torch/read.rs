@@ -1,16 +1,14 @@
 //! Reading a checkpoint file into memory with its CRC-32s computed on the way.
 //!
-//! The file is read in fixed blocks on the calling thread while a second thread computes the
-//! CRC-32 of each block as it arrives; an entry's CRC is then assembled from the block CRCs
-//! (`crc32fast::Hasher::combine`) plus its partial first and last blocks. Checking every CRC so
-//! costs about nothing on top of the read itself.
+//! The file is read in fixed blocks by two threads, each hashing every block it reads right
+//! after the read, while the block is still in the cache; an entry's CRC is then assembled from
+//! the block CRCs (`crc32fast::Hasher::combine`) plus its partial first and last blocks.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use bytes::Bytes;
-use crossbeam_channel::{unbounded, Sender};
 
 use crate::error::{Error, Result};
 
@@ -29,21 +27,24 @@ pub(crate) struct BlockCrcs {
     blocks: Vec<crc32fast::Hasher>,
 }
 
-/// Reads `part` (block `first_block` onwards) and hands each block to the hasher.
-fn read_part<'a>(
+/// Reads `part` (block `first_block` onwards) into place, hashing each block right after its
+/// read, while it is still in the cache, when `hash`.
+fn read_part(
     file: &File,
-    part: &'a mut [u8],
+    part: &mut [u8],
     first_block: usize,
-    tx: &Sender<(usize, &'a [u8])>,
-) -> std::io::Result<()> {
+    hash: bool,
+) -> std::io::Result<Vec<crc32fast::Hasher>> {
+    let mut out = Vec::with_capacity(part.len().div_ceil(BLOCK));
     for (k, chunk) in part.chunks_mut(BLOCK).enumerate() {
-        let i = first_block + k;
-        file.read_exact_at(chunk, (i * BLOCK) as u64)?;
-        let chunk: &[u8] = chunk;
-        // The hasher only stops early if it panicked; its join reports that.
-        let _ = tx.send((i, chunk));
+        file.read_exact_at(chunk, ((first_block + k) * BLOCK) as u64)?;
+        let mut h = crc32fast::Hasher::new();
+        if hash {
+            h.update(chunk);
+        }
+        out.push(h);
     }
-    Ok(())
+    Ok(out)
 }
 
 /// The length of the file at `path`, as a `usize`.
@@ -55,45 +56,29 @@ pub(crate) fn file_len(file: &File, path: &Path) -> Result<usize> {
     usize::try_from(len).map_err(|_| Error::format(path, "file is larger than the address space"))
 }
 
-/// Reads all of `file` into `buf` (exactly its length) on two threads, hashing blocks on a
-/// third as they arrive when `hash`.
+/// Reads all of `file` into `buf` (exactly its length) on two threads, each hashing the blocks
+/// it read when `hash`.
 pub(crate) fn read_into(file: &File, path: &Path, buf: &mut [u8], hash: bool) -> Result<BlockCrcs> {
     let len = buf.len();
     let nblocks = len.div_ceil(BLOCK);
-    let (tx, rx) = unbounded::<(usize, &[u8])>();
-    // Two readers (each half of the file, positional reads) and one hasher: copying out of
-    // the page cache is bound by one core's memcpy, and the hash is cheaper still.
+    // Two readers, each half of the file with positional reads: copying out of the page cache
+    // is bound by one core's memcpy, and each block is hashed while it is still in the cache.
     let half = (nblocks.div_ceil(2) * BLOCK).min(len);
     let (a, b) = buf.split_at_mut(half);
-    let blocks = std::thread::scope(|scope| -> Result<Vec<crc32fast::Hasher>> {
-        let hasher = scope.spawn(move || {
-            let mut out = vec![crc32fast::Hasher::new(); nblocks];
-            for (i, chunk) in rx {
-                if hash {
-                    out[i].update(chunk);
-                }
-            }
-            out
-        });
-        let second = {
-            let tx = tx.clone();
-            scope.spawn(move || read_part(file, b, half / BLOCK, &tx))
-        };
-        let first = read_part(file, a, 0, &tx);
-        drop(tx);
-        let second = second
-            .join()
-            .map_err(|_| Error::format(path, "reader thread panicked"))?;
-        first.and(second).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => {
-                Error::format(path, "the file shrank while it was read")
-            }
-            _ => Error::io("read", path, e),
-        })?;
-        hasher
-            .join()
-            .map_err(|_| Error::format(path, "CRC thread panicked"))
-    })?;
+    let (first, second) = std::thread::scope(|scope| {
+        let second = scope.spawn(move || read_part(file, b, half / BLOCK, hash));
+        let first = read_part(file, a, 0, hash);
+        (first, second.join())
+    });
+    let second = second.map_err(|_| Error::format(path, "reader thread panicked"))?;
+    let io = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => {
+            Error::format(path, "the file shrank while it was read")
+        }
+        _ => Error::io("read", path, e),
+    };
+    let mut blocks = first.map_err(io)?;
+    blocks.extend(second.map_err(io)?);
     Ok(BlockCrcs { blocks })
 }
 

@@ -2,9 +2,10 @@
 //! `data.pkl` themselves: ckptio's Python package rebuilds objects with PyTorch's own
 //! unpicklers and hands each storage to torch straight from the bytes read here.
 //!
-//! [`Records`] reads a file into memory the caller owns (on two threads, with the CRC-32 of
-//! each block computed on a third as it arrives) or indexes an archive already in memory (a
-//! map), and then locates each record and checks it against its CRC-32 on request.
+//! [`Records`] reads a file into memory the caller owns (on two threads, each hashing what it
+//! read) or indexes an archive already in memory (a map), and then locates each record and
+//! checks it against its CRC-32 on request; [`Records::read_records_into`] reads chosen
+//! records straight into buffers the caller allocated, one per record.
 //!
 //! ```no_run
 //! use ckptio::torch::Records;
@@ -198,6 +199,82 @@ impl Records {
     }
 }
 
+/// How much of a record is read (and hashed) at a time: hashing it while it is still in the
+/// cache makes the check nearly free.
+const CHUNK: usize = 4 << 20;
+
+impl Records {
+    /// Reads each `(name, dst)` record from the file these records were made from (opened
+    /// again at its path) into `dst`, which must be exactly the record's length, on two
+    /// threads, checking each against its CRC-32 unless checks are off. The caller owns the
+    /// memory (a PyTorch storage, say): nothing is copied twice.
+    pub fn read_records_into(&self, targets: Vec<(&str, &mut [u8])>) -> Result<()> {
+        let file = File::open(&self.path).map_err(|e| Error::io("open", &self.path, e))?;
+        let mut jobs = Vec::with_capacity(targets.len());
+        for (name, dst) in targets {
+            let span = self.span(name)?;
+            if span.len != dst.len() as u64 {
+                return Err(Error::Argument {
+                    name: "targets",
+                    reason: format!("record {name} is {} bytes, not {}", span.len, dst.len()),
+                });
+            }
+            jobs.push((name, span.offset, dst));
+        }
+        // Two threads, each about half of the bytes.
+        let total: usize = jobs.iter().map(|j| j.2.len()).sum();
+        let mut second = Vec::new();
+        let mut first_bytes = 0;
+        let mut first = Vec::new();
+        for job in jobs {
+            if first_bytes < total / 2 {
+                first_bytes += job.2.len();
+                first.push(job);
+            } else {
+                second.push(job);
+            }
+        }
+        let file = &file;
+        let (a, b) = std::thread::scope(|scope| {
+            let b = scope.spawn(move || self.read_jobs(file, second));
+            (self.read_jobs(file, first), b.join())
+        });
+        a?;
+        b.map_err(|_| Error::format(&self.path, "reader thread panicked"))?
+    }
+
+    fn read_jobs(&self, file: &File, jobs: Vec<(&str, u64, &mut [u8])>) -> Result<()> {
+        for (name, offset, dst) in jobs {
+            let mut h = crc32fast::Hasher::new();
+            let mut at = offset;
+            for chunk in dst.chunks_mut(CHUNK) {
+                std::os::unix::fs::FileExt::read_exact_at(file, chunk, at).map_err(|e| match e
+                    .kind()
+                {
+                    std::io::ErrorKind::UnexpectedEof => {
+                        Error::format(&self.path, "the file shrank while it was read")
+                    }
+                    _ => Error::io("read", &self.path, e),
+                })?;
+                if !matches!(self.check, Check::Off) {
+                    h.update(chunk);
+                }
+                at += chunk.len() as u64;
+            }
+            if !matches!(self.check, Check::Off) && h.finalize() != self.entries[name].crc {
+                return Err(Error::format(
+                    &self.path,
+                    format!(
+                        "record {}/{name} fails its CRC-32 check (corrupt file)",
+                        self.prefix
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +304,16 @@ mod tests {
         assert_eq!(r.span("data/0").unwrap().offset % 64, 0);
         let mapped = Records::index(&data, &p, true).unwrap();
         assert_eq!(mapped.record(&data, "data/0").unwrap(), w);
+        let mut storage = vec![0u8; w.len()];
+        let mut pkl = vec![0u8; r.span("data.pkl").unwrap().len as usize];
+        mapped
+            .read_records_into(vec![
+                ("data/0", &mut storage[..]),
+                ("data.pkl", &mut pkl[..]),
+            ])
+            .unwrap();
+        assert_eq!(storage, w);
+        assert_eq!(pkl, r.record(&data, "data.pkl").unwrap());
     }
 
     #[test]
@@ -246,6 +333,15 @@ mod tests {
         );
         let err = r.record(&data, "data/7").unwrap_err();
         assert!(err.to_string().contains("no record m/data/7"), "{err}");
+        let mut storage = vec![0u8; 8_000_000];
+        let err = Records::index(&data, &p, true)
+            .unwrap()
+            .read_records_into(vec![("data/0", &mut storage[..])])
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("m/data/0 fails its CRC-32"),
+            "{err}"
+        );
         let mut short = vec![0u8; bytes.len() - 1];
         let err = Records::read_into(&p, &mut short, true).unwrap_err();
         assert!(err.to_string().contains("not the"), "{err}");
