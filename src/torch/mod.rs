@@ -107,7 +107,7 @@ impl TorchCheckpointIo {
             let data = map_file(&file, path)?;
             return self.load_with(&data, path, options, None);
         }
-        // Read on two threads; CRCs (when checked) computed on a third as blocks arrive.
+        // Read on two threads, each hashing (when checked) the blocks it reads.
         let f = read::CheckedFile::read(path, options.verify_crc)?;
         let crcs = options.verify_crc.then_some(&f);
         self.load_with(&f.data, path, options, crcs)

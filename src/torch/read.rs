@@ -83,7 +83,7 @@ pub(crate) fn read_into(file: &File, path: &Path, buf: &mut [u8], hash: bool) ->
 }
 
 impl CheckedFile {
-    /// Reads `path` on two threads, hashing blocks on a third as they arrive when `hash`.
+    /// Reads `path` on two threads, each hashing the blocks it reads when `hash`.
     pub(crate) fn read(path: &Path, hash: bool) -> Result<CheckedFile> {
         let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
         let len = file_len(&file, path)?;
