@@ -789,7 +789,7 @@ struct TrainerSection {
     /// Bytes of tensor data in one checkpoint.
     state_bytes: u64,
     rounds: usize,
-    /// torch, Lightning and Python versions.
+    /// The ckptio package's version and source commit; torch, Lightning and Python versions.
     versions: String,
     /// The script's whole report.
     report: serde_json::Value,
@@ -892,7 +892,11 @@ fn run_lightning(a: &Args, layers: usize, hidden: i64, dir: &Path) -> TrainerSec
         state_bytes,
         rounds,
         versions: format!(
-            "torch {}, Lightning {}, Python {}",
+            "ckptio Python package {} (its source at commit {}), torch {}, Lightning {}, Python {}",
+            doc["ckptio_package"]["version"].as_str().unwrap_or("?"),
+            doc["ckptio_package"]["commit"]
+                .as_str()
+                .unwrap_or("unknown"),
             doc["torch_version"].as_str().unwrap_or("?"),
             doc["lightning_version"].as_str().unwrap_or("?"),
             doc["python_version"].as_str().unwrap_or("?")

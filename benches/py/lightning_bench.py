@@ -79,6 +79,7 @@ import os
 import queue
 import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -653,6 +654,28 @@ def merge(acc, r, offset):
     return acc
 
 
+def ckptio_source():
+    """The ckptio package measured: its version, and the commit of the checkout it is
+    installed from (editable installs run that checkout's Python files), with "-dirty" when
+    its folder has changes not committed."""
+    import ckptio
+
+    folder = os.path.dirname(os.path.dirname(os.path.abspath(ckptio.__file__)))
+
+    def git(*a):
+        try:
+            out = subprocess.run(["git", "-C", folder, *a], capture_output=True, text=True,
+                                 timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no", "--", "."):
+        commit += "-dirty"
+    return {"version": ckptio.__version__, "folder": folder, "commit": commit}
+
+
 def warm_up(args, batches, classes, proxy_cls):
     MLP, _ = classes
     torch.manual_seed(args.seed)
@@ -739,6 +762,7 @@ def main():
         "clone_s": statistics.median(clones) / 1e3 if clones else None,
         "torch_version": torch.__version__,
         "lightning_version": lightning.__version__,
+        "ckptio_package": ckptio_source(),
         "threads": torch.get_num_threads(),
         "python_version": sys.version.split()[0],
         "order": order_log,
