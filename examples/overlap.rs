@@ -7,16 +7,22 @@
 //! allows it); `AsyncCheckpointIo` Deferred (the copy overlaps forward/backward, the loop waits
 //! on `staged()` just before the optimizer step). Then the same loop in Python from the
 //! project's `.venv`: `torch.save` in the loop, Lightning's `AsyncCheckpointIO`, and
-//! `torch.distributed.checkpoint.async_save`.
+//! `torch.distributed.checkpoint.async_save`. Last, the Python section
+//! (`benches/py/lightning_bench.py`): a Lightning `Trainer` with the same model size and K, with
+//! no checkpoint, Lightning's `TorchCheckpointIO` and `AsyncCheckpointIO`, and ckptio's
+//! `AsyncCheckpointIO` and `TorchCheckpointIO` plugins.
 //!
 //! Every ckptio checkpoint of the last round is reloaded with ckptio and compared bit for bit
 //! with the parameters at the step it claims (from a deterministic re-run), and the last
 //! checkpoint of each mode is loaded with the venv's `torch.load(weights_only=True)` and
-//! compared digest by digest; the run exits non-zero if any check fails.
+//! compared digest by digest; every checkpoint of the Trainer section is loaded with
+//! `torch.load(weights_only=True)` and compared with digests taken before its save. The run
+//! exits non-zero if any check fails.
 //!
 //! At the end the run writes `results/overlap/` (Markdown, JSON, plots) and, unless `--no-docs`,
-//! its section of `docs/benchmarks.md`, the headline table of `README.md` and the plots in
-//! `docs/`, each with the command line, the commit, the date and the machine.
+//! its sections of `docs/benchmarks.md` (`overlap` and `python`), the headline table of
+//! `README.md` and the plots in `docs/`, each with the command line, the commit, the date and
+//! the machine.
 //!
 //! ```text
 //! ./dev.sh main                       # 256 MiB checkpoints, a few minutes
@@ -69,6 +75,9 @@ struct Args {
     /// Skip the Python peers.
     #[arg(long)]
     no_peers: bool,
+    /// Skip the Python section: a Lightning `Trainer` with each CheckpointIO plugin.
+    #[arg(long)]
+    no_lightning: bool,
     /// Where checkpoints are written (default target/overlap-tmp).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -142,6 +151,9 @@ struct Run {
     overlap: Vec<bool>,
     save_steps: Vec<usize>,
     durable_s: Vec<f64>,
+    /// Python modes that never fsync: seconds from the save call until the file was complete
+    /// in the page cache.
+    complete_s: Vec<f64>,
     /// ckptio async modes, per round: the time `reserve` took before the loop.
     reserve_ms: Vec<f64>,
     bytes: u64,
@@ -683,52 +695,435 @@ fn run_peers(a: &Args, layers: usize, hidden: i64, dir: &Path) -> Vec<Run> {
         Ok(d) => d,
         Err(e) => return fail(format!("bad peer JSON: {e}")),
     };
-    let f64s = |v: &serde_json::Value| -> Vec<f64> {
-        v.as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
-            .unwrap_or_default()
-    };
-    let mut runs = Vec::new();
-    for m in doc["modes"].as_array().cloned().unwrap_or_default() {
-        let name = format!("python: {}", m["name"].as_str().unwrap_or("?"));
-        if let Some(e) = m["error"].as_str() {
-            runs.push(Run {
-                name,
-                group: "peer".into(),
-                error: Some(e.into()),
+    doc["modes"]
+        .as_array()
+        .map(|modes| {
+            modes
+                .iter()
+                .map(|m| {
+                    let name = format!("python: {}", m["name"].as_str().unwrap_or("?"));
+                    python_run(m, name, "peer")
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The numbers of a JSON array (nulls left out).
+fn f64s(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+        .unwrap_or_default()
+}
+
+/// One mode of a Python script's JSON report (`overlap_peer.py`, `lightning_bench.py`).
+fn python_run(m: &serde_json::Value, name: String, group: &str) -> Run {
+    if let Some(e) = m["error"].as_str() {
+        return Run {
+            name,
+            group: group.into(),
+            error: Some(e.into()),
+            ..Run::default()
+        };
+    }
+    Run {
+        name,
+        group: group.into(),
+        durability: m["durability"].as_str().unwrap_or("").into(),
+        wall_s: m["wall_s"].as_f64().unwrap_or(f64::NAN),
+        step_ms: f64s(&m["step_ms"]),
+        stall_ms: f64s(&m["stalls_ms"]),
+        in_flight: m["in_flight"]
+            .as_array()
+            .map(|a| a.iter().map(|x| x.as_bool().unwrap_or(false)).collect())
+            .unwrap_or_default(),
+        save_steps: m["save_steps"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_u64().map(|u| u as usize))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        durable_s: f64s(&m["durable_s"]),
+        complete_s: f64s(&m["complete_s"]),
+        bytes: m["bytes"].as_u64().unwrap_or(0),
+        peak_rss_extra_mib: m["peak_rss_extra_mib"].as_f64().unwrap_or(f64::NAN),
+        verified: m["verified"].as_bool(),
+        verify_note: m["verify_note"].as_str().unwrap_or("").into(),
+        error: None,
+        ..Run::default()
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// The Python section: a Lightning `Trainer` with each CheckpointIO plugin
+
+/// The Trainer's modes: their key in `lightning_bench.py`'s report and their name in the table.
+const TRAINER_MODES: [(&str, &str); 5] = [
+    ("none", "Trainer: no checkpoint (baseline)"),
+    (
+        "lightning_torch",
+        "Trainer: Lightning TorchCheckpointIO (the default; torch.save, sync)",
+    ),
+    ("lightning_async", "Trainer: Lightning AsyncCheckpointIO"),
+    ("ckptio_async", "Trainer: ckptio.AsyncCheckpointIO"),
+    ("ckptio_torch", "Trainer: ckptio.TorchCheckpointIO (sync)"),
+];
+
+/// The table's name of a Trainer mode.
+fn trainer_name(key: &str) -> String {
+    TRAINER_MODES
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map_or_else(|| format!("Trainer: {key}"), |(_, n)| (*n).to_string())
+}
+
+/// What `benches/py/lightning_bench.py` measured.
+struct TrainerSection {
+    runs: Vec<Run>,
+    /// M0 in the Trainer's process: the checkpoint's tensors copied into warm tensors.
+    m0_s: f64,
+    /// The same tensors cloned into fresh memory.
+    clone_s: f64,
+    /// Bytes of tensor data in one checkpoint.
+    state_bytes: u64,
+    rounds: usize,
+    /// The ckptio package's version and source commit; torch, Lightning and Python versions.
+    versions: String,
+    /// The script's whole report.
+    report: serde_json::Value,
+}
+
+impl TrainerSection {
+    fn failed(rounds: usize, msg: String) -> TrainerSection {
+        TrainerSection {
+            runs: vec![Run {
+                name: "Trainer (lightning_bench.py)".into(),
+                group: "lightning".into(),
+                error: Some(msg),
                 ..Run::default()
-            });
+            }],
+            m0_s: f64::NAN,
+            clone_s: f64::NAN,
+            state_bytes: 0,
+            rounds,
+            versions: String::new(),
+            report: serde_json::Value::Null,
+        }
+    }
+
+    fn run(&self, key: &str) -> Option<&Run> {
+        let name = trainer_name(key);
+        self.runs
+            .iter()
+            .find(|r| r.name == name && r.error.is_none())
+    }
+
+    fn baseline(&self) -> Option<&Run> {
+        self.run("none")
+    }
+}
+
+/// Runs `benches/py/lightning_bench.py` with the Rust section's model, data size and K.
+fn run_lightning(a: &Args, layers: usize, hidden: i64, dir: &Path) -> TrainerSection {
+    // A smoke run needs one round only.
+    let rounds = if a.quick { 1 } else { a.rounds.max(1) };
+    let out = dir.join("lightning.json");
+    let script = common::repo_root().join("benches/py/lightning_bench.py");
+    let status = std::process::Command::new(python())
+        .arg(&script)
+        .args(["--layers", &layers.to_string()])
+        .args(["--hidden", &hidden.to_string()])
+        .args(["--batch", &a.batch.to_string()])
+        .args(["--steps", &a.steps.to_string()])
+        .args(["--every", &a.every.to_string()])
+        .args(["--seed", &a.seed.to_string()])
+        .args(["--threads", &a.threads.to_string()])
+        .args(["--rounds", &rounds.to_string()])
+        .arg("--dir")
+        .arg(dir.join("lightning"))
+        .arg("--out")
+        .arg(&out)
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => {
+            return TrainerSection::failed(rounds, format!("lightning_bench.py exited with {s}"))
+        }
+        Err(e) => {
+            return TrainerSection::failed(
+                rounds,
+                format!("cannot run {}: {e}", python().display()),
+            )
+        }
+    }
+    let doc: serde_json::Value = match std::fs::read_to_string(&out)
+        .map_err(|e| format!("no lightning_bench.py results: {e}"))
+        .and_then(|t| {
+            serde_json::from_str(&t).map_err(|e| format!("bad lightning_bench.py JSON: {e}"))
+        }) {
+        Ok(d) => d,
+        Err(e) => return TrainerSection::failed(rounds, e),
+    };
+    let runs = doc["modes"]
+        .as_array()
+        .map(|modes| {
+            modes
+                .iter()
+                .map(|m| {
+                    python_run(
+                        m,
+                        trainer_name(m["name"].as_str().unwrap_or("?")),
+                        "lightning",
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let state_bytes = doc["modes"]
+        .as_array()
+        .and_then(|ms| ms.iter().find_map(|m| m["state_bytes"].as_u64()))
+        .unwrap_or(0);
+    TrainerSection {
+        runs,
+        m0_s: doc["m0_s"].as_f64().unwrap_or(f64::NAN),
+        clone_s: doc["clone_s"].as_f64().unwrap_or(f64::NAN),
+        state_bytes,
+        rounds,
+        versions: format!(
+            "ckptio Python package {} (its source at commit {}), torch {}, Lightning {}, Python {}",
+            doc["ckptio_package"]["version"].as_str().unwrap_or("?"),
+            doc["ckptio_package"]["commit"]
+                .as_str()
+                .unwrap_or("unknown"),
+            doc["torch_version"].as_str().unwrap_or("?"),
+            doc["lightning_version"].as_str().unwrap_or("?"),
+            doc["python_version"].as_str().unwrap_or("?")
+        ),
+        report: doc,
+    }
+}
+
+/// A time-to-durable cell: the mean time to durable, or, for a plugin that never fsyncs, when
+/// its files were complete in the page cache.
+fn durable_cell(r: &Run, d: &Derived) -> String {
+    if d.durable_mean_s.is_finite() {
+        fmt(d.durable_mean_s, 2)
+    } else if !r.complete_s.is_empty() {
+        format!(
+            "never fsynced (complete after {} s)",
+            fmt(mean(&r.complete_s), 2)
+        )
+    } else {
+        "n/a".into()
+    }
+}
+
+/// The Python section's table, with the goals of issue #21 below it.
+fn trainer_markdown(t: &TrainerSection, a: &Args, layers: usize, hidden: i64, d0: f64) -> String {
+    let gb = t.state_bytes as f64 / 1e9;
+    let mut md = format!(
+        "A Lightning `Trainer` (CPU, one device) trains the Rust section's model on the same shapes: \
+         {layers} x Linear({hidden},{hidden}) + AdamW state = {:.0} MiB of tensors in Lightning's checkpoint dict, \
+         `ModelCheckpoint(every_n_train_steps={}, save_top_k=-1)`, {} steps per Trainer, batch {}, {} compute thread(s); \
+         {} round(s) of every mode, interleaved, every other round in reverse order (wall times summed over rounds). {}.\n\
+         M0 in the Trainer's process (the checkpoint's tensors copied into warm tensors): {} ms ({} GB/s); \
+         cloning them, as Lightning's `AsyncCheckpointIO` does: {} ms. D0 as measured by the Rust section: {:.0} ms.\n\n\
+         | mode | wall s | overhead % | step median / p99 ms | stall median / max ms (median / M0) | interference | time to durable s | write GB/s (/D0) | peak extra RSS MiB | torch.load(weights_only=True): bit-exact | durability |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
+        t.state_bytes as f64 / (1 << 20) as f64,
+        a.every,
+        a.steps,
+        a.batch,
+        a.threads,
+        t.rounds,
+        t.versions,
+        fmt(t.m0_s * 1e3, 1),
+        fmt(gb / t.m0_s, 2),
+        fmt(t.clone_s * 1e3, 1),
+        d0 * 1e3,
+    );
+    for r in &t.runs {
+        if let Some(e) = &r.error {
+            md.push_str(&format!(
+                "| {} | failed: {} | | | | | | | | | |\n",
+                r.name,
+                e.replace('|', "/")
+            ));
             continue;
         }
-        runs.push(Run {
-            name,
-            group: "peer".into(),
-            durability: m["durability"].as_str().unwrap_or("").into(),
-            wall_s: m["wall_s"].as_f64().unwrap_or(f64::NAN),
-            step_ms: f64s(&m["step_ms"]),
-            stall_ms: f64s(&m["stalls_ms"]),
-            in_flight: m["in_flight"]
-                .as_array()
-                .map(|a| a.iter().map(|x| x.as_bool().unwrap_or(false)).collect())
-                .unwrap_or_default(),
-            save_steps: m["save_steps"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_u64().map(|u| u as usize))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            durable_s: f64s(&m["durable_s"]),
-            bytes: m["bytes"].as_u64().unwrap_or(0),
-            peak_rss_extra_mib: m["peak_rss_extra_mib"].as_f64().unwrap_or(f64::NAN),
-            verified: m["verified"].as_bool(),
-            verify_note: m["verify_note"].as_str().unwrap_or("").into(),
-            error: None,
-            ..Run::default()
-        });
+        let d = derive(r, t.baseline());
+        let disk_gb = r.bytes as f64 / 1e9;
+        md.push_str(&format!(
+            "| {} | {} | {} | {} / {} | {} / {} ({}) | {} | {} | {} ({}) | {} | {} | {} |\n",
+            r.name,
+            fmt(r.wall_s, 2),
+            fmt(d.overhead_pct, 1),
+            fmt(d.median_ms, 0),
+            fmt(d.p99_ms, 0),
+            fmt(d.stall_median_ms, 1),
+            fmt(d.stall_max_ms, 1),
+            fmt(d.stall_median_ms / 1e3 / t.m0_s, 2),
+            fmt(d.interference, 3),
+            durable_cell(r, &d),
+            fmt(d.write_gbps, 2),
+            fmt(d.write_gbps / (disk_gb / d0), 2),
+            fmt(r.peak_rss_extra_mib, 0),
+            check_cell(r, r.verified, &r.verify_note),
+            r.durability
+        ));
     }
-    runs
+    md.push('\n');
+    md.push_str(&goals_markdown(&trainer_goals(t)));
+    md
+}
+
+/// Whether a run met a goal.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Met {
+    Yes,
+    No,
+    /// The run cannot tell: a mode failed, or the goal's condition does not hold.
+    NotApplicable,
+    /// A figure shown beside the goals, with no threshold.
+    Information,
+}
+
+impl Met {
+    fn of(ok: Option<bool>) -> Met {
+        match ok {
+            Some(true) => Met::Yes,
+            Some(false) => Met::No,
+            None => Met::NotApplicable,
+        }
+    }
+}
+
+/// One goal of issue #21 for `ckptio.AsyncCheckpointIO`, checked against this run.
+struct Goal {
+    what: &'static str,
+    measured: String,
+    met: Met,
+}
+
+fn goals_markdown(goals: &[Goal]) -> String {
+    let mut s = String::from(
+        "| goal of issue #21 for `ckptio.AsyncCheckpointIO` | measured in this run | met |\n|---|---|---|\n",
+    );
+    for g in goals {
+        let met = match g.met {
+            Met::Yes => "yes",
+            Met::No => "**no**",
+            Met::NotApplicable => "n/a",
+            Met::Information => "-",
+        };
+        s.push_str(&format!("| {} | {} | {met} |\n", g.what, g.measured));
+    }
+    s
+}
+
+/// The goals, computed from the section's runs.
+fn trainer_goals(t: &TrainerSection) -> Vec<Goal> {
+    vec![
+        goal_stall_m0(t),
+        goal_stall_lightning(t),
+        goal_overhead(t),
+        goal_memory(t),
+    ]
+}
+
+/// A goal the run cannot check because a mode it needs did not run.
+fn goal_not_run(what: &'static str, met: Met) -> Goal {
+    Goal {
+        what,
+        measured: "a mode it needs did not run".into(),
+        met,
+    }
+}
+
+fn goal_stall_m0(t: &TrainerSection) -> Goal {
+    let what = "stall per checkpoint <= 1.2 x M0";
+    let Some(r) = t.run("ckptio_async") else {
+        return goal_not_run(what, Met::NotApplicable);
+    };
+    let stall = derive(r, None).stall_median_ms;
+    let ratio = stall / 1e3 / t.m0_s;
+    Goal {
+        what,
+        measured: format!(
+            "median stall {} ms = {} x M0 ({} ms)",
+            fmt(stall, 1),
+            fmt(ratio, 2),
+            fmt(t.m0_s * 1e3, 1)
+        ),
+        met: Met::of(ratio.is_finite().then_some(ratio <= 1.2)),
+    }
+}
+
+fn goal_stall_lightning(t: &TrainerSection) -> Goal {
+    let what = "stall at least 10 x below that of Lightning's `AsyncCheckpointIO`";
+    let (Some(ours), Some(theirs)) = (t.run("ckptio_async"), t.run("lightning_async")) else {
+        return goal_not_run(what, Met::NotApplicable);
+    };
+    let (s, l) = (
+        derive(ours, None).stall_median_ms,
+        derive(theirs, None).stall_median_ms,
+    );
+    Goal {
+        what,
+        measured: format!(
+            "Lightning {} ms / ckptio {} ms = {}",
+            fmt(l, 1),
+            fmt(s, 1),
+            times(l / s)
+        ),
+        met: Met::of((l / s).is_finite().then_some(l / s >= 10.0)),
+    }
+}
+
+fn goal_overhead(t: &TrainerSection) -> Goal {
+    let what =
+        "training overhead <= 3 % where `torch.save` (Lightning's default plugin) costs >= 30 %";
+    let (Some(ours), Some(torch_save)) = (t.run("ckptio_async"), t.run("lightning_torch")) else {
+        return goal_not_run(what, Met::NotApplicable);
+    };
+    let o = derive(ours, t.baseline()).overhead_pct;
+    let ts = derive(torch_save, t.baseline()).overhead_pct;
+    let applies = ts >= 30.0;
+    Goal {
+        what,
+        measured: format!(
+            "ckptio {} %; Lightning's `TorchCheckpointIO` {} %{}",
+            fmt(o, 1),
+            fmt(ts, 1),
+            if applies || !ts.is_finite() {
+                ""
+            } else {
+                " (under 30 %: the goal does not apply to this run)"
+            }
+        ),
+        met: Met::of((applies && o.is_finite()).then_some(o <= 3.0)),
+    }
+}
+
+fn goal_memory(t: &TrainerSection) -> Goal {
+    let what = "peak extra host memory: one staging copy per save in flight";
+    let (Some(r), Some(b)) = (t.run("ckptio_async"), t.baseline()) else {
+        return goal_not_run(what, Met::Information);
+    };
+    let extra = r.peak_rss_extra_mib - b.peak_rss_extra_mib;
+    let state = t.state_bytes as f64 / (1 << 20) as f64;
+    Goal {
+        what,
+        measured: format!(
+            "peak RSS above the no-checkpoint Trainer's: {} MiB = {} x one copy of the state ({} MiB)",
+            fmt(extra, 0),
+            fmt(extra / state, 2),
+            fmt(state, 0)
+        ),
+        met: Met::Information,
+    }
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -829,44 +1224,40 @@ fn fmt(x: f64, prec: usize) -> String {
     }
 }
 
-/// Draws `step_times.png` and `overhead.png` into `out`, each with `caption` (the command and
-/// the commit that produced it) at its foot.
-fn plot(
-    runs: &[Run],
-    baselines: &HashMap<String, Run>,
-    out: &Path,
-    caption: &str,
-) -> Result<(), String> {
-    use plotters::prelude::*;
-    let font = [
-        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-        "/usr/share/fonts/TTF/DejaVuSans.ttf",
-    ]
-    .iter()
-    .find_map(|p| std::fs::read(p).ok())
-    .ok_or("no DejaVuSans.ttf font found for plot labels")?;
-    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
-        .map_err(|_| "bad font")?;
+/// Registers DejaVu Sans as the plots' "sans-serif" font, once per process.
+fn register_font() -> Result<(), String> {
+    static REGISTERED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    REGISTERED
+        .get_or_init(|| {
+            let font = [
+                "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+                "/usr/share/fonts/TTF/DejaVuSans.ttf",
+            ]
+            .iter()
+            .find_map(|p| std::fs::read(p).ok())
+            .ok_or("no DejaVuSans.ttf font found for plot labels")?;
+            let font: &'static [u8] = Box::leak(font.into_boxed_slice());
+            plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, font)
+                .map_err(|_| "bad font".to_string())
+        })
+        .clone()
+}
 
-    let path = out.join("step_times.png");
-    let root = BitMapBackend::new(&path, (1400, 800)).into_drawing_area();
+/// Draws the step time of every step of `runs` into `path` (a circle where a checkpoint was
+/// taken), titled `title`, with `caption` at its foot.
+fn plot_step_times(runs: &[&Run], path: &Path, title: &str, caption: &str) -> Result<(), String> {
+    use plotters::prelude::*;
+    register_font()?;
+    let root = BitMapBackend::new(path, (1400, 800)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let ok: Vec<&Run> = runs
-        .iter()
-        .filter(|r| r.error.is_none() && !r.step_ms.is_empty())
-        .collect();
-    let steps = ok.iter().map(|r| r.step_ms.len()).max().unwrap_or(1);
-    let ymax = ok
+    let steps = runs.iter().map(|r| r.step_ms.len()).max().unwrap_or(1);
+    let ymax = runs
         .iter()
         .flat_map(|r| r.step_ms.iter().copied())
         .fold(1.0, f64::max)
         * 1.05;
     let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Step time per step (circles: a checkpoint was taken in that step)",
-            ("sans-serif", 24),
-        )
+        .caption(title, ("sans-serif", 24))
         .margin(15)
         .margin_bottom(45)
         .x_label_area_size(40)
@@ -879,7 +1270,7 @@ fn plot(
         .y_desc("step time (ms)")
         .draw()
         .map_err(|e| e.to_string())?;
-    for (i, r) in ok.iter().enumerate() {
+    for (i, r) in runs.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         let pts: Vec<(f64, f64)> = r
             .step_ms
@@ -914,6 +1305,30 @@ fn plot(
     root.draw(&Text::new(caption, (15, foot), ("sans-serif", 15)))
         .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())?;
+
+    Ok(())
+}
+
+/// Draws `step_times.png` and `overhead.png` into `out`, each with `caption` (the command and
+/// the commit that produced it) at its foot.
+fn plot(
+    runs: &[Run],
+    baselines: &HashMap<String, Run>,
+    out: &Path,
+    caption: &str,
+) -> Result<(), String> {
+    use plotters::prelude::*;
+    register_font()?;
+    let ok: Vec<&Run> = runs
+        .iter()
+        .filter(|r| r.error.is_none() && !r.step_ms.is_empty())
+        .collect();
+    plot_step_times(
+        &ok,
+        &out.join("step_times.png"),
+        "Step time per step (circles: a checkpoint was taken in that step)",
+        caption,
+    )?;
 
     let path = out.join("overhead.png");
     let root = BitMapBackend::new(&path, (1400, 700)).into_drawing_area();
@@ -1058,6 +1473,12 @@ fn main() {
         eprintln!("running the Python peers (torch.save, Lightning AsyncCheckpointIO, DCP async_save) ...");
         runs.extend(run_peers(&a, layers, hidden, &dir));
     }
+    let trainer = (!a.no_lightning).then(|| {
+        eprintln!(
+            "running the Python section: a Lightning Trainer with each CheckpointIO plugin ..."
+        );
+        run_lightning(&a, layers, hidden, &dir)
+    });
 
     let mut baselines: HashMap<String, Run> = HashMap::new();
     for r in &runs {
@@ -1138,19 +1559,30 @@ fn main() {
         ));
     }
     println!("{md}");
+    let trainer_md = trainer
+        .as_ref()
+        .map(|t| trainer_markdown(t, &a, layers, hidden, d0));
+    if let Some(t) = &trainer_md {
+        println!("Python (Lightning Trainer):\n\n{t}");
+    }
     let doc = json!({
         "command": command, "commit": commit,
         "config": {"size_mib": a.size_mib, "checkpoint_bytes": ckpt_bytes, "layers": layers, "hidden": hidden,
                    "batch": a.batch, "steps": a.steps, "every": a.every, "threads": a.threads, "seed": a.seed},
         "limits": {"m0_s": m0, "d0_s": d0},
         "modes": json_modes,
+        "trainer": trainer.as_ref().map(|t| &t.report),
     });
     std::fs::write(
         a.out.join("results.json"),
         serde_json::to_string_pretty(&doc).unwrap_or_default(),
     )
     .expect("write results.json");
-    std::fs::write(a.out.join("results.md"), &md).expect("write results.md");
+    let mut results_md = md.clone();
+    if let Some(t) = &trainer_md {
+        results_md.push_str(&format!("\n## Python (Lightning Trainer)\n\n{t}"));
+    }
+    std::fs::write(a.out.join("results.md"), &results_md).expect("write results.md");
     let caption = format!("{command} at commit {commit}, {}", common::utc_now());
     let plotted = match plot(&runs, &baselines, &a.out, &caption) {
         Ok(()) => {
@@ -1168,7 +1600,29 @@ fn main() {
             false
         }
     };
-    let failed = failed_checks(&runs);
+    let trainer_plotted = trainer.as_ref().is_some_and(|t| {
+        let ok: Vec<&Run> = t
+            .runs
+            .iter()
+            .filter(|r| r.error.is_none() && !r.step_ms.is_empty())
+            .collect();
+        match plot_step_times(
+            &ok,
+            &a.out.join(TRAINER_PLOT),
+            "Lightning Trainer: step time per step (circles: a checkpoint was taken in that step)",
+            &caption,
+        ) {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!("Trainer plot skipped: {e}");
+                false
+            }
+        }
+    });
+    let mut failed = failed_checks(&runs);
+    if let Some(t) = &trainer {
+        failed.extend(failed_checks(&t.runs));
+    }
     if !failed.is_empty() {
         for f in &failed {
             eprintln!("FAILED: {f}");
@@ -1205,6 +1659,16 @@ fn main() {
                 std::process::exit(1);
             }
         }
+        if let (Some(t), Some(t_md)) = (&trainer, &trainer_md) {
+            let plot = trainer_plotted.then_some(a.out.as_path());
+            match publish_trainer(&doc, t, t_md, d0, plot) {
+                Ok(()) => eprintln!("wrote the python section of docs/benchmarks.md"),
+                Err(e) => {
+                    eprintln!("FAILED to write docs/benchmarks.md's python section: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -1231,16 +1695,25 @@ fn check_cell(r: &Run, ok: Option<bool>, note: &str) -> String {
     }
 }
 
-/// Every check of a ckptio mode that failed: the ckptio reader's bit-exact comparison, or
-/// PyTorch's `torch.load`.
+/// Every check that failed: of a ckptio mode, the ckptio reader's bit-exact comparison or
+/// PyTorch's `torch.load`; of any mode of the Lightning Trainer, its error or its
+/// `torch.load` comparison.
 fn failed_checks(runs: &[Run]) -> Vec<String> {
     let mut out = Vec::new();
-    for r in runs.iter().filter(|r| r.group == "ckptio") {
+    for r in runs
+        .iter()
+        .filter(|r| r.group == "ckptio" || r.group == "lightning")
+    {
         if let Some(e) = &r.error {
             out.push(format!("{}: {e}", r.name));
         }
         if r.verified == Some(false) {
-            out.push(format!("{}: ckptio reader: {}", r.name, r.verify_note));
+            let reader = if r.group == "lightning" {
+                "torch.load"
+            } else {
+                "ckptio reader"
+            };
+            out.push(format!("{}: {reader}: {}", r.name, r.verify_note));
         }
         if r.torch_load == Some(false) {
             out.push(format!("{}: torch.load: {}", r.name, r.torch_load_note));
@@ -1286,6 +1759,38 @@ fn publish(
         "headline",
         &headline,
     )
+}
+
+/// The step-time plot of the Python section, in `--out` and in `docs/`.
+const TRAINER_PLOT: &str = "python_step_times.png";
+
+/// Writes the `python` section of `docs/benchmarks.md`: the Lightning Trainer's table and goals,
+/// and its plot (copied from `plots`, where `plot_step_times` wrote it).
+fn publish_trainer(
+    doc: &Published<'_>,
+    t: &TrainerSection,
+    md: &str,
+    d0: f64,
+    plots: Option<&Path>,
+) -> std::io::Result<()> {
+    let limits = format!(
+        "M0 = {} ms in the Trainer's process ({} GB/s), D0 = {:.0} ms",
+        fmt(t.m0_s * 1e3, 1),
+        fmt(t.state_bytes as f64 / 1e9 / t.m0_s, 2),
+        d0 * 1e3
+    );
+    let header = common::section_header(doc.command, doc.commit, &doc.machine, &limits);
+    let mut body = format!("{header}{md}");
+    if let Some(from) = plots {
+        std::fs::copy(
+            from.join(TRAINER_PLOT),
+            common::repo_root().join("docs").join(TRAINER_PLOT),
+        )?;
+        body.push_str(&format!(
+            "\n![Lightning Trainer: step time per step]({TRAINER_PLOT})\n"
+        ));
+    }
+    common::write_section(&common::benchmarks_md(), "python", &body)
 }
 
 /// A ratio as "N x": one decimal below 10, none above.
