@@ -4,7 +4,7 @@
 
 Usage:
   lightning_bench.py --layers L --hidden H --batch B --steps N --every K --dir DIR --out OUT.json
-                     [--modes none,lightning_torch,lightning_async,ckptio_async,ckptio_torch]
+                     [--modes none,lightning_torch,lightning_async,ckptio_async,ckptio_async_wp,ckptio_torch]
                      [--rounds R] [--seed S] [--threads T] [--warmup W] [--no-verify]
 
 Training (the same for every mode, and the same model and data as the Rust section's loop and
@@ -35,6 +35,9 @@ Modes (the plugin the Trainer gets, always inside the timing proxy described bel
   ckptio_async     ckptio.AsyncCheckpointIO(): the structure pickled and the tensors copied into
                    ckptio's staging pool on the calling thread, the write (atomic, fsync of the
                    file and its directory) on ckptio's background writer.
+  ckptio_async_wp  ckptio.AsyncCheckpointIO(write_protect=True): large CPU tensors write-protected
+                   on the calling thread instead of copied, and copied by a background thread
+                   (Linux with userfaultfd; elsewhere it copies like ckptio_async).
   ckptio_torch     ckptio.TorchCheckpointIO(): the same file written synchronously, durable.
   DCP's async_save is not a mode here: Lightning has no CheckpointIO for it on one device (its
   DCP saves belong to the FSDP and ModelParallel strategies); overlap_peer.py measures it in a
@@ -93,7 +96,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import overlap_peer as peer  # noqa: E402  (its memory and digest helpers)
 
-ALL_MODES = ["none", "lightning_torch", "lightning_async", "ckptio_async", "ckptio_torch"]
+ALL_MODES = ["none", "lightning_torch", "lightning_async", "ckptio_async", "ckptio_async_wp",
+             "ckptio_torch"]
 DURABILITY = {
     "none": "none (no checkpoint)",
     "lightning_torch": "Lightning TorchCheckpointIO: torch.save to memory, temp file moved into "
@@ -102,6 +106,8 @@ DURABILITY = {
                        "in a 1-thread executor; no fsync (page cache only)",
     "ckptio_async": "ckptio.AsyncCheckpointIO: staged copy, background write; fsync file + "
                     "rename + fsync dir (atomic, durable)",
+    "ckptio_async_wp": "ckptio.AsyncCheckpointIO(write_protect=True): pages write-protected, "
+                       "copied in the background; fsync file + rename + fsync dir (atomic, durable)",
     "ckptio_torch": "ckptio.TorchCheckpointIO: synchronous; fsync file + rename + fsync dir "
                     "(atomic, durable)",
 }
@@ -287,10 +293,12 @@ class LightningAsync(Mode):
 
 
 class CkptioAsync(Mode):
+    write_protect = False
+
     def make_plugin(self):
         import ckptio
 
-        plugin = ckptio.AsyncCheckpointIO()
+        plugin = ckptio.AsyncCheckpointIO(write_protect=self.write_protect)
         self.handles = []  # (path, handle)
         self.done_at = {}  # path -> perf_counter when its handle resolved
         self.reports = {}
@@ -343,6 +351,10 @@ class CkptioAsync(Mode):
         self.watcher.join()
 
 
+class CkptioAsyncWriteProtected(CkptioAsync):
+    write_protect = True
+
+
 class CkptioTorch(Mode):
     def make_plugin(self):
         import ckptio
@@ -355,7 +367,7 @@ class CkptioTorch(Mode):
 
 MODES = {"none": NoCheckpoint, "lightning_torch": LightningTorch,
          "lightning_async": LightningAsync, "ckptio_async": CkptioAsync,
-         "ckptio_torch": CkptioTorch}
+         "ckptio_async_wp": CkptioAsyncWriteProtected, "ckptio_torch": CkptioTorch}
 
 
 # ---------------------------------------------------------------------------------------------
