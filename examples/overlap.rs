@@ -25,8 +25,8 @@
 //! the machine.
 //!
 //! ```text
-//! ./dev.sh main                       # 256 MiB checkpoints, a few minutes
-//! ./dev.sh main --quick               # under a minute
+//! ./dev.sh main                       # 240 MiB checkpoints, about 16 to 20 minutes on 2 cores
+//! ./dev.sh main --quick               # a few minutes
 //! ./dev.sh main --size-mib 1024       # bigger
 //! ```
 
