@@ -130,6 +130,12 @@ class AsyncSaver:
         handle = self._runtime.submit(obj, p, self._durable)
         return self._track(p, handle)
 
+    def reserve(self, checkpoint: Any, saves: int = 1) -> int:
+        """Allocates now the staging memory ``saves`` saves of checkpoints shaped like
+        ``checkpoint`` will use, so that no save in the loop pays for it (the first save
+        otherwise does); returns the bytes reserved."""
+        return self._runtime.reserve(checkpoint, saves)
+
     def remove(self, path: "str | os.PathLike[str]") -> SaveFuture:
         """Queues the removal of ``path`` after every save of it submitted before."""
         self._raise_unobserved()

@@ -75,6 +75,13 @@ class Runtime:
             # The engine copied every storage before returning: the buffers can be reused.
             self._pinned.give(pinned)
 
+    def reserve(self, obj: Any, saves: int) -> int:
+        """Allocates the staging memory ``saves`` saves of ``obj`` will use; returns its bytes."""
+        pickle_bytes, storages = pickle_checkpoint(obj)
+        # Only the sizes count: the engine reads no storage's memory to reserve.
+        specs = [(s.data_ptr(), s.nbytes(), location_tag(s), s, False) for s in storages]
+        return self.engine.reserve(pickle_bytes, specs, saves)
+
     def _snapshot_specs(
         self, storages: List[torch.UntypedStorage]
     ) -> Tuple[List[StorageSpec], List[torch.Tensor]]:

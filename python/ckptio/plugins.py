@@ -126,6 +126,12 @@ class AsyncCheckpointIO(CheckpointIOBase):
         # The handle is not kept: an error it ends with is raised by the next call.
         self._runtime.submit(checkpoint, local_path(path), durable)
 
+    def reserve(self, checkpoint: Any, saves: int = 1) -> int:
+        """Allocates now the staging memory ``saves`` saves of checkpoints shaped like
+        ``checkpoint`` will use, so that no save in the loop pays for it (the first save
+        otherwise does); returns the bytes reserved."""
+        return self._runtime.reserve(checkpoint, saves)
+
     def load_checkpoint(self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict:
         p = local_path(path)
         self._runtime.engine.wait_path(p)

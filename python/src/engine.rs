@@ -123,6 +123,23 @@ impl Engine {
         Ok(Handle { inner: handle })
     }
 
+    /// Allocates the staging memory `saves` saves of this checkpoint will use, now (GIL
+    /// released), so that no save in the loop allocates; returns the bytes reserved. Only the
+    /// storages' sizes are used: their memory is not read.
+    #[pyo3(signature = (pickle, storages, saves = 1))]
+    fn reserve(
+        &self,
+        py: Python<'_>,
+        pickle: &Bound<'_, PyBytes>,
+        storages: Vec<StorageSpec>,
+        saves: usize,
+    ) -> PyResult<usize> {
+        let value = checkpoint(pickle, storages)?;
+        let reserved = py.detach(|| self.io.reserve(&value, saves)).py_err();
+        drop(value);
+        reserved
+    }
+
     /// Queues the removal of `path` after every save of it submitted before.
     fn remove(&self, py: Python<'_>, path: PathBuf) -> PyResult<Handle> {
         let handle = py.detach(|| self.io.remove(&path)).py_err()?;

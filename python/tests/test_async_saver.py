@@ -121,3 +121,16 @@ def test_a_long_run_keeps_no_finished_futures(tmp_path):
         saver.flush()
         saver.save({"i": -1}, tmp_path / "last.pt")
         assert len(saver._futures) <= 2
+
+
+def test_reserve_allocates_the_staging_memory_before_the_first_save(tmp_path):
+    state = {"w": torch.randn(4 << 20), "b": torch.ones(10)}
+    with ckptio.AsyncSaver() as saver:
+        assert saver.reserve(state) >= 16 << 20
+        allocations = saver.status()["pool_allocations"]
+        for i in range(3):
+            saver.save(state, tmp_path / f"{i}.pt").result()  # one save in flight at a time
+        assert saver.status()["pool_allocations"] == allocations
+    plugin = ckptio.AsyncCheckpointIO()
+    assert plugin.reserve(state, saves=2) >= 2 * (16 << 20)
+    plugin.teardown()
