@@ -68,13 +68,13 @@ def pickle_checkpoint(obj: Any) -> Tuple[bytes, List[torch.UntypedStorage]]:
     return buf.getvalue(), storages
 
 
+def storage_spec(memory: Any, location: str, protectable: bool = False) -> StorageSpec:
+    """A storage as the engine takes it: the host ``memory`` that holds its bytes (the storage
+    itself, or a host copy of it), with the ``torch.save`` location of the original."""
+    return (memory.data_ptr(), memory.nbytes(), location, memory, protectable)
+
+
 def host_specs(storages: List[torch.UntypedStorage]) -> List[StorageSpec]:
     """Each storage as the engine takes it: in place on the CPU; a device storage is copied to
     the host first, as ``torch.save`` does."""
-    specs = []
-    for s in storages:
-        location = location_tag(s)
-        if s.device.type != "cpu":
-            s = s.cpu()
-        specs.append((s.data_ptr(), s.nbytes(), location, s, False))
-    return specs
+    return [storage_spec(s if s.device.type == "cpu" else s.cpu(), location_tag(s)) for s in storages]

@@ -11,7 +11,7 @@ import torch
 from torch.serialization import location_tag
 
 from . import _ckptio
-from ._pickling import StorageSpec, pickle_checkpoint
+from ._pickling import StorageSpec, pickle_checkpoint, storage_spec
 
 
 class PinnedPool:
@@ -79,7 +79,7 @@ class Runtime:
         """Allocates the staging memory ``saves`` saves of ``obj`` will use; returns its bytes."""
         pickle_bytes, storages = pickle_checkpoint(obj)
         # Only the sizes count: the engine reads no storage's memory to reserve.
-        specs = [(s.data_ptr(), s.nbytes(), location_tag(s), s, False) for s in storages]
+        specs = [storage_spec(s, location_tag(s)) for s in storages]
         return self.engine.reserve(pickle_bytes, specs, saves)
 
     def _snapshot_specs(
@@ -95,16 +95,15 @@ class Runtime:
             location = location_tag(s)
             if s.device.type == "cpu":
                 protectable = self._write_protect and not s.is_pinned()
-                specs.append((s.data_ptr(), s.nbytes(), location, s, protectable))
+                specs.append(storage_spec(s, location, protectable))
             elif s.device.type == "cuda":
                 buf = self._pinned.take(s.nbytes())
                 buf.untyped_storage().copy_(s, non_blocking=True)
                 devices.add(s.device)
                 pinned.append(buf)
-                specs.append((buf.data_ptr(), s.nbytes(), location, buf, False))
+                specs.append(storage_spec(buf.untyped_storage(), location))
             else:
-                host = s.cpu()
-                specs.append((host.data_ptr(), host.nbytes(), location, host, False))
+                specs.append(storage_spec(s.cpu(), location))
         for d in devices:
             torch.cuda.current_stream(d).synchronize()
         return specs, pinned

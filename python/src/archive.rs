@@ -69,20 +69,7 @@ impl Archive {
     #[pyo3(signature = (path, verify_crc = true))]
     fn open(py: Python<'_>, path: PathBuf, verify_crc: bool) -> PyResult<Archive> {
         py.detach(|| {
-            let file = std::fs::File::open(&path).map_err(|e| Error::Io {
-                op: "open",
-                path: path.clone(),
-                source: e,
-            })?;
-            // SAFETY: a read-only map dropped before this returns; ckptio never rewrites a file
-            // in place (saves are renamed into place), so it cannot change under the map.
-            #[allow(unsafe_code)]
-            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Io {
-                op: "memory-map",
-                path: path.clone(),
-                source: e,
-            })?;
-            let records = Records::index(&map, &path, verify_crc)?;
+            let (records, map) = Records::map(&path, verify_crc)?;
             Archive::new(&path, &map, records)
         })
         .py_err()

@@ -141,7 +141,7 @@ impl TorchCheckpointIo {
 }
 
 #[allow(unsafe_code)]
-fn map_file(file: &std::fs::File, path: &Path) -> Result<Bytes> {
+pub(super) fn map_file(file: &std::fs::File, path: &Path) -> Result<Bytes> {
     // SAFETY: the map is read-only. Like `torch.load(mmap=True)`, it relies on nobody truncating
     // or rewriting the file while tensors borrow its pages; ckptio itself never writes a file in
     // place (saves go to a temporary file and are renamed), so its own writers cannot do that.

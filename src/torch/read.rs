@@ -47,6 +47,16 @@ fn read_part(
     Ok(out)
 }
 
+/// A failed read of the file at `path`: a file that ended early changed while it was read.
+pub(crate) fn read_error(path: &Path, e: std::io::Error) -> Error {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => {
+            Error::format(path, "the file shrank while it was read")
+        }
+        _ => Error::io("read", path, e),
+    }
+}
+
 /// The length of the file at `path`, as a `usize`.
 pub(crate) fn file_len(file: &File, path: &Path) -> Result<usize> {
     let len = file
@@ -71,12 +81,7 @@ pub(crate) fn read_into(file: &File, path: &Path, buf: &mut [u8], hash: bool) ->
         (first, second.join())
     });
     let second = second.map_err(|_| Error::format(path, "reader thread panicked"))?;
-    let io = |e: std::io::Error| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => {
-            Error::format(path, "the file shrank while it was read")
-        }
-        _ => Error::io("read", path, e),
-    };
+    let io = |e| read_error(path, e);
     let mut blocks = first.map_err(io)?;
     blocks.extend(second.map_err(io)?);
     Ok(BlockCrcs { blocks })

@@ -21,8 +21,10 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
+
 use super::archive::{archive_folder, no_data_pkl};
-use super::read::{file_len, read_into, BlockCrcs};
+use super::read::{file_len, read_error, read_into, BlockCrcs};
 use super::zip::{read_directory, ZipEntry};
 use crate::error::{Error, Result};
 
@@ -92,6 +94,14 @@ impl Records {
             Check::Off
         };
         Self::new(dst, path, check)
+    }
+
+    /// Memory-maps the file at `path` (read-only, as `LoadOptions::mmap` does) and indexes
+    /// it; returns the records and the map.
+    pub fn map(path: &Path, verify_crc: bool) -> Result<(Records, Bytes)> {
+        let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
+        let data = super::map_file(&file, path)?;
+        Ok((Self::index(&data, path, verify_crc)?, data))
     }
 
     /// Indexes an archive already in memory. With `verify_crc`, [`record`](Self::record)
@@ -248,14 +258,8 @@ impl Records {
             let mut h = crc32fast::Hasher::new();
             let mut at = offset;
             for chunk in dst.chunks_mut(CHUNK) {
-                std::os::unix::fs::FileExt::read_exact_at(file, chunk, at).map_err(|e| match e
-                    .kind()
-                {
-                    std::io::ErrorKind::UnexpectedEof => {
-                        Error::format(&self.path, "the file shrank while it was read")
-                    }
-                    _ => Error::io("read", &self.path, e),
-                })?;
+                std::os::unix::fs::FileExt::read_exact_at(file, chunk, at)
+                    .map_err(|e| read_error(&self.path, e))?;
                 if !matches!(self.check, Check::Off) {
                     h.update(chunk);
                 }
