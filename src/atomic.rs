@@ -158,7 +158,7 @@ where
 /// Creates `dir` and its missing ancestors. With `durable`, each directory that holds a new one
 /// is fsynced, so the new entries survive a crash as the file saved in them does (`dir` itself
 /// is fsynced after the rename).
-fn create_dirs(dir: &Path, durable: bool) -> Result<()> {
+pub(crate) fn create_dirs(dir: &Path, durable: bool) -> Result<()> {
     let mut missing = Vec::new();
     let mut at = Some(dir);
     while let Some(d) = at.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {

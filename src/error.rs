@@ -225,6 +225,43 @@ pub enum Error {
         in_use: u64,
     },
 
+    /// A sharded (DCP) checkpoint directory is not committed: it has no `.metadata`, so it
+    /// is incomplete (a save was interrupted, or is still running on some rank).
+    #[error(
+        "{path}: incomplete sharded checkpoint: no .metadata (a save was interrupted or has not \
+         been committed yet)"
+    )]
+    Incomplete {
+        /// The checkpoint directory.
+        path: PathBuf,
+    },
+
+    /// The ranks' parts of a sharded checkpoint cannot be committed together: they disagree
+    /// (a tensor's shape or dtype, which keys exist) or leave a tensor with missing or
+    /// overlapping chunks. Nothing was committed; an earlier checkpoint is untouched.
+    #[error("{path}: cannot commit the sharded checkpoint: {reason}")]
+    Commit {
+        /// The checkpoint directory.
+        path: PathBuf,
+        /// What the ranks disagree on.
+        reason: String,
+    },
+
+    /// Some ranks did not hand in their part of a sharded checkpoint in time: it was not
+    /// committed (the directory stays incomplete; an earlier checkpoint is untouched).
+    #[error(
+        "{path}: sharded checkpoint not committed: ranks {missing:?} did not finish their part \
+         within {waited:?}"
+    )]
+    CommitTimeout {
+        /// The checkpoint directory.
+        path: PathBuf,
+        /// The ranks whose part was missing.
+        missing: Vec<usize>,
+        /// How long the commit waited.
+        waited: std::time::Duration,
+    },
+
     /// Taking the snapshot of a save's live tensors failed (a tensor's copy failed or
     /// panicked); the file at the path is left as it was.
     #[error("snapshot of the live tensors for {path} failed: {source}")]
@@ -315,6 +352,9 @@ impl Error {
             | Error::Panic { path, .. }
             | Error::QueueFull { path }
             | Error::Path { path, .. }
+            | Error::Incomplete { path }
+            | Error::Commit { path, .. }
+            | Error::CommitTimeout { path, .. }
             | Error::Snapshot { path, .. } => Some(path),
             #[cfg(feature = "tch")]
             Error::Torch { path, .. } => Some(path),

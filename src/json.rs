@@ -55,6 +55,16 @@ pub fn to_json(v: &Value) -> Json {
             Ok(t) => tensor(&t),
             Err(e) => json!({ "$error": e.to_string() }),
         },
+        Value::Sharded(s) => json!({
+            "$sharded": {
+                "dtype": s.dtype().name(),
+                "shape": s.shape(),
+                "shards": s.shards().iter().map(|c| json!({
+                    "offsets": c.chunk.offsets,
+                    "tensor": to_json(&c.tensor),
+                })).collect::<Vec<_>>(),
+            }
+        }),
         Value::Object(o) => {
             let mut m = Map::new();
             m.insert("$object".into(), Json::String(o.class_name()));

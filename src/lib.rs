@@ -8,6 +8,8 @@
 //! - [`CheckpointIo`]: the backend contract, after Lightning's `CheckpointIO` plugin.
 //! - [`TorchCheckpointIo`]: the `torch.save` backend (atomic, durable saves; zero-copy loads).
 //! - [`AsyncCheckpointIo`]: wraps any backend and writes off the training thread.
+//! - [`DcpCheckpointIo`] and [`dcp`]: sharded checkpoints from every rank in PyTorch's
+//!   Distributed Checkpoint format, loadable at any world size.
 //! - `ckptio::tch` (feature `tch`, on by default): `tch::Tensor` <-> [`HostTensor`], `VarStore`
 //!   state dicts.
 //! - [`clean_temp_files`]: removes the temporary files a crash left behind.
@@ -40,6 +42,7 @@
 
 mod aligned;
 mod atomic;
+pub mod dcp;
 mod error;
 mod huge;
 mod io;
@@ -62,6 +65,7 @@ pub mod optim;
 pub mod tch;
 
 pub use crate::atomic::{clean_temp_files, is_temp_file};
+pub use crate::dcp::{DcpCheckpointIo, ShardedTensor};
 pub use crate::error::{Error, Result};
 pub use crate::io::{
     finish_load, CheckpointIo, LoadOptions, MapLocation, Restore, SaveOptions, WriteStats,

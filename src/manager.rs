@@ -370,7 +370,7 @@ impl<I: CheckpointIo + 'static> CheckpointManager<I> {
         let whole = |p: &Path| -> bool {
             std::fs::read(p)
                 .ok()
-                .is_some_and(|d| crate::torch::zip::read_directory(&d).is_ok())
+                .is_some_and(|d| crate::torch::zip::read_directory(&d[..]).is_ok())
         };
         let link = dir.join(LAST);
         if let Ok(target) = std::fs::read_link(&link) {

@@ -24,6 +24,7 @@ use std::hash::{Hash, Hasher};
 use bytes::Bytes;
 use indexmap::IndexMap;
 
+use crate::dcp::ShardedTensor;
 use crate::error::Result;
 use crate::tensor::{HostTensor, LiveTensor};
 
@@ -352,6 +353,9 @@ pub enum Value {
     Object(Box<Object>),
     /// A tensor that lives elsewhere (e.g. a `tch::Tensor`) and is copied when saved.
     Live(LiveTensor),
+    /// A tensor split over ranks, of which this rank holds some chunks: saved by
+    /// [`DcpCheckpointIo`](crate::dcp::DcpCheckpointIo).
+    Sharded(ShardedTensor),
 }
 
 impl PartialEq for HostTensor {
@@ -435,6 +439,7 @@ impl Value {
             Value::Tensor(_) => "tensor",
             Value::Object(_) => "object",
             Value::Live(_) => "live tensor",
+            Value::Sharded(_) => "sharded tensor",
         }
     }
 
@@ -511,6 +516,7 @@ impl Value {
                     v.visit(f);
                 });
             }
+            Value::Sharded(s) => s.shards().iter().for_each(|c| c.tensor.visit(f)),
             _ => {}
         }
     }
@@ -626,6 +632,10 @@ impl Value {
                     v.for_each_node_mut(f);
                 });
             }
+            Value::Sharded(s) => s
+                .shards_mut()
+                .iter_mut()
+                .for_each(|c| c.tensor.for_each_node_mut(f)),
             _ => {}
         }
     }
@@ -662,6 +672,7 @@ from_impl!(Vec<Value>, List, |x| x);
 from_impl!(Dict, Dict, |x| x);
 from_impl!(HostTensor, Tensor, |x| x);
 from_impl!(LiveTensor, Live, |x| x);
+from_impl!(ShardedTensor, Sharded, |x| x);
 
 impl From<()> for Value {
     fn from(_: ()) -> Value {

@@ -208,7 +208,7 @@ pub(crate) fn read_archive<F: Fn(usize, usize) -> u32>(
     path: &Path,
     s: &ReadSettings<'_, F>,
 ) -> Result<Value> {
-    let entries = read_directory(data).map_err(|r| Error::format(path, r))?;
+    let entries = read_directory(&data[..]).map_err(|r| Error::format(path, r))?;
     let prefix = archive_folder(&entries, path)?;
     let by_name: HashMap<&str, &ZipEntry> = entries.iter().map(|e| (e.name.as_str(), e)).collect();
     let records = Records {

@@ -14,10 +14,10 @@
 //! # Ok(()) }
 //! ```
 
-mod archive;
+pub(crate) mod archive;
 pub(crate) mod pickle;
 mod pickled;
-mod read;
+pub(crate) mod read;
 mod records;
 pub(crate) mod zip;
 

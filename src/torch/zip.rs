@@ -430,18 +430,65 @@ pub(crate) struct ZipEntry {
     pub(crate) crc: u32,
 }
 
+/// Bytes of an archive that a directory parse may look at: all of it in memory, or a
+/// [`Window`] of its first and last bytes.
+pub(crate) trait ZipBytes {
+    /// The archive's length.
+    fn total_len(&self) -> usize;
+    /// `n` bytes from `at`, or `None` when they are past the end (or outside the window).
+    fn at(&self, at: usize, n: usize) -> Option<&[u8]>;
+}
+
+impl ZipBytes for [u8] {
+    fn total_len(&self) -> usize {
+        self.len()
+    }
+    fn at(&self, at: usize, n: usize) -> Option<&[u8]> {
+        self.get(at..at.checked_add(n)?)
+    }
+}
+
+/// The first and the last bytes of an archive of `len` bytes: enough to parse the directory of
+/// an archive whose records, but for the last ones, are small (one `torch.save`d tensor), with
+/// no read of its large storage record.
+pub(crate) struct Window<'a> {
+    pub(crate) head: &'a [u8],
+    pub(crate) tail: &'a [u8],
+    pub(crate) len: usize,
+}
+
+impl ZipBytes for Window<'_> {
+    fn total_len(&self) -> usize {
+        self.len
+    }
+    fn at(&self, at: usize, n: usize) -> Option<&[u8]> {
+        let end = at.checked_add(n)?;
+        let tail_start = self.len - self.tail.len();
+        if end <= self.head.len() {
+            self.head.get(at..end)
+        } else if at >= tail_start && end <= self.len {
+            self.tail.get(at - tail_start..end - tail_start)
+        } else {
+            None
+        }
+    }
+}
+
 /// Parses the central directory of `data`; every entry must be stored (uncompressed) and lie
 /// inside the archive.
-pub(crate) fn read_directory(data: &[u8]) -> Result<Vec<ZipEntry>, String> {
-    let len = data.len() as u64;
+pub(crate) fn read_directory(data: &(impl ZipBytes + ?Sized)) -> Result<Vec<ZipEntry>, String> {
+    let total = data.total_len();
+    let len = total as u64;
     if len < 22 {
         return Err(format!("{len} bytes is too short for a zip archive"));
     }
-    if &data[..4] != b"PK\x03\x04" {
-        if data.starts_with(b"PK") {
+    let magic = data.at(0, 4).ok_or("no archive start")?;
+    if magic != b"PK\x03\x04" {
+        let start = data.at(0, 2).unwrap_or(&[]);
+        if start == b"PK" {
             return Err("zip archive with no local header at the start".into());
         }
-        if data.len() > 2 && data[0] == 0x80 && data[1] <= 5 {
+        if start.len() == 2 && start[0] == 0x80 && start[1] <= 5 {
             return Err(
                 "this is a legacy (pre-PyTorch 1.6) non-zip torch.save file, which ckptio does \
                  not read; re-save it with a recent torch.save"
@@ -451,15 +498,14 @@ pub(crate) fn read_directory(data: &[u8]) -> Result<Vec<ZipEntry>, String> {
         return Err("not a zip archive (wrong magic number)".into());
     }
     // The end-of-central-directory record is in the last 64 KiB + 22 bytes.
-    let search_from = data.len().saturating_sub(22 + 0xffff);
-    let eocd = (search_from..=data.len() - 22)
+    let search_from = total.saturating_sub(22 + 0xffff);
+    let eocd = (search_from..=total - 22)
         .rev()
-        .find(|&i| data[i..i + 4] == EOCD_SIG.to_le_bytes())
+        .find(|&i| data.at(i, 4) == Some(&EOCD_SIG.to_le_bytes()[..]))
         .ok_or("no end-of-central-directory record (truncated file?)")?;
     let r = |at: usize, n: usize| -> Result<u64, String> {
-        let end = at.checked_add(n).ok_or("record offset overflows")?;
         let b = data
-            .get(at..end)
+            .at(at, n)
             .ok_or("record runs past the end of the file")?;
         let mut a = [0u8; 8];
         a[..n].copy_from_slice(b);
@@ -509,13 +555,11 @@ pub(crate) fn read_directory(data: &[u8]) -> Result<Vec<ZipEntry>, String> {
         let extra_len = r(p + 30, 2)? as usize;
         let comment_len = r(p + 32, 2)? as usize;
         let mut local = r(p + 42, 4)?;
-        let name_bytes = data
-            .get(p + 46..p + 46 + name_len)
-            .ok_or("entry name past the end")?;
+        let name_bytes = data.at(p + 46, name_len).ok_or("entry name past the end")?;
         let name = String::from_utf8(name_bytes.to_vec())
             .map_err(|_| format!("entry {i} name is not UTF-8"))?;
         let extra = data
-            .get(p + 46 + name_len..p + 46 + name_len + extra_len)
+            .at(p + 46 + name_len, extra_len)
             .ok_or("entry extra field past the end")?;
         // zip64 extended information: only the fields that overflowed, in order.
         let mut e = 0;
@@ -599,7 +643,7 @@ mod tests {
     fn entries_are_aligned_and_read_back() {
         for threshold in [U32_MAX, 0] {
             let z = build(threshold);
-            let d = read_directory(&z).unwrap();
+            let d = read_directory(&z[..]).unwrap();
             assert_eq!(d.len(), 2);
             for e in &d {
                 assert_eq!(e.data_offset % ALIGNMENT, 0, "{threshold}");
@@ -653,7 +697,7 @@ mod tests {
             w.finish().unwrap();
             let (_, stats) = sink.finish().unwrap();
             let z = std::fs::read(&p).unwrap();
-            let d = read_directory(&z).unwrap();
+            let d = read_directory(&z[..]).unwrap();
             let names: Vec<&str> = d.iter().map(|e| e.name.as_str()).collect();
             assert_eq!(
                 names,
@@ -705,6 +749,6 @@ mod tests {
         for cut in [0, 10, 100, z.len() - 1] {
             assert!(read_directory(&z[..cut]).is_err(), "cut at {cut}");
         }
-        assert!(read_directory(b"hello world, this is not a zip file").is_err());
+        assert!(read_directory(&b"hello world, this is not a zip file"[..]).is_err());
     }
 }

@@ -1268,6 +1268,16 @@ struct Converter {
     offset: u64,
 }
 
+/// Whether `p` can be a [`Key`] (hashable plain values and tuples of them); tuples nested
+/// deeper than `depth_left` say no, and the conversion then refuses them by its depth limit.
+fn keyable(p: &Py, depth_left: usize) -> bool {
+    match p {
+        Py::Str(_) | Py::Int(_) | Py::Bool(_) | Py::None | Py::Float(_) | Py::Bytes(_) => true,
+        Py::Tuple(t) => depth_left > 0 && t.0.iter().all(|x| keyable(x, depth_left - 1)),
+        _ => false,
+    }
+}
+
 impl Converter {
     fn global_value(&mut self, g: &(String, String)) -> R<Value> {
         self.charge(g.0.len() + g.1.len())?;
@@ -1328,6 +1338,41 @@ impl Converter {
             Py::Bytes(b) => Value::Bytes(b.clone()),
             Py::Tuple(t) => Value::Tuple(self.seq(&t.0, depth)?),
             Py::List(l) => Value::List(self.seq(&l.borrow().0, depth)?),
+            Py::Dict(d)
+                if !d
+                    .borrow()
+                    .items
+                    .iter()
+                    .all(|(k, _)| keyable(k, self.depth_limit)) =>
+            {
+                // Keys ckptio's `Dict` cannot hold (objects, as DCP's metadata has): kept as
+                // the items of an inert `builtins.dict` object.
+                let d = d.borrow();
+                if d.attrs.is_some() {
+                    return Err(ReadError::Bad {
+                        offset: self.offset,
+                        reason: "a dict with object keys carries attributes".into(),
+                    });
+                }
+                let mut dict_items = Vec::with_capacity(d.items.len());
+                self.charge(
+                    d.items
+                        .len()
+                        .saturating_mul(2 * std::mem::size_of::<Value>()),
+                )?;
+                for (k, v) in &d.items {
+                    dict_items.push((self.value(k, depth + 1)?, self.value(v, depth + 1)?));
+                }
+                Value::Object(Box::new(Object {
+                    module: "builtins".into(),
+                    name: "dict".into(),
+                    kind: ObjectKind::Reduce,
+                    args: vec![],
+                    state: None,
+                    list_items: vec![],
+                    dict_items,
+                }))
+            }
             Py::Dict(d) => {
                 let d = d.borrow();
                 let mut out = Dict::new();

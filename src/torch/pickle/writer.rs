@@ -204,6 +204,14 @@ impl<'a> PickleWriter<'a> {
             Value::Tensor(t) => self.tensor(t)?,
             Value::Object(o) => self.object(o)?,
             Value::Live(_) => return Err("live tensors must be snapshotted before pickling".into()),
+            Value::Sharded(_) => {
+                return Err(
+                    "a sharded tensor cannot go in a torch.save file: save it with \
+                            ckptio::dcp::DcpCheckpointIo (PyTorch's Distributed Checkpoint \
+                            format), or gather it into one tensor first"
+                        .into(),
+                )
+            }
         }
         self.depth -= 1;
         Ok(())

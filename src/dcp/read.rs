@@ -1,0 +1,666 @@
+//! Reading a DCP checkpoint at any world size: [`DcpReader`].
+//!
+//! A rank asks for the boxes of each tensor it needs; the reader intersects them with the
+//! saved chunks and reads from each saved chunk's storage only the byte ranges it needs
+//! (PyTorch's reader loads every overlapping saved chunk whole). A saved chunk's location
+//! inside its archive comes from the archive's first and last bytes (its zip directory and
+//! `data.pkl`), so a partial read never touches the rest of it.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::aligned::PageVec;
+use crate::dcp::commit::METADATA;
+use crate::dcp::flatten::{flatten, set_path, Leaf};
+use crate::dcp::metadata::{Entry, Item, Metadata, TensorEntry};
+use crate::dcp::shard::{Chunk, ShardedTensor};
+use crate::error::{Error, Result};
+use crate::io::LoadOptions;
+use crate::tensor::{checked_numel, contiguous_strides, DType, HostTensor, Storage, MAX_SNAPSHOT};
+use crate::torch::pickle::reader::{read_pickle, Limits, ReadError, StorageSource};
+use crate::torch::zip::{read_directory, Window, ZipEntry};
+use crate::value::{Dict, Value};
+
+/// Items up to this size are read whole to find their layout.
+const SMALL_ITEM: u64 = 256 << 10;
+/// Bytes read from the start and the end of a large item to find its layout.
+const HEAD: u64 = 64 << 10;
+const TAIL: u64 = 128 << 10;
+/// Runs closer than this share one read when the bytes between them waste at most 1/32.
+const MAX_SPAN: u64 = 64 << 20;
+
+/// Where a saved chunk's elements lie in its data file.
+#[derive(Clone, Debug)]
+struct Layout {
+    /// File offset of the storage record's first byte.
+    data_start: u64,
+    /// Bytes in the storage record.
+    storage_len: u64,
+    /// The saved tensor's view of its storage, in elements.
+    shape: Vec<usize>,
+    strides: Vec<usize>,
+    offset: usize,
+    /// CRC-32 of the storage record.
+    crc: u32,
+}
+
+/// Reads a committed DCP checkpoint directory.
+#[derive(Debug)]
+pub struct DcpReader {
+    dir: PathBuf,
+    meta: Metadata,
+    files: Mutex<HashMap<String, std::sync::Arc<File>>>,
+    layouts: Mutex<HashMap<(String, Vec<usize>), Layout>>,
+    bytes_read: AtomicU64,
+    verify_crc: bool,
+}
+
+impl DcpReader {
+    /// Opens the checkpoint in `dir`: reads and checks its `.metadata` (a directory without
+    /// one is [`Error::Incomplete`]) and the length of every data file it names.
+    pub fn open(dir: impl AsRef<Path>) -> Result<DcpReader> {
+        let dir = dir.as_ref().to_path_buf();
+        let path = dir.join(METADATA);
+        let data = match std::fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(if dir.is_dir() {
+                    Error::Incomplete { path: dir }
+                } else {
+                    Error::io("open", &dir, e)
+                })
+            }
+            Err(e) => return Err(Error::io("read", &path, e)),
+        };
+        let meta = Metadata::from_pickle(&data, &path)?;
+        let reader = DcpReader {
+            dir,
+            meta,
+            files: Mutex::default(),
+            layouts: Mutex::default(),
+            bytes_read: AtomicU64::new(0),
+            verify_crc: true,
+        };
+        reader.check_items()?;
+        Ok(reader)
+    }
+
+    /// Sets whether a saved chunk read whole is checked against its CRC-32 (default `true`;
+    /// partial reads of a chunk cannot be checked).
+    pub fn verify_crc(mut self, verify: bool) -> Self {
+        self.verify_crc = verify;
+        self
+    }
+
+    /// The checkpoint's metadata.
+    pub fn metadata(&self) -> &Metadata {
+        &self.meta
+    }
+
+    /// The checkpoint directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Bytes read from the data files so far (storage bytes and the archive headers that
+    /// locate them).
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
+    }
+
+    /// Every item must lie inside its file, and every chunk's elements fit in its item: so no
+    /// read below allocates more than the files hold.
+    fn check_items(&self) -> Result<()> {
+        let mut lens: HashMap<&str, u64> = HashMap::new();
+        for it in &self.meta.items {
+            let len = match lens.get(it.file.as_str()) {
+                Some(l) => *l,
+                None => {
+                    let p = self.dir.join(&it.file);
+                    let l = std::fs::metadata(&p)
+                        .map_err(|e| Error::io("open data file", &p, e))?
+                        .len();
+                    lens.insert(&it.file, l);
+                    l
+                }
+            };
+            if it.offset + it.length > len {
+                return Err(Error::format(
+                    self.dir.join(&it.file),
+                    format!(
+                        "{}: item at {}+{} lies beyond the end of the {len}-byte file",
+                        it.fqn, it.offset, it.length
+                    ),
+                ));
+            }
+        }
+        for (fqn, e) in &self.meta.entries {
+            let Entry::Tensor(t) = e else { continue };
+            for c in &t.chunks {
+                let bytes = c.numel().and_then(|n| n.checked_mul(t.dtype.size()));
+                let item = self.meta.item(fqn, Some(&c.offsets));
+                if bytes.is_none_or(|b| item.is_none_or(|i| b as u64 > i.length)) {
+                    return Err(Error::format(
+                        self.dir.join(METADATA),
+                        format!(
+                            "{fqn}: the chunk at {:?} holds more bytes than its item",
+                            c.offsets
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn tensor_entry(&self, fqn: &str) -> Result<&TensorEntry> {
+        match self.meta.entries.get(fqn) {
+            Some(Entry::Tensor(t)) => Ok(t),
+            Some(Entry::Bytes) => Err(self.missing(fqn, "is a value, not a tensor")),
+            None => Err(self.missing(fqn, "is not in the checkpoint")),
+        }
+    }
+
+    fn missing(&self, fqn: &str, why: &str) -> Error {
+        Error::KeyMismatch {
+            path: self.dir.clone(),
+            missing: vec![format!("{fqn} ({why})")],
+            unexpected: vec![],
+        }
+    }
+
+    /// The box `want` of the tensor `fqn`, read from the saved chunks it meets.
+    pub fn read_chunk(&self, fqn: &str, want: &Chunk) -> Result<HostTensor> {
+        let t = self.tensor_entry(fqn)?;
+        want.check_inside(&t.shape)
+            .map_err(|r| self.missing(fqn, &format!("cannot hold the asked box: {r}")))?;
+        let esize = t.dtype.size();
+        let nbytes = want
+            .numel()
+            .and_then(|n| n.checked_mul(esize))
+            .filter(|&n| n <= MAX_SNAPSHOT)
+            .ok_or_else(|| self.missing(fqn, "asked for more than memory can hold"))?;
+        let mut out = PageVec::zeroed(nbytes);
+        for c in &t.chunks {
+            let Some(overlap) = c.intersect(want) else {
+                continue;
+            };
+            let item = self
+                .meta
+                .item(fqn, Some(&c.offsets))
+                .ok_or_else(|| self.missing(fqn, "has a chunk without data"))?;
+            let layout = self.layout(item, t, c)?;
+            self.copy_box(
+                item,
+                &layout,
+                t.dtype,
+                c,
+                want,
+                &overlap,
+                out.as_mut_slice(),
+            )?;
+        }
+        let tensor = HostTensor::from_bytes(t.dtype, &want.sizes, out.into_bytes())?;
+        Ok(tensor.with_requires_grad(t.requires_grad))
+    }
+
+    /// The value saved under `fqn` (not a tensor).
+    pub fn read_value(&self, fqn: &str) -> Result<Value> {
+        match self.meta.entries.get(fqn) {
+            Some(Entry::Bytes) => {}
+            Some(Entry::Tensor(_)) => return Err(self.missing(fqn, "is a tensor, not a value")),
+            None => return Err(self.missing(fqn, "is not in the checkpoint")),
+        }
+        let item = self
+            .meta
+            .item(fqn, None)
+            .ok_or_else(|| self.missing(fqn, "has no data"))?;
+        let data = self.read_at(item, 0, item.length)?;
+        let name = format!("{} ({fqn})", self.dir.join(&item.file).display());
+        crate::torch::load_from_bytes(data.into(), &name, &LoadOptions::default())
+    }
+
+    /// The whole checkpoint in one process: every tensor whole, every value, nested as saved.
+    pub fn read_all(&self) -> Result<Value> {
+        let mut root = Dict::new();
+        // In the order of the saved key paths (the state dict's own order), then any entry
+        // without one.
+        let mut order: Vec<&String> = self
+            .meta
+            .paths
+            .keys()
+            .filter(|k| self.meta.entries.contains_key(*k))
+            .collect();
+        order.extend(
+            self.meta
+                .entries
+                .keys()
+                .filter(|k| !self.meta.paths.contains_key(*k)),
+        );
+        for fqn in order {
+            let Some(e) = self.meta.entries.get(fqn) else {
+                continue;
+            };
+            let v = match e {
+                Entry::Tensor(t) => Value::Tensor(self.read_chunk(fqn, &Chunk::whole(&t.shape))?),
+                Entry::Bytes => self.read_value(fqn)?,
+            };
+            let path = self.path_of(fqn);
+            set_path(&mut root, &path, v).map_err(|e| self.bad_paths(e))?;
+        }
+        Ok(Value::Dict(root))
+    }
+
+    /// Loads what `template` asks for: a state dict whose [`ShardedTensor`] leaves give the
+    /// boxes this rank needs (their local tensors are replaced by ones read from the
+    /// checkpoint), whose whole tensors are read whole, and whose other values are read as
+    /// saved. Keys of the checkpoint that the template lacks are not read; a key the
+    /// checkpoint lacks is an error.
+    pub fn read_into(&self, template: &Value) -> Result<Value> {
+        let mut root = Dict::new();
+        for f in flatten(template)? {
+            let v = match f.leaf {
+                Leaf::Sharded(s) => Value::Sharded(self.read_sharded(&f.fqn, s)?),
+                Leaf::Tensor(_) => {
+                    let t = self.tensor_entry(&f.fqn)?;
+                    Value::Tensor(self.read_chunk(&f.fqn, &Chunk::whole(&t.shape))?)
+                }
+                Leaf::Value(_) => self.read_value(&f.fqn)?,
+            };
+            set_path(&mut root, &f.path, v).map_err(|e| self.bad_paths(e))?;
+        }
+        Ok(Value::Dict(root))
+    }
+
+    fn read_sharded(&self, fqn: &str, s: &ShardedTensor) -> Result<ShardedTensor> {
+        let t = self.tensor_entry(fqn)?;
+        if t.shape != s.shape() || t.dtype != s.dtype() {
+            return Err(self.missing(
+                fqn,
+                &format!(
+                    "was saved as {} {:?}, asked for as {} {:?}",
+                    t.dtype,
+                    t.shape,
+                    s.dtype(),
+                    s.shape()
+                ),
+            ));
+        }
+        let mut out =
+            ShardedTensor::new(t.shape.clone(), t.dtype).with_requires_grad(t.requires_grad);
+        for shard in s.shards() {
+            let local = self.read_chunk(fqn, &shard.chunk)?;
+            out = out.with_shard(shard.chunk.offsets.clone(), local)?;
+        }
+        Ok(out)
+    }
+
+    fn path_of(&self, fqn: &str) -> Vec<crate::Key> {
+        self.meta
+            .paths
+            .get(fqn)
+            .cloned()
+            .unwrap_or_else(|| vec![crate::Key::Str(fqn.to_owned())])
+    }
+
+    fn bad_paths(&self, e: Error) -> Error {
+        Error::format(self.dir.join(METADATA), e.to_string())
+    }
+
+    fn file(&self, name: &str) -> Result<std::sync::Arc<File>> {
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = files.get(name) {
+            return Ok(f.clone());
+        }
+        let p = self.dir.join(name);
+        let f = std::sync::Arc::new(File::open(&p).map_err(|e| Error::io("open", &p, e))?);
+        files.insert(name.to_owned(), f.clone());
+        Ok(f)
+    }
+
+    /// `len` bytes at `at` within `item`.
+    fn read_at(&self, item: &Item, at: u64, len: u64) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len as usize];
+        self.read_exact(item, at, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Fills `buf` from `at` within `item` (inside it: checked by the caller).
+    fn read_exact(&self, item: &Item, at: u64, buf: &mut [u8]) -> Result<()> {
+        let f = self.file(&item.file)?;
+        let p = self.dir.join(&item.file);
+        f.read_exact_at(buf, item.offset + at)
+            .map_err(|e| crate::torch::read::read_error(&p, e))?;
+        self.bytes_read
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Where the saved chunk `c` of tensor `t` lies in `item`: found once, from the item's
+    /// zip directory and `data.pkl`.
+    fn layout(&self, item: &Item, t: &TensorEntry, c: &Chunk) -> Result<Layout> {
+        let key = (item.fqn.clone(), c.offsets.clone());
+        if let Some(l) = self
+            .layouts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Ok(l.clone());
+        }
+        let name = self.item_name(item);
+        let bad = |reason: String| Error::format(&name, reason);
+        let (entries, head) = self.item_directory(item, &name)?;
+        let prefix = crate::torch::archive::archive_folder(&entries, &name)?;
+        let by_name: HashMap<&str, &ZipEntry> =
+            entries.iter().map(|e| (e.name.as_str(), e)).collect();
+        let pkl_entry = by_name
+            .get(format!("{prefix}/data.pkl").as_str())
+            .ok_or_else(|| bad("no data.pkl record".into()))?;
+        let pkl = match head
+            .get(pkl_entry.data_offset as usize..(pkl_entry.data_offset + pkl_entry.size) as usize)
+        {
+            Some(b) => b.to_vec(),
+            None if pkl_entry.size <= SMALL_ITEM => {
+                self.read_at(item, pkl_entry.data_offset, pkl_entry.size)?
+            }
+            None => return Err(bad("data.pkl is too large for one tensor".into())),
+        };
+        let mut src = LayoutSource {
+            prefix: &prefix,
+            by_name: &by_name,
+            found: Vec::new(),
+        };
+        let v = read_pickle(&pkl, true, &Limits::default(), &mut src).map_err(|e| match e {
+            ReadError::Bad { offset, reason } => Error::Pickle {
+                path: name.clone(),
+                offset,
+                reason,
+            },
+            ReadError::Unsafe(what) => Error::Unsafe {
+                path: name.clone(),
+                what,
+            },
+            ReadError::Tensor { what, reason } => Error::tensor(&name, what, reason),
+        })?;
+        let Value::Tensor(saved) = v else {
+            return Err(bad(format!("holds a {}, not a tensor", v.type_name())));
+        };
+        if saved.dtype() != t.dtype || saved.shape() != c.sizes.as_slice() {
+            return Err(bad(format!(
+                "holds a {} {:?} tensor where the metadata says {} {:?}",
+                saved.dtype(),
+                saved.shape(),
+                t.dtype,
+                c.sizes
+            )));
+        }
+        let entry = src
+            .found
+            .iter()
+            .find(|(s, _)| s.ptr_eq(saved.storage()))
+            .map(|(_, e)| *e)
+            .ok_or_else(|| bad("the tensor's storage has no record".into()))?;
+        let layout = Layout {
+            data_start: item.offset + entry.data_offset,
+            storage_len: entry.size,
+            shape: saved.shape().to_vec(),
+            strides: saved.strides().to_vec(),
+            offset: saved.storage_offset(),
+            crc: entry.crc,
+        };
+        self.layouts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, layout.clone());
+        Ok(layout)
+    }
+
+    fn item_name(&self, item: &Item) -> PathBuf {
+        let mut n = self.dir.join(&item.file).into_os_string();
+        n.push(format!(" ({} at {})", item.fqn, item.offset));
+        n.into()
+    }
+
+    /// The item's zip directory, and its first bytes (the whole item when small): a window of
+    /// its first and last bytes when large, or all of it when the window cannot tell.
+    fn item_directory(&self, item: &Item, name: &Path) -> Result<(Vec<ZipEntry>, Vec<u8>)> {
+        let len = item.length;
+        let whole = |this: &Self| -> Result<(Vec<ZipEntry>, Vec<u8>)> {
+            let data = this.read_at(item, 0, len)?;
+            let entries = read_directory(&data[..]).map_err(|r| Error::format(name, r))?;
+            Ok((entries, data))
+        };
+        if len <= SMALL_ITEM {
+            return whole(self);
+        }
+        let head = self.read_at(item, 0, HEAD)?;
+        let tail = self.read_at(item, len - TAIL, TAIL)?;
+        let window = Window {
+            head: &head,
+            tail: &tail,
+            len: len as usize,
+        };
+        match read_directory(&window) {
+            Ok(entries) => Ok((entries, head)),
+            Err(_) => whole(self),
+        }
+    }
+
+    /// Copies the part `overlap` of saved chunk `c` (laid out as `l` in `item`) into `out`,
+    /// the row-major bytes of the box `want`.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_box(
+        &self,
+        item: &Item,
+        l: &Layout,
+        dtype: DType,
+        c: &Chunk,
+        want: &Chunk,
+        overlap: &Chunk,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let esize = dtype.size();
+        let n = &overlap.sizes;
+        let src_start: Vec<usize> = (0..n.len())
+            .map(|d| overlap.offsets[d] - c.offsets[d])
+            .collect();
+        let dst_start: Vec<usize> = (0..n.len())
+            .map(|d| overlap.offsets[d] - want.offsets[d])
+            .collect();
+        let dst_strides = contiguous_strides(&want.sizes);
+        let contiguous = l.strides == contiguous_strides(&l.shape);
+        if !contiguous {
+            return self.copy_strided(item, l, esize, &src_start, &dst_start, n, &dst_strides, out);
+        }
+        // Inner dimensions the box spans whole, in the saved chunk and in `want`, merge into
+        // one run with the first dimension it does not.
+        let full = |d: usize| n[d] == l.shape[d] && n[d] == want.sizes[d];
+        let mut d0 = n.len().saturating_sub(1);
+        while d0 > 0 && full(d0) {
+            d0 -= 1;
+        }
+        let run_elems = checked_numel(&n[d0..]).unwrap_or(0);
+        let runs = enumerate_runs(&n[..d0], |idx| {
+            let src: usize = l.offset
+                + (0..n.len())
+                    .map(|d| (src_start[d] + if d < d0 { idx[d] } else { 0 }) * l.strides[d])
+                    .sum::<usize>();
+            let dst: usize = (0..n.len())
+                .map(|d| (dst_start[d] + if d < d0 { idx[d] } else { 0 }) * dst_strides[d])
+                .sum();
+            (src as u64 * esize as u64, dst * esize)
+        });
+        let run_bytes = (run_elems * esize) as u64;
+        if run_bytes == 0 {
+            return Ok(());
+        }
+        let end = runs.last().map_or(0, |r| r.0 + run_bytes);
+        if end > l.storage_len {
+            return Err(Error::format(
+                self.item_name(item),
+                "chunk elements lie beyond its storage record",
+            ));
+        }
+        let whole = runs.len() == 1 && runs[0].0 == 0 && run_bytes == l.storage_len;
+        self.read_runs(item, l, &runs, run_bytes, out)?;
+        if whole && self.verify_crc {
+            let b = &out[runs[0].1..runs[0].1 + run_bytes as usize];
+            if crc32fast::hash(b) != l.crc {
+                return Err(Error::tensor(
+                    self.item_name(item),
+                    "storage",
+                    "fails its CRC-32 check (corrupt file)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads runs (storage offset, output offset) of `run_bytes` each, in storage order,
+    /// merging neighbours whose gap wastes little into one read.
+    fn read_runs(
+        &self,
+        item: &Item,
+        l: &Layout,
+        runs: &[(u64, usize)],
+        run_bytes: u64,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let base = l.data_start - item.offset;
+        let mut i = 0;
+        while i < runs.len() {
+            let mut j = i + 1;
+            while j < runs.len() {
+                let span = runs[j].0 + run_bytes - runs[i].0;
+                let needed = (j - i + 1) as u64 * run_bytes;
+                if span > MAX_SPAN || span - needed > needed / 32 {
+                    break;
+                }
+                j += 1;
+            }
+            if j == i + 1 {
+                let (s, d) = runs[i];
+                self.read_exact(item, base + s, &mut out[d..d + run_bytes as usize])?;
+            } else {
+                let span = runs[j - 1].0 + run_bytes - runs[i].0;
+                let buf = self.read_at(item, base + runs[i].0, span)?;
+                for &(s, d) in &runs[i..j] {
+                    let at = (s - runs[i].0) as usize;
+                    out[d..d + run_bytes as usize]
+                        .copy_from_slice(&buf[at..at + run_bytes as usize]);
+                }
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// The slow path for a saved tensor that is not row-major: reads the storage span it
+    /// covers and gathers element by element.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_strided(
+        &self,
+        item: &Item,
+        l: &Layout,
+        esize: usize,
+        src_start: &[usize],
+        dst_start: &[usize],
+        n: &[usize],
+        dst_strides: &[usize],
+        out: &mut [u8],
+    ) -> Result<()> {
+        let last: usize = l.offset
+            + l.shape
+                .iter()
+                .zip(&l.strides)
+                .map(|(&s, &st)| s.saturating_sub(1) * st)
+                .sum::<usize>();
+        let span = ((last + 1) * esize) as u64;
+        if span > l.storage_len {
+            return Err(Error::format(
+                self.item_name(item),
+                "chunk elements lie beyond its storage record",
+            ));
+        }
+        let data = self.read_at(item, l.data_start - item.offset, span)?;
+        let elems = enumerate_runs(n, |idx| {
+            let src: usize = l.offset
+                + (0..n.len())
+                    .map(|d| (src_start[d] + idx[d]) * l.strides[d])
+                    .sum::<usize>();
+            let dst: usize = (0..n.len())
+                .map(|d| (dst_start[d] + idx[d]) * dst_strides[d])
+                .sum();
+            (src as u64 * esize as u64, dst * esize)
+        });
+        for (s, d) in elems {
+            out[d..d + esize].copy_from_slice(&data[s as usize..s as usize + esize]);
+        }
+        Ok(())
+    }
+}
+
+/// Calls `f` on every index of a box of sizes `n` (row-major order) and collects the results;
+/// one call with an empty index for a box of no dimensions.
+fn enumerate_runs<T>(n: &[usize], mut f: impl FnMut(&[usize]) -> T) -> Vec<T> {
+    let total = checked_numel(n).unwrap_or(0);
+    let mut out = Vec::with_capacity(total);
+    if total == 0 {
+        return out;
+    }
+    let mut idx = vec![0usize; n.len()];
+    loop {
+        out.push(f(&idx));
+        let mut d = n.len();
+        loop {
+            if d == 0 {
+                return out;
+            }
+            d -= 1;
+            idx[d] += 1;
+            if idx[d] < n[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+}
+
+/// Hands the pickle reader storages that know their length but hold no bytes, noting which
+/// record each came from: the layout of a saved chunk without reading its data.
+struct LayoutSource<'a> {
+    prefix: &'a str,
+    by_name: &'a HashMap<&'a str, &'a ZipEntry>,
+    found: Vec<(Storage, &'a ZipEntry)>,
+}
+
+impl StorageSource for LayoutSource<'_> {
+    fn storage(
+        &mut self,
+        key: &str,
+        location: &str,
+        nbytes: u64,
+    ) -> std::result::Result<Storage, String> {
+        let name = format!("{}/data/{key}", self.prefix);
+        let e = *self
+            .by_name
+            .get(name.as_str())
+            .ok_or_else(|| format!("no record {name}"))?;
+        if e.size < nbytes {
+            return Err(format!(
+                "declares {nbytes} bytes but its record holds {}",
+                e.size
+            ));
+        }
+        let len = usize::try_from(e.size).map_err(|_| "record too large".to_owned())?;
+        // Never filled: only its length and identity are used.
+        let (s, _filler) = Storage::pending(len, location);
+        self.found.push((s.clone(), e));
+        Ok(s)
+    }
+}
