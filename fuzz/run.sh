@@ -2,17 +2,21 @@
 # Coverage-guided fuzzing of ckptio's loader on the stable toolchain: libFuzzer (libfuzzer-sys)
 # with LLVM's SanitizerCoverage enabled through stable `-C` codegen flags (no nightly, no -Z).
 #
-#   fuzz/run.sh SECONDS [TARGET...]     (targets: load_archive load_pickle; default both)
+#   fuzz/run.sh SECONDS [TARGET...]   (targets: load_archive load_pickle load_dcp_metadata;
+#                                      default all three)
 #
 # Seeds: files written by the venv's real torch.save (tests/python/corpus.py) and their data.pkl
-# records. Crashes land in fuzz/artifacts/TARGET/; turn each into a test in tests/bad_files.rs.
+# records; for load_dcp_metadata, the .metadata of sharded checkpoints written by PyTorch
+# (tests/python/dcp_save.py, 2 and 3 ranks) and by ckptio. Crashes land in
+# fuzz/artifacts/TARGET/; turn each into a test in tests/bad_files.rs (tests/dcp_hostile.rs for
+# load_dcp_metadata).
 #
 # Fails when a target finds something, exits non-zero, does not start, or runs fewer inputs than
 # CKPTIO_FUZZ_MIN_EXECS (default 2000); prints each target's number of executions.
 set -euo pipefail
 cd "$(dirname "$0")"
 secs=${1:-60}; shift || true
-targets=("$@"); [[ ${#targets[@]} -gt 0 ]] || targets=(load_archive load_pickle)
+targets=("$@"); [[ ${#targets[@]} -gt 0 ]] || targets=(load_archive load_pickle load_dcp_metadata)
 PY=${CKPTIO_PYTHON:-../.venv/bin/python}
 TRIPLE=$(rustc -vV | sed -n 's/^host: //p')
 export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
@@ -37,6 +41,21 @@ for root, _, files in os.walk("seeds"):
                 pk = z.read(n)
                 open(os.path.join("corpus/load_pickle", hashlib.sha1(pk).hexdigest()), "wb").write(pk)
 PY
+  rm -rf seeds
+fi
+if [[ ! -d corpus/load_dcp_metadata ]]; then
+  # Built in a scratch folder and renamed into place, so a failed run leaves no partial corpus.
+  rm -rf seeds corpus/load_dcp_metadata.new
+  mkdir -p seeds corpus/load_dcp_metadata.new
+  for world in 2 3; do
+    "$PY" ../tests/python/dcp_save.py "seeds/torch$world" --world "$world" >/dev/null
+    cp "seeds/torch$world/.metadata" "seeds/torch$world.metadata"
+  done
+  CKPTIO_FUZZ_WRITE_SEEDS=seeds "../target/fuzz/$TRIPLE/release/load_dcp_metadata" >/dev/null
+  for f in seeds/*.metadata; do
+    cp "$f" "corpus/load_dcp_metadata.new/$(sha1sum <"$f" | cut -c1-40)"
+  done
+  mv corpus/load_dcp_metadata.new corpus/load_dcp_metadata
   rm -rf seeds
 fi
 # Each target must start, exit 0 and run at least this many inputs: a fuzzer that crashed, never

@@ -119,6 +119,72 @@ struct Kept {
     metric: Option<f64>,
 }
 
+/// What a directory entry is, for sharded (DCP) checkpoints.
+enum Sharded {
+    /// A directory with `.metadata`: a committed sharded checkpoint.
+    Committed,
+    /// A directory with parts of a sharded checkpoint but no `.metadata`.
+    Incomplete,
+    /// Anything else.
+    No,
+}
+
+fn sharded_state(p: &Path) -> Sharded {
+    if !p.is_dir() {
+        return Sharded::No;
+    }
+    if p.join(crate::dcp::METADATA).is_file() {
+        return Sharded::Committed;
+    }
+    // Only parts of a sharded save (or nothing: a save killed before its first file) make
+    // an incomplete checkpoint; a directory holding anything else is not the manager's.
+    let Ok(entries) = std::fs::read_dir(p) else {
+        return Sharded::No;
+    };
+    let ours = entries.flatten().all(|e| {
+        let n = e.file_name().to_string_lossy().into_owned();
+        crate::dcp::is_part_file(&n) || is_temp_file(&n)
+    });
+    if ours {
+        Sharded::Incomplete
+    } else {
+        Sharded::No
+    }
+}
+
+/// The step and metric a torch.save checkpoint written by the manager holds.
+fn file_step(p: &Path) -> Option<(u64, Option<f64>)> {
+    let v = crate::torch::load(p, &crate::io::LoadOptions::default().mmap(true)).ok()?;
+    let step = v.get("ckptio_step").and_then(crate::Value::as_int)?;
+    Some((
+        step as u64,
+        v.get("ckptio_metric").and_then(crate::Value::as_float),
+    ))
+}
+
+/// The step and metric a committed sharded checkpoint written by the manager holds.
+fn dcp_step(p: &Path) -> Option<(u64, Option<f64>)> {
+    let r = crate::dcp::DcpReader::open(p).ok()?;
+    let step = r.read_value("ckptio_step").ok()?.as_int()?;
+    let metric = r
+        .read_value("ckptio_metric")
+        .ok()
+        .and_then(|v| v.as_float());
+    Some((step as u64, metric))
+}
+
+/// Whether `p` is a whole checkpoint: a committed sharded directory, or a file whose zip
+/// directory reads.
+fn is_whole(p: &Path) -> bool {
+    match sharded_state(p) {
+        Sharded::Committed => crate::dcp::DcpReader::open(p).is_ok(),
+        Sharded::Incomplete => false,
+        Sharded::No => std::fs::read(p)
+            .ok()
+            .is_some_and(|d| crate::torch::zip::read_directory(&d[..]).is_ok()),
+    }
+}
+
 /// Saves on a schedule through an [`AsyncCheckpointIo`] and keeps the directory tidy.
 pub struct CheckpointManager<I: CheckpointIo + 'static> {
     io: AsyncCheckpointIo<I>,
@@ -212,22 +278,25 @@ impl<I: CheckpointIo + 'static> CheckpointManager<I> {
         let Ok(entries) = std::fs::read_dir(&self.cfg.dir) else {
             return;
         };
-        let opts = crate::io::LoadOptions::default().mmap(true);
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name == LAST || is_temp_file(&name) || !e.path().is_file() {
+            if name == LAST || is_temp_file(&name) {
                 continue;
             }
-            let Ok(v) = crate::torch::load(e.path(), &opts) else {
+            let found = match sharded_state(&e.path()) {
+                Sharded::Committed => dcp_step(&e.path()),
+                // A sharded save that never committed (or one another rank is writing now):
+                // never resumed from; `finish` removes it.
+                Sharded::Incomplete => continue,
+                Sharded::No if e.path().is_file() => file_step(&e.path()),
+                Sharded::No => None,
+            };
+            let Some((step, metric)) = found else {
                 continue;
             };
-            let Some(step) = v.get("ckptio_step").and_then(crate::Value::as_int) else {
-                continue;
-            };
-            let metric = v.get("ckptio_metric").and_then(crate::Value::as_float);
             let k = Kept {
                 path: e.path(),
-                step: step as u64,
+                step,
                 metric,
             };
             if self.newest.as_ref().is_none_or(|n| k.step > n.step) {
@@ -281,10 +350,34 @@ impl<I: CheckpointIo + 'static> CheckpointManager<I> {
         Ok(Some(path))
     }
 
-    /// Waits for every pending save and acts on it; returns the first error.
+    /// Waits for every pending save and acts on it, then removes the incomplete sharded
+    /// checkpoints in the directory (interrupted saves; the backend's remove decides which rank
+    /// removes: rank 0 for [`DcpCheckpointIo`](crate::DcpCheckpointIo), once its saves are
+    /// committed, so every rank has handed in every part); returns the first error.
     pub fn finish(&mut self) -> Result<()> {
         self.poll(true)?;
+        for p in self.incomplete()? {
+            drop(self.io.remove(&p)?);
+        }
         self.io.flush()
+    }
+
+    /// Directories in the checkpoint directory holding parts of a sharded checkpoint that
+    /// was never committed.
+    fn incomplete(&self) -> Result<Vec<PathBuf>> {
+        let entries = match std::fs::read_dir(&self.cfg.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(Error::io("list directory", &self.cfg.dir, e)),
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            let e = e.map_err(|err| Error::io("list directory", &self.cfg.dir, err))?;
+            if matches!(sharded_state(&e.path()), Sharded::Incomplete) {
+                out.push(e.path());
+            }
+        }
+        Ok(out)
     }
 
     /// Acts on saves that are durable (all of them, waiting, when `wait`), in submission order.
@@ -367,11 +460,7 @@ impl<I: CheckpointIo + 'static> CheckpointManager<I> {
     /// The newest complete checkpoint in `dir`: the one `last.ckpt` names when it is whole,
     /// else the newest (by modification time) file that is a whole checkpoint archive.
     pub fn resume_path(dir: &Path) -> Result<Option<PathBuf>> {
-        let whole = |p: &Path| -> bool {
-            std::fs::read(p)
-                .ok()
-                .is_some_and(|d| crate::torch::zip::read_directory(&d[..]).is_ok())
-        };
+        let whole = is_whole;
         let link = dir.join(LAST);
         if let Ok(target) = std::fs::read_link(&link) {
             let p = dir.join(target);
@@ -394,7 +483,9 @@ impl<I: CheckpointIo + 'static> CheckpointManager<I> {
             let meta = e
                 .metadata()
                 .map_err(|err| Error::io("stat", e.path(), err))?;
-            if meta.is_file() {
+            let committed_dir =
+                meta.is_dir() && matches!(sharded_state(&e.path()), Sharded::Committed);
+            if meta.is_file() || committed_dir {
                 files.push((
                     meta.modified()
                         .map_err(|err| Error::io("stat", e.path(), err))?,

@@ -272,6 +272,13 @@ pub(crate) fn commit(dir: &Path, m: &Metadata) -> Result<std::time::Duration> {
     Ok(stats.fsync)
 }
 
+/// Whether `name` is a file of a sharded checkpoint's parts: a data file
+/// (`__{rank}_{n}.distcp`) or a rank's record for the commit. A directory holding such files
+/// but no [`METADATA`] is an incomplete checkpoint.
+pub fn is_part_file(name: &str) -> bool {
+    is_data_file(name) || name.ends_with(RECORD_SUFFIX)
+}
+
 /// Whether `name` is a DCP data file name (`__{rank}_{n}.distcp`).
 pub(crate) fn is_data_file(name: &str) -> bool {
     name.starts_with("__") && name.ends_with(".distcp")

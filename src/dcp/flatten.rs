@@ -102,8 +102,16 @@ pub(crate) fn fqn_of(path: &[Key]) -> String {
 }
 
 /// Puts `value` at `path` in `root`, creating dicts (for string keys) and lists (for integer
-/// keys) on the way, as DCP's `set_element` does.
-pub(crate) fn set_path(root: &mut Dict, path: &[Key], value: Value) -> Result<()> {
+/// keys) on the way, as DCP's `set_element` does. `slots` is how many list slots the rebuild
+/// may still add (a list grows to reach an index, padded with `None`); every slot added is
+/// taken from it, so that hostile key paths cannot size lists beyond what the checkpoint
+/// describes.
+pub(crate) fn set_path(
+    root: &mut Dict,
+    path: &[Key],
+    value: Value,
+    slots: &mut usize,
+) -> Result<()> {
     let bad = |reason: String| Error::Argument {
         name: "path",
         reason,
@@ -122,7 +130,7 @@ pub(crate) fn set_path(root: &mut Dict, path: &[Key], value: Value) -> Result<()
     let slot = root
         .get_mut(first)
         .ok_or_else(|| bad(format!("no slot for {first}")))?;
-    set_in(slot, rest, value).map_err(|r| bad(format!("{}: {r}", fqn_of(path))))
+    set_in(slot, rest, value, slots).map_err(|r| bad(format!("{}: {r}", fqn_of(path))))
 }
 
 fn container_for(next: &Key) -> Value {
@@ -135,7 +143,12 @@ fn container_for(next: &Key) -> Value {
 /// Most list slots a key path may ask for (a hostile index must not allocate without bound).
 const MAX_LIST_INDEX: i64 = 1 << 24;
 
-fn set_in(slot: &mut Value, path: &[Key], value: Value) -> std::result::Result<(), String> {
+fn set_in(
+    slot: &mut Value,
+    path: &[Key],
+    value: Value,
+    slots: &mut usize,
+) -> std::result::Result<(), String> {
     let (key, rest) = path.split_first().ok_or("an empty key path")?;
     let child = match (slot, key) {
         (Value::Dict(d), _) => {
@@ -151,6 +164,10 @@ fn set_in(slot: &mut Value, path: &[Key], value: Value) -> std::result::Result<(
         (Value::List(items), Key::Int(i)) if (0..MAX_LIST_INDEX).contains(i) => {
             let i = *i as usize;
             if items.len() <= i {
+                let add = i + 1 - items.len();
+                *slots = slots.checked_sub(add).ok_or_else(|| {
+                    format!("list index {i} needs {add} more list slots than the checkpoint has entries")
+                })?;
                 items.resize(i + 1, Value::None);
             }
             if rest.is_empty() {
@@ -169,7 +186,7 @@ fn set_in(slot: &mut Value, path: &[Key], value: Value) -> std::result::Result<(
             ))
         }
     };
-    set_in(child, rest, value)
+    set_in(child, rest, value, slots)
 }
 
 #[cfg(test)]
@@ -219,25 +236,45 @@ mod tests {
     fn paths_rebuild_the_nesting() {
         let mut root = Dict::new();
         let p = |ks: &[Key]| ks.to_vec();
+        let mut slots = usize::MAX;
         set_path(
             &mut root,
             &p(&["m".into(), "b".into(), Key::Int(1)]),
             2i64.into(),
+            &mut slots,
         )
         .unwrap();
         set_path(
             &mut root,
             &p(&["m".into(), "b".into(), Key::Int(0)]),
             1i64.into(),
+            &mut slots,
         )
         .unwrap();
-        set_path(&mut root, &p(&["s".into()]), 3i64.into()).unwrap();
+        set_path(&mut root, &p(&["s".into()]), 3i64.into(), &mut slots).unwrap();
         let v = Value::Dict(root.clone());
         let b = v.get("m").and_then(|m| m.get("b")).unwrap();
         assert_eq!(b, &Value::List(vec![1i64.into(), 2i64.into()]));
-        let clash = set_path(&mut root, &p(&["s".into(), "x".into()]), 1i64.into());
+        let clash = set_path(
+            &mut root,
+            &p(&["s".into(), "x".into()]),
+            1i64.into(),
+            &mut slots,
+        );
         assert!(clash.is_err());
-        let huge = set_path(&mut root, &p(&["l".into(), Key::Int(1 << 40)]), 1i64.into());
+        let huge = set_path(
+            &mut root,
+            &p(&["l".into(), Key::Int(1 << 40)]),
+            1i64.into(),
+            &mut slots,
+        );
         assert!(huge.is_err());
+        // A list grows only as far as the slots allow.
+        let mut slots = 3;
+        let far = p(&["k".into(), Key::Int(3)]);
+        assert!(set_path(&mut root, &far, 1i64.into(), &mut slots).is_err());
+        let near = p(&["k".into(), Key::Int(2)]);
+        set_path(&mut root, &near, 1i64.into(), &mut slots).unwrap();
+        assert_eq!(slots, 0);
     }
 }

@@ -108,7 +108,7 @@ impl Metadata {
                 Entry::Tensor(t) => {
                     check_cover(&t.shape, &t.chunks).map_err(|r| bad(format!("{fqn}: {r}")))?;
                     for c in &t.chunks {
-                        if self.item(fqn, Some(&c.offsets)).is_none() {
+                        if !seen.contains(&(fqn.as_str(), Some(c.offsets.as_slice()))) {
                             return Err(bad(format!(
                                 "{fqn}: the chunk at {:?} has no data item",
                                 c.offsets
@@ -117,7 +117,7 @@ impl Metadata {
                     }
                 }
                 Entry::Bytes => {
-                    if self.item(fqn, None).is_none() {
+                    if !seen.contains(&(fqn.as_str(), None)) {
                         return Err(bad(format!("{fqn}: the value has no data item")));
                     }
                 }

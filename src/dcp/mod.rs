@@ -31,7 +31,8 @@
 //! The ranks meet through the file system by default ([`FileCollective`]); a program with a
 //! process group can pass its own [`Collective`]. Ranks match their parts by a save id, `{run
 //! id}-{n}` where `n` counts this process's saves of the directory and the run id comes from
-//! `CKPTIO_RUN_ID`, `TORCHELASTIC_RUN_ID` (set by `torchrun`) or
+//! `CKPTIO_RUN_ID`, `TORCHELASTIC_RUN_ID` with `TORCHELASTIC_RESTART_COUNT` (set by
+//! `torchrun`, so each restart of a job has its own) or
 //! [`DcpCheckpointIo::run_id`]: every rank must make the same saves of a directory in the same
 //! order (under [`AsyncCheckpointIo`](crate::AsyncCheckpointIo), use the default
 //! [`Backpressure::Block`](crate::Backpressure::Block), so no rank skips a save the others
@@ -77,7 +78,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub use self::commit::{committed_save_id, Collective, FileCollective, METADATA};
+pub use self::commit::{committed_save_id, is_part_file, Collective, FileCollective, METADATA};
 pub use self::metadata::{Entry, Item, Metadata, TensorEntry};
 pub use self::read::DcpReader;
 pub use self::shard::{Chunk, Shard, ShardedTensor};
@@ -85,6 +86,37 @@ use crate::atomic::{remove_path, sync_dir};
 use crate::error::{Error, Result};
 use crate::io::{finish_load, CheckpointIo, LoadOptions, Restore, SaveOptions, WriteStats};
 use crate::value::Value;
+
+/// Restores named state in place from the sharded checkpoint in `dir`, reading only what this
+/// rank needs: each state's current [`state_dict`](crate::state::Stateful::state_dict) is the
+/// template ([`DcpReader::read_into`]), so its [`ShardedTensor`] leaves name the boxes to read
+/// (a checkpoint saved at any world size), and each state's `load_state_dict` gets the same
+/// tree with those boxes filled. Returns `None` (what the checkpoint holds beyond the names
+/// asked for is not read); in `strict` mode a name the checkpoint lacks is an
+/// [`Error::KeyMismatch`] and nothing is restored.
+pub fn load_state(
+    dir: &Path,
+    state: &mut [(&str, &mut dyn crate::state::Stateful)],
+    strict: bool,
+) -> Result<Option<Value>> {
+    let reader = DcpReader::open(dir)?;
+    let saved = |name: &str| {
+        reader
+            .metadata()
+            .paths
+            .values()
+            .any(|p| p.first().and_then(crate::Key::as_str) == Some(name))
+            || reader.metadata().entries.contains_key(name)
+    };
+    let mut template = crate::Dict::new();
+    for (name, s) in state.iter() {
+        if saved(name) {
+            template.insert(*name, s.state_dict()?);
+        }
+    }
+    let tree = reader.read_into(&Value::Dict(template))?;
+    crate::state::restore(tree, dir, state, strict)
+}
 
 /// This process's place in the job: its rank and the number of ranks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,9 +194,13 @@ impl DcpCheckpointIo {
     /// The backend of rank `rank`, meeting the other ranks through the file system
     /// ([`FileCollective`], 10 minute timeout).
     pub fn new(rank: Rank) -> Self {
-        let run_id = ["CKPTIO_RUN_ID", "TORCHELASTIC_RUN_ID"]
-            .iter()
-            .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+        let var = |v: &str| std::env::var(v).ok().filter(|s| !s.is_empty());
+        let run_id = var("CKPTIO_RUN_ID")
+            .or_else(|| {
+                // torchrun keeps the run id across restarts of a job and counts them.
+                let restart = var("TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|| "0".into());
+                var("TORCHELASTIC_RUN_ID").map(|id| format!("{id}.{restart}"))
+            })
             .unwrap_or_else(|| "ckptio".to_owned());
         DcpCheckpointIo {
             rank,
@@ -196,7 +232,7 @@ impl DcpCheckpointIo {
     }
 
     /// Sets the run id that save ids start with (default: `CKPTIO_RUN_ID`, else
-    /// `TORCHELASTIC_RUN_ID`, else `"ckptio"`). A job restarted into the directories of an
+    /// `TORCHELASTIC_RUN_ID.TORCHELASTIC_RESTART_COUNT`, else `"ckptio"`). A job restarted into the directories of an
     /// earlier attempt should get a new one, so no rank's part of the old attempt is taken
     /// for one of the new.
     pub fn run_id(mut self, run_id: impl Into<String>) -> Self {

@@ -30,8 +30,9 @@ const SMALL_ITEM: u64 = 256 << 10;
 /// Bytes read from the start and the end of a large item to find its layout.
 const HEAD: u64 = 64 << 10;
 const TAIL: u64 = 128 << 10;
-/// Runs closer than this share one read when the bytes between them waste at most 1/32.
-const MAX_SPAN: u64 = 64 << 20;
+/// List slots a whole-checkpoint read may add beyond one per entry: DCP pads a list with
+/// `None` up to an index (an optimizer state keyed by the indices of some parameters only).
+const EXTRA_LIST_SLOTS: usize = 1 << 16;
 
 /// Where a saved chunk's elements lie in its data file.
 #[derive(Clone, Debug)]
@@ -55,6 +56,8 @@ pub struct DcpReader {
     meta: Metadata,
     files: Mutex<HashMap<String, std::sync::Arc<File>>>,
     layouts: Mutex<HashMap<(String, Vec<usize>), Layout>>,
+    /// Each item's place in `meta.items`, by key and chunk offsets (`None` for a value).
+    index: HashMap<(String, Option<Vec<usize>>), usize>,
     bytes_read: AtomicU64,
     verify_crc: bool,
 }
@@ -77,11 +80,18 @@ impl DcpReader {
             Err(e) => return Err(Error::io("read", &path, e)),
         };
         let meta = Metadata::from_pickle(&data, &path)?;
+        let index = meta
+            .items
+            .iter()
+            .enumerate()
+            .map(|(i, it)| ((it.fqn.clone(), it.offsets.clone()), i))
+            .collect();
         let reader = DcpReader {
             dir,
             meta,
             files: Mutex::default(),
             layouts: Mutex::default(),
+            index,
             bytes_read: AtomicU64::new(0),
             verify_crc: true,
         };
@@ -142,7 +152,7 @@ impl DcpReader {
             let Entry::Tensor(t) = e else { continue };
             for c in &t.chunks {
                 let bytes = c.numel().and_then(|n| n.checked_mul(t.dtype.size()));
-                let item = self.meta.item(fqn, Some(&c.offsets));
+                let item = self.item(fqn, Some(&c.offsets));
                 if bytes.is_none_or(|b| item.is_none_or(|i| b as u64 > i.length)) {
                     return Err(Error::format(
                         self.dir.join(METADATA),
@@ -155,6 +165,13 @@ impl DcpReader {
             }
         }
         Ok(())
+    }
+
+    /// The item of `fqn`'s chunk at `offsets` (or of its value, for `None`): as
+    /// [`Metadata::item`], without a scan of every item.
+    fn item(&self, fqn: &str, offsets: Option<&[usize]>) -> Option<&Item> {
+        let key = (fqn.to_owned(), offsets.map(<[usize]>::to_vec));
+        self.index.get(&key).map(|&i| &self.meta.items[i])
     }
 
     fn tensor_entry(&self, fqn: &str) -> Result<&TensorEntry> {
@@ -190,7 +207,6 @@ impl DcpReader {
                 continue;
             };
             let item = self
-                .meta
                 .item(fqn, Some(&c.offsets))
                 .ok_or_else(|| self.missing(fqn, "has a chunk without data"))?;
             let layout = self.layout(item, t, c)?;
@@ -216,7 +232,6 @@ impl DcpReader {
             None => return Err(self.missing(fqn, "is not in the checkpoint")),
         }
         let item = self
-            .meta
             .item(fqn, None)
             .ok_or_else(|| self.missing(fqn, "has no data"))?;
         let data = self.read_at(item, 0, item.length)?;
@@ -227,6 +242,7 @@ impl DcpReader {
     /// The whole checkpoint in one process: every tensor whole, every value, nested as saved.
     pub fn read_all(&self) -> Result<Value> {
         let mut root = Dict::new();
+        let mut slots = self.meta.entries.len().saturating_add(EXTRA_LIST_SLOTS);
         // In the order of the saved key paths (the state dict's own order), then any entry
         // without one.
         let mut order: Vec<&String> = self
@@ -250,7 +266,7 @@ impl DcpReader {
                 Entry::Bytes => self.read_value(fqn)?,
             };
             let path = self.path_of(fqn);
-            set_path(&mut root, &path, v).map_err(|e| self.bad_paths(e))?;
+            set_path(&mut root, &path, v, &mut slots).map_err(|e| self.bad_paths(e))?;
         }
         Ok(Value::Dict(root))
     }
@@ -262,6 +278,8 @@ impl DcpReader {
     /// checkpoint lacks is an error.
     pub fn read_into(&self, template: &Value) -> Result<Value> {
         let mut root = Dict::new();
+        // The key paths are the template's, not the file's.
+        let mut slots = usize::MAX;
         for f in flatten(template)? {
             let v = match f.leaf {
                 Leaf::Sharded(s) => Value::Sharded(self.read_sharded(&f.fqn, s)?),
@@ -271,7 +289,7 @@ impl DcpReader {
                 }
                 Leaf::Value(_) => self.read_value(&f.fqn)?,
             };
-            set_path(&mut root, &f.path, v).map_err(|e| self.bad_paths(e))?;
+            set_path(&mut root, &f.path, v, &mut slots).map_err(|e| self.bad_paths(e))?;
         }
         Ok(Value::Dict(root))
     }
@@ -484,78 +502,60 @@ impl DcpReader {
         while d0 > 0 && full(d0) {
             d0 -= 1;
         }
-        let run_elems = checked_numel(&n[d0..]).unwrap_or(0);
-        let runs = enumerate_runs(&n[..d0], |idx| {
-            let src: usize = l.offset
-                + (0..n.len())
-                    .map(|d| (src_start[d] + if d < d0 { idx[d] } else { 0 }) * l.strides[d])
-                    .sum::<usize>();
-            let dst: usize = (0..n.len())
-                .map(|d| (dst_start[d] + if d < d0 { idx[d] } else { 0 }) * dst_strides[d])
-                .sum();
-            (src as u64 * esize as u64, dst * esize)
-        });
-        let run_bytes = (run_elems * esize) as u64;
-        if run_bytes == 0 {
+        let run_bytes = (checked_numel(&n[d0..]).unwrap_or(0) * esize) as u64;
+        let runs = checked_numel(&n[..d0]).unwrap_or(0);
+        if run_bytes == 0 || runs == 0 {
             return Ok(());
         }
-        let end = runs.last().map_or(0, |r| r.0 + run_bytes);
+        // Where the run at `idx` (an index of the outer dimensions) starts in the storage and
+        // in `out`; runs come in storage order as `idx` counts up.
+        let run_at = |idx: &[usize]| -> (u64, usize) {
+            let at = |d: usize| if d < d0 { idx[d] } else { 0 };
+            let src: usize = l.offset
+                + (0..n.len())
+                    .map(|d| (src_start[d] + at(d)) * l.strides[d])
+                    .sum::<usize>();
+            let dst: usize = (0..n.len())
+                .map(|d| (dst_start[d] + at(d)) * dst_strides[d])
+                .sum();
+            (src as u64 * esize as u64, dst * esize)
+        };
+        let first = run_at(&vec![0; d0]).0;
+        let last: Vec<usize> = n[..d0].iter().map(|&x| x - 1).collect();
+        let end = run_at(&last).0 + run_bytes;
         if end > l.storage_len {
             return Err(Error::format(
                 self.item_name(item),
                 "chunk elements lie beyond its storage record",
             ));
         }
-        let whole = runs.len() == 1 && runs[0].0 == 0 && run_bytes == l.storage_len;
-        self.read_runs(item, l, &runs, run_bytes, out)?;
-        if whole && self.verify_crc {
-            let b = &out[runs[0].1..runs[0].1 + run_bytes as usize];
-            if crc32fast::hash(b) != l.crc {
-                return Err(Error::tensor(
-                    self.item_name(item),
-                    "storage",
-                    "fails its CRC-32 check (corrupt file)",
-                ));
+        let needed = runs as u64 * run_bytes;
+        // The runs tile the whole storage record: the chunk is read whole, so its CRC can be
+        // checked, whatever rows it lands in.
+        let whole = first == 0 && end == needed && needed == l.storage_len;
+        let mut crc = (whole && self.verify_crc).then(crc32fast::Hasher::new);
+        let base = l.data_start - item.offset;
+        let mut block = Block::default();
+        let dense = (end - first).saturating_sub(needed) <= needed / 32;
+        let mut idx = Odometer::new(&n[..d0]);
+        while let Some(i) = idx.next() {
+            let (src, dst) = run_at(i);
+            let dst = &mut out[dst..dst + run_bytes as usize];
+            if dense {
+                block.copy(self, item, base, src, end, dst)?;
+            } else {
+                self.read_exact(item, base + src, dst)?;
+            }
+            if let Some(h) = crc.as_mut() {
+                h.update(dst);
             }
         }
-        Ok(())
-    }
-
-    /// Reads runs (storage offset, output offset) of `run_bytes` each, in storage order,
-    /// merging neighbours whose gap wastes little into one read.
-    fn read_runs(
-        &self,
-        item: &Item,
-        l: &Layout,
-        runs: &[(u64, usize)],
-        run_bytes: u64,
-        out: &mut [u8],
-    ) -> Result<()> {
-        let base = l.data_start - item.offset;
-        let mut i = 0;
-        while i < runs.len() {
-            let mut j = i + 1;
-            while j < runs.len() {
-                let span = runs[j].0 + run_bytes - runs[i].0;
-                let needed = (j - i + 1) as u64 * run_bytes;
-                if span > MAX_SPAN || span - needed > needed / 32 {
-                    break;
-                }
-                j += 1;
-            }
-            if j == i + 1 {
-                let (s, d) = runs[i];
-                self.read_exact(item, base + s, &mut out[d..d + run_bytes as usize])?;
-            } else {
-                let span = runs[j - 1].0 + run_bytes - runs[i].0;
-                let buf = self.read_at(item, base + runs[i].0, span)?;
-                for &(s, d) in &runs[i..j] {
-                    let at = (s - runs[i].0) as usize;
-                    out[d..d + run_bytes as usize]
-                        .copy_from_slice(&buf[at..at + run_bytes as usize]);
-                }
-            }
-            i = j;
+        if crc.is_some_and(|h| h.finalize() != l.crc) {
+            return Err(Error::tensor(
+                self.item_name(item),
+                "storage",
+                "fails its CRC-32 check (corrupt file)",
+            ));
         }
         Ok(())
     }
@@ -588,46 +588,119 @@ impl DcpReader {
             ));
         }
         let data = self.read_at(item, l.data_start - item.offset, span)?;
-        let elems = enumerate_runs(n, |idx| {
-            let src: usize = l.offset
+        if self.verify_crc && span == l.storage_len && crc32fast::hash(&data) != l.crc {
+            return Err(Error::tensor(
+                self.item_name(item),
+                "storage",
+                "fails its CRC-32 check (corrupt file)",
+            ));
+        }
+        let mut idx = Odometer::new(n);
+        while let Some(i) = idx.next() {
+            let s: usize = l.offset
                 + (0..n.len())
-                    .map(|d| (src_start[d] + idx[d]) * l.strides[d])
+                    .map(|d| (src_start[d] + i[d]) * l.strides[d])
                     .sum::<usize>();
-            let dst: usize = (0..n.len())
-                .map(|d| (dst_start[d] + idx[d]) * dst_strides[d])
+            let d: usize = (0..n.len())
+                .map(|d| (dst_start[d] + i[d]) * dst_strides[d])
                 .sum();
-            (src as u64 * esize as u64, dst * esize)
-        });
-        for (s, d) in elems {
-            out[d..d + esize].copy_from_slice(&data[s as usize..s as usize + esize]);
+            out[d * esize..(d + 1) * esize].copy_from_slice(&data[s * esize..(s + 1) * esize]);
         }
         Ok(())
     }
 }
 
-/// Calls `f` on every index of a box of sizes `n` (row-major order) and collects the results;
-/// one call with an empty index for a box of no dimensions.
-fn enumerate_runs<T>(n: &[usize], mut f: impl FnMut(&[usize]) -> T) -> Vec<T> {
-    let total = checked_numel(n).unwrap_or(0);
-    let mut out = Vec::with_capacity(total);
-    if total == 0 {
-        return out;
-    }
-    let mut idx = vec![0usize; n.len()];
-    loop {
-        out.push(f(&idx));
-        let mut d = n.len();
-        loop {
-            if d == 0 {
-                return out;
-            }
-            d -= 1;
-            idx[d] += 1;
-            if idx[d] < n[d] {
-                break;
-            }
-            idx[d] = 0;
+/// Bytes of a storage record read at once when its runs lie close together.
+const BLOCK: u64 = 8 << 20;
+
+/// The last block of a storage record read for closely packed runs.
+#[derive(Default)]
+struct Block {
+    start: u64,
+    buf: Vec<u8>,
+}
+
+impl Block {
+    /// Fills `dst` with the record's bytes at `src` (record offset `base` in the item, runs
+    /// ending by `end`): from the block, refilled forward as needed; a run of a block's
+    /// size or more is read straight into `dst`.
+    fn copy(
+        &mut self,
+        r: &DcpReader,
+        item: &Item,
+        base: u64,
+        src: u64,
+        end: u64,
+        dst: &mut [u8],
+    ) -> Result<()> {
+        if dst.len() as u64 >= BLOCK {
+            return r.read_exact(item, base + src, dst);
         }
+        let mut done = 0;
+        while done < dst.len() {
+            let at = src + done as u64;
+            if at < self.start || at >= self.start + self.buf.len() as u64 {
+                let len = (end - at).min(BLOCK) as usize;
+                self.buf.resize(len, 0);
+                r.read_exact(item, base + at, &mut self.buf)?;
+                self.start = at;
+            }
+            let off = (at - self.start) as usize;
+            let take = (dst.len() - done).min(self.buf.len() - off);
+            dst[done..done + take].copy_from_slice(&self.buf[off..off + take]);
+            done += take;
+        }
+        Ok(())
+    }
+}
+
+/// Every index of a box of sizes `n`, in row-major order, without collecting them; one empty
+/// index for a box of no dimensions, none for an empty box.
+struct Odometer {
+    n: Vec<usize>,
+    idx: Vec<usize>,
+    state: Count,
+}
+
+/// Where an [`Odometer`] is.
+#[derive(PartialEq)]
+enum Count {
+    Start,
+    Running,
+    Done,
+}
+
+impl Odometer {
+    fn new(n: &[usize]) -> Odometer {
+        let empty = n.contains(&0);
+        Odometer {
+            n: n.to_vec(),
+            idx: vec![0; n.len()],
+            state: if empty { Count::Done } else { Count::Start },
+        }
+    }
+
+    fn next(&mut self) -> Option<&[usize]> {
+        match self.state {
+            Count::Done => return None,
+            Count::Start => self.state = Count::Running,
+            Count::Running => {
+                let mut d = self.n.len();
+                loop {
+                    if d == 0 {
+                        self.state = Count::Done;
+                        return None;
+                    }
+                    d -= 1;
+                    self.idx[d] += 1;
+                    if self.idx[d] < self.n[d] {
+                        break;
+                    }
+                    self.idx[d] = 0;
+                }
+            }
+        }
+        Some(&self.idx)
     }
 }
 
