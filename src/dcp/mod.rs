@@ -38,6 +38,11 @@
 //! [`Backpressure::Block`](crate::Backpressure::Block), so no rank skips a save the others
 //! make).
 //!
+//! # DDP: one file from rank 0
+//! When every rank holds the same state (DDP), [`RankZeroIo`] wraps any backend so that rank 0
+//! alone writes one file and the other ranks' saves return at once, or once rank 0's file is
+//! durable ([`RankZeroIo::wait_for_rank_zero`]).
+//!
 //! # Under the async runtime
 //! `AsyncCheckpointIo::new(DcpCheckpointIo::from_env()?)` snapshots each rank's live chunks
 //! through the staging pool and writes them on the writer thread like any backend. A rank's
@@ -69,6 +74,7 @@
 mod commit;
 mod flatten;
 mod metadata;
+mod rank_zero;
 mod read;
 mod shard;
 mod write;
@@ -80,6 +86,7 @@ use std::time::Duration;
 
 pub use self::commit::{committed_save_id, is_part_file, Collective, FileCollective, METADATA};
 pub use self::metadata::{Entry, Item, Metadata, TensorEntry};
+pub use self::rank_zero::RankZeroIo;
 pub use self::read::DcpReader;
 pub use self::shard::{Chunk, Shard, ShardedTensor};
 use crate::atomic::{remove_path, sync_dir};
@@ -184,16 +191,24 @@ impl Rank {
 pub struct DcpCheckpointIo {
     rank: Rank,
     collective: Arc<dyn Collective>,
-    run_id: String,
+    ids: SaveIds,
     commit_timeout: Duration,
-    /// Saves made of each directory, and the id of the last one not yet seen committed.
-    saves: Mutex<HashMap<PathBuf, (u64, Option<String>)>>,
+    /// The id of this process's last save of each directory not yet seen committed.
+    pending: Mutex<HashMap<PathBuf, String>>,
 }
 
-impl DcpCheckpointIo {
-    /// The backend of rank `rank`, meeting the other ranks through the file system
-    /// ([`FileCollective`], 10 minute timeout).
-    pub fn new(rank: Rank) -> Self {
+/// Save ids, `{run id}-{n}`, `n` counting this process's saves of each path: what the ranks
+/// of a job agree on without talking to each other.
+#[derive(Debug)]
+pub(crate) struct SaveIds {
+    pub(crate) run_id: String,
+    counts: Mutex<HashMap<PathBuf, u64>>,
+}
+
+impl SaveIds {
+    /// The run id from `CKPTIO_RUN_ID`, else torchrun's `TORCHELASTIC_RUN_ID` with
+    /// `TORCHELASTIC_RESTART_COUNT`, else `"ckptio"`.
+    pub(crate) fn from_env() -> SaveIds {
         let var = |v: &str| std::env::var(v).ok().filter(|s| !s.is_empty());
         let run_id = var("CKPTIO_RUN_ID")
             .or_else(|| {
@@ -202,12 +217,36 @@ impl DcpCheckpointIo {
                 var("TORCHELASTIC_RUN_ID").map(|id| format!("{id}.{restart}"))
             })
             .unwrap_or_else(|| "ckptio".to_owned());
+        SaveIds {
+            run_id,
+            counts: Mutex::default(),
+        }
+    }
+
+    /// The id of the next save of `path`.
+    pub(crate) fn next(&self, path: &Path) -> String {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(path_key(path)).or_insert(0);
+        *n += 1;
+        format!("{}-{n}", self.run_id)
+    }
+}
+
+/// A path as a map key: absolute, so that `c` and `./c` are one path.
+fn path_key(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+impl DcpCheckpointIo {
+    /// The backend of rank `rank`, meeting the other ranks through the file system
+    /// ([`FileCollective`], 10 minute timeout).
+    pub fn new(rank: Rank) -> Self {
         DcpCheckpointIo {
             rank,
             collective: Arc::new(FileCollective::default()),
-            run_id,
+            ids: SaveIds::from_env(),
             commit_timeout: Duration::from_secs(600),
-            saves: Mutex::default(),
+            pending: Mutex::default(),
         }
     }
 
@@ -236,7 +275,7 @@ impl DcpCheckpointIo {
     /// earlier attempt should get a new one, so no rank's part of the old attempt is taken
     /// for one of the new.
     pub fn run_id(mut self, run_id: impl Into<String>) -> Self {
-        self.run_id = run_id.into();
+        self.ids.run_id = run_id.into();
         self
     }
 
@@ -245,37 +284,29 @@ impl DcpCheckpointIo {
         self.rank
     }
 
-    fn key(dir: &Path) -> PathBuf {
-        std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf())
-    }
-
     /// Waits until this process's last save of `dir` is committed (at once on rank 0, whose
     /// save returns committed, and when it never saved `dir`); [`Error::CommitTimeout`] after
     /// the commit timeout.
     pub fn wait_committed(&self, dir: &Path) -> Result<()> {
-        let key = Self::key(dir);
-        let pending = self.lock().get(&key).and_then(|s| s.1.clone());
+        let key = path_key(dir);
+        let pending = self.lock().get(&key).cloned();
         let Some(id) = pending else { return Ok(()) };
         let r = commit::wait_committed(dir, &id, self.commit_timeout);
-        if let Some(s) = self.lock().get_mut(&key) {
-            if s.1.as_deref() == Some(&id) {
-                s.1 = None;
-            }
+        let mut pending = self.lock();
+        if pending.get(&key) == Some(&id) {
+            pending.remove(&key);
         }
         r
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, (u64, Option<String>)>> {
-        self.saves.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, String>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The id of the next save of `dir`, after this process's previous save of it committed.
     fn begin_save(&self, dir: &Path) -> Result<String> {
         self.wait_committed(dir)?;
-        let mut saves = self.lock();
-        let s = saves.entry(Self::key(dir)).or_insert((0, None));
-        s.0 += 1;
-        Ok(format!("{}-{}", self.run_id, s.0))
+        Ok(self.ids.next(dir))
     }
 
     fn save(&self, tree: &Value, dir: &Path, options: &SaveOptions) -> Result<WriteStats> {
@@ -297,9 +328,7 @@ impl DcpCheckpointIo {
                 fsync += commit::commit(dir, &meta)?;
             }
             None => {
-                if let Some(s) = self.lock().get_mut(&Self::key(dir)) {
-                    s.1 = Some(save_id.clone());
-                }
+                self.lock().insert(path_key(dir), save_id.clone());
             }
         }
         self.collective.barrier(dir, &save_id, self.rank)?;
