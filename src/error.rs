@@ -27,8 +27,9 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// The file is not a valid checkpoint: its container (zip) or layout is broken.
-    #[error("{path}: not a valid torch.save archive: {reason}")]
+    /// The file is not a valid checkpoint: its container (zip), its layout or (for a sharded
+    /// checkpoint) its `.metadata` is broken or inconsistent.
+    #[error("{path}: not a valid checkpoint: {reason}")]
     Format {
         /// The file.
         path: PathBuf,

@@ -558,10 +558,9 @@ impl Parse<'_> {
         let info = self.object_state(info, FS, "_StorageInfo")?;
         if let Some(t) = info.get("transform_descriptors") {
             if t.as_seq().is_none_or(|s| !s.is_empty()) && *t != Value::None {
-                return Err(Error::unsupported(
-                    self.path,
-                    format!("{fqn}: items with storage transforms (compression) are not supported"),
-                ));
+                return Err(self.bad(format!(
+                    "{fqn}: items with storage transforms (compression) are not supported"
+                )));
             }
         }
         let file = match self.field(info, "relative_path")? {
