@@ -187,6 +187,7 @@ pub(crate) fn merge(dir: &Path, save_id: &str, records: &[Record]) -> Result<Met
         reason,
     };
     let world = records.len();
+    let mut seen = std::collections::HashSet::new();
     let mut m = Metadata {
         save_id: Some(save_id.to_owned()),
         ..Metadata::default()
@@ -211,7 +212,12 @@ pub(crate) fn merge(dir: &Path, save_id: &str, records: &[Record]) -> Result<Met
         for (fqn, e) in &r.part.entries {
             merge_entry(&mut m, fqn, e).map_err(|why| bad(format!("{fqn}: rank {i} {why}")))?;
         }
-        m.items.extend(r.part.items.iter().cloned());
+        // A chunk several ranks hold (a replicated shard) is taken from the first of them.
+        for it in &r.part.items {
+            if seen.insert((it.fqn.clone(), it.offsets.clone())) {
+                m.items.push(it.clone());
+            }
+        }
     }
     for r in records {
         if let Some(fqn) = r.declared.iter().find(|f| !m.entries.contains_key(*f)) {
@@ -242,7 +248,11 @@ fn merge_entry(m: &mut Metadata, fqn: &str, e: &Entry) -> std::result::Result<()
                     b.dtype, b.shape, a.dtype, a.shape
                 ));
             }
-            a.chunks.extend(b.chunks.iter().cloned());
+            for c in &b.chunks {
+                if !a.chunks.contains(c) {
+                    a.chunks.push(c.clone());
+                }
+            }
             Ok(())
         }
         (Entry::Bytes, Entry::Bytes) => Err("writes a value another rank wrote too".into()),
@@ -314,5 +324,76 @@ pub(crate) fn wait_committed(dir: &Path, save_id: &str, timeout: Duration) -> Re
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dcp::metadata::{Item, TensorEntry};
+    use crate::dcp::shard::Chunk;
+    use crate::tensor::DType;
+
+    /// Rank `r`'s record holding rows `rows` of a [4, 2] tensor `w`.
+    fn record(r: usize, rows: std::ops::Range<usize>) -> Record {
+        let mut part = Metadata::default();
+        let chunk = Chunk::new(vec![rows.start, 0], vec![rows.len(), 2]);
+        part.entries.insert(
+            "w".into(),
+            Entry::Tensor(TensorEntry {
+                dtype: DType::Float32,
+                shape: vec![4, 2],
+                requires_grad: false,
+                chunks: vec![chunk.clone()],
+            }),
+        );
+        part.paths.insert("w".into(), vec!["w".into()]);
+        part.items.push(Item {
+            fqn: "w".into(),
+            offsets: Some(chunk.offsets),
+            file: format!("__{r}_0.distcp"),
+            offset: 0,
+            length: 1000,
+        });
+        Record {
+            save_id: "s".into(),
+            rank: Rank::new(r, 3).unwrap(),
+            declared: vec![],
+            part,
+        }
+    }
+
+    #[test]
+    fn a_chunk_several_ranks_hold_is_taken_once_and_overlaps_are_refused() {
+        let dir = Path::new("ck");
+        // Ranks 1 and 2 hold the same rows (a replicated shard).
+        let m = merge(
+            dir,
+            "s",
+            &[record(0, 0..2), record(1, 2..4), record(2, 2..4)],
+        )
+        .unwrap();
+        let Some(Entry::Tensor(t)) = m.entries.get("w") else {
+            panic!("no w")
+        };
+        assert_eq!(t.chunks.len(), 2);
+        assert_eq!(m.items.len(), 2);
+        assert_eq!(m.item("w", Some(&[2, 0])).unwrap().file, "__1_0.distcp");
+        // Overlapping but different boxes cannot be committed.
+        let e = merge(
+            dir,
+            "s",
+            &[record(0, 0..3), record(1, 2..4), record(2, 2..4)],
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::Commit { .. }), "{e}");
+        // Missing rows neither.
+        let e = merge(
+            dir,
+            "s",
+            &[record(0, 0..1), record(1, 2..4), record(2, 2..4)],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
     }
 }

@@ -286,7 +286,9 @@ impl DcpCheckpointIo {
 
     /// Waits until this process's last save of `dir` is committed (at once on rank 0, whose
     /// save returns committed, and when it never saved `dir`); [`Error::CommitTimeout`] after
-    /// the commit timeout.
+    /// the commit timeout. Under [`AsyncCheckpointIo`](crate::AsyncCheckpointIo), wait for the
+    /// save's handle first (this rank's part is durable), then call this through
+    /// [`AsyncCheckpointIo::inner`](crate::AsyncCheckpointIo::inner).
     pub fn wait_committed(&self, dir: &Path) -> Result<()> {
         let key = path_key(dir);
         let pending = self.lock().get(&key).cloned();
