@@ -192,16 +192,47 @@ impl DcpReader {
 
     /// The box `want` of the tensor `fqn`, read from the saved chunks it meets.
     pub fn read_chunk(&self, fqn: &str, want: &Chunk) -> Result<HostTensor> {
+        let (t, nbytes) = self.wanted(fqn, want)?;
+        let mut out = PageVec::zeroed(nbytes);
+        self.fill_chunk(fqn, t, want, out.as_mut_slice())?;
+        let tensor = HostTensor::from_bytes(t.dtype, &want.sizes, out.into_bytes())?;
+        Ok(tensor.with_requires_grad(t.requires_grad))
+    }
+
+    /// [`read_chunk`](Self::read_chunk) into memory the caller owns: `out` receives the box's
+    /// elements, row-major and little-endian, and must be exactly that long (for example the
+    /// memory of a CPU tensor being restored; see `ckptio::tch::read_chunk_into`).
+    pub fn read_chunk_into(&self, fqn: &str, want: &Chunk, out: &mut [u8]) -> Result<()> {
+        let (t, nbytes) = self.wanted(fqn, want)?;
+        if out.len() != nbytes {
+            return Err(Error::Argument {
+                name: "out",
+                reason: format!(
+                    "{fqn}: the box {:?} of {} takes {nbytes} bytes, not {}",
+                    want.sizes,
+                    t.dtype,
+                    out.len()
+                ),
+            });
+        }
+        self.fill_chunk(fqn, t, want, out)
+    }
+
+    /// The tensor entry of `fqn` and the bytes the box `want` of it takes, checked.
+    fn wanted(&self, fqn: &str, want: &Chunk) -> Result<(&TensorEntry, usize)> {
         let t = self.tensor_entry(fqn)?;
         want.check_inside(&t.shape)
             .map_err(|r| self.missing(fqn, &format!("cannot hold the asked box: {r}")))?;
-        let esize = t.dtype.size();
         let nbytes = want
             .numel()
-            .and_then(|n| n.checked_mul(esize))
+            .and_then(|n| n.checked_mul(t.dtype.size()))
             .filter(|&n| n <= MAX_SNAPSHOT)
             .ok_or_else(|| self.missing(fqn, "asked for more than memory can hold"))?;
-        let mut out = PageVec::zeroed(nbytes);
+        Ok((t, nbytes))
+    }
+
+    /// Fills `out` (the box `want`, row-major) from every saved chunk it meets.
+    fn fill_chunk(&self, fqn: &str, t: &TensorEntry, want: &Chunk, out: &mut [u8]) -> Result<()> {
         for c in &t.chunks {
             let Some(overlap) = c.intersect(want) else {
                 continue;
@@ -210,18 +241,9 @@ impl DcpReader {
                 .item(fqn, Some(&c.offsets))
                 .ok_or_else(|| self.missing(fqn, "has a chunk without data"))?;
             let layout = self.layout(item, t, c)?;
-            self.copy_box(
-                item,
-                &layout,
-                t.dtype,
-                c,
-                want,
-                &overlap,
-                out.as_mut_slice(),
-            )?;
+            self.copy_box(item, &layout, t.dtype, c, want, &overlap, out)?;
         }
-        let tensor = HostTensor::from_bytes(t.dtype, &want.sizes, out.into_bytes())?;
-        Ok(tensor.with_requires_grad(t.requires_grad))
+        Ok(())
     }
 
     /// The value saved under `fqn` (not a tensor).

@@ -177,6 +177,44 @@ pub fn copy_into(t: &Tensor, dst: &mut [u8]) -> Result<()> {
     view.f_copy_(&src).map_err(torch_err)
 }
 
+/// Reads the box `want` of tensor `fqn` of a sharded checkpoint into `dst`, in place: straight
+/// into its memory when it is a contiguous CPU tensor of the saved dtype and the box's shape
+/// (no host buffer in between), else through a host tensor and `copy_` (a CUDA tensor, a
+/// strided view).
+pub fn read_chunk_into(
+    reader: &crate::dcp::DcpReader,
+    fqn: &str,
+    want: &crate::dcp::Chunk,
+    dst: &mut Tensor,
+) -> Result<()> {
+    let shape: Vec<usize> = dst.size().iter().map(|&d| d as usize).collect();
+    let dtype = dst.f_kind().ok().and_then(dtype_of);
+    let saved = match reader.metadata().entries.get(fqn) {
+        Some(crate::dcp::Entry::Tensor(t)) => Some(t.dtype),
+        _ => None,
+    };
+    let direct = dst.device() == Device::Cpu
+        && dst.is_contiguous()
+        && shape == want.sizes
+        && dtype.is_some()
+        && dtype == saved;
+    if !direct {
+        let host = reader.read_chunk(fqn, want)?;
+        let src = to_tch(&host, dst.device())?;
+        return tch::no_grad(|| dst.f_copy_(&src)).map_err(torch_err);
+    }
+    let len = dst.numel() * dst.f_kind().map_err(torch_err)?.elt_size_in_bytes();
+    if len == 0 {
+        return reader.read_chunk_into(fqn, want, &mut []);
+    }
+    // SAFETY: `dst` is a contiguous CPU tensor of `len` bytes at `data_ptr`, borrowed mutably
+    // for this call, so nothing in this program resizes or frees it meanwhile; the slice is
+    // dropped before this returns. Writing its elements is what `copy_` would do.
+    #[allow(unsafe_code)]
+    let out = unsafe { std::slice::from_raw_parts_mut(dst.data_ptr() as *mut u8, len) };
+    reader.read_chunk_into(fqn, want, out)
+}
+
 /// Copies a tch tensor to a new [`HostTensor`] (contiguous), keeping its dtype, shape,
 /// `requires_grad` and the location tag of its device.
 pub fn to_host(t: &Tensor) -> Result<HostTensor> {
