@@ -15,6 +15,7 @@
 #   ./dev.sh python   build the Python package (python/) and install it into .venv
 #   ./dev.sh pytest … build the Python package, then run pytest on python/tests with arguments
 #   ./dev.sh pybench …  build it, then benches/py/python_io_bench.py (ckptio.save/load vs torch's)
+#   ./dev.sh dcpbench …  sharded checkpoints: ckptio ranks vs torch.distributed.checkpoint (examples/dcp_bench.rs)
 #   ./dev.sh device-build [V] / device-run   CUDA tests on a GPU machine with PyTorch V (.ci/device-cuda.sh)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -142,6 +143,10 @@ case "$cmd" in
     build_python
     exec "$VENV/bin/python" "$ROOT/benches/py/python_io_bench.py" "$@"
     ;;
+  dcpbench)
+    setup_venv; export_env
+    exec cargo run --release --example dcp_bench -- "$@"
+    ;;
   device-build)
     setup_venv
     exec "$ROOT/.ci/device-cuda.sh" build "$@"
@@ -150,5 +155,5 @@ case "$cmd" in
     exec "$ROOT/.ci/device-cuda.sh" run
     ;;
   *)
-    sed -n '2,17p' "$0"; exit 2;;
+    sed -n '2,18p' "$0"; exit 2;;
 esac

@@ -124,7 +124,31 @@ fn split(sd: &Value, n: usize) -> Result<(&Dict, &Dict)> {
             ids.len()
         )));
     }
+    if let Some(k) = state.keys().find(|k| param_index(k).is_none_or(|i| i >= n)) {
+        return Err(bad(format!(
+            "state of {k}, which is not a parameter index below {n}"
+        )));
+    }
     Ok((group, state))
+}
+
+/// The parameter index a state key names: an int, or its decimal string (DCP's flattening
+/// turns every dict key into a string, as PyTorch's does, so a sharded checkpoint gives `"0"`
+/// for `0`).
+fn param_index(k: &Key) -> Option<usize> {
+    match k {
+        Key::Int(i) => usize::try_from(*i).ok(),
+        Key::Str(s) => s.parse().ok().filter(|i: &usize| i.to_string() == *s),
+        _ => None,
+    }
+}
+
+/// The state of parameter `i`, under its int key or its string form.
+fn param_state(state: &Dict, i: usize) -> Option<&Dict> {
+    state
+        .get(&Key::Int(i as i64))
+        .or_else(|| state.get(i.to_string().as_str()))
+        .and_then(Value::as_dict)
 }
 
 fn group_params(n: usize) -> Value {
@@ -277,12 +301,10 @@ impl Optimizer for Sgd {
         }
         let mut buffers = Vec::with_capacity(self.params.len());
         for (i, p) in self.params.iter().enumerate() {
-            buffers.push(
-                match state.get(&Key::Int(i as i64)).and_then(Value::as_dict) {
-                    Some(s) => state_tensor(s, "momentum_buffer", p)?,
-                    None => None,
-                },
-            );
+            buffers.push(match param_state(state, i) {
+                Some(s) => state_tensor(s, "momentum_buffer", p)?,
+                None => None,
+            });
         }
         self.lr = float(group, "lr")?;
         self.momentum = float(group, "momentum")?;
@@ -487,7 +509,7 @@ impl Optimizer for Adam {
         let n = self.params.len();
         let (mut steps, mut m, mut v, mut mx) = (vec![0.0; n], Vec::new(), Vec::new(), Vec::new());
         for (i, p) in self.params.iter().enumerate() {
-            match state.get(&Key::Int(i as i64)).and_then(Value::as_dict) {
+            match param_state(state, i) {
                 Some(s) => {
                     steps[i] = match s.get("step") {
                         Some(Value::Tensor(t)) => match t.dtype() {

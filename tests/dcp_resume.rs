@@ -136,7 +136,7 @@ impl Model {
         for (k, p) in self.params.iter().enumerate() {
             let d = p - Model::local(self.rank, k, |i| target(step, k, i));
             let w = Model::local(self.rank, k, |i| weight(k, i));
-            loss = loss + (w * &d * &d).sum(Kind::Float);
+            loss += (w * &d * &d).sum(Kind::Float);
         }
         loss
     }
@@ -207,11 +207,9 @@ impl Optim {
         Ok(Value::Dict(s))
     }
 
-    /// The per-parameter state dict `state` with its local tensors turned by `f`.
-    fn map_state(
-        state: &Dict,
-        mut f: impl FnMut(usize, &str, &Value) -> Result<Value>,
-    ) -> Result<Dict> {
+    /// The per-parameter state dict `state` (keyed by parameter index) with each of its
+    /// per-parameter tensors turned by `f(index, tensor)`, keyed by ints again.
+    fn map_state(state: &Dict, mut f: impl FnMut(usize, &Value) -> Result<Value>) -> Result<Dict> {
         let mut out = Dict::new();
         for (key, s) in state.iter() {
             // DCP's flattening turns keys into strings: state `0` comes back as `"0"`.
@@ -228,7 +226,7 @@ impl Optim {
             let mut d = Dict::new();
             for (name, v) in s.iter() {
                 let v = match name.as_str() {
-                    Some(n) if PER_PARAM.contains(&n) => f(k, n, v)?,
+                    Some(n) if PER_PARAM.contains(&n) => f(k, v)?,
                     _ => v.clone(),
                 };
                 d.insert(name.clone(), v);
@@ -263,7 +261,7 @@ impl Stateful for Optim {
             }
         }
         let rank = self.rank;
-        let sharded = Optim::map_state(&state, |k, _, v| {
+        let sharded = Optim::map_state(&state, |k, v| {
             Ok(Value::Sharded(Model::shard(rank, k, v.clone())?))
         })?;
         Optim::with_state(&sd, sharded)
@@ -275,9 +273,7 @@ impl Stateful for Optim {
             .and_then(Value::as_dict)
             .ok_or_else(|| state_error("no \"state\" dict"))?;
         let rank = self.rank;
-        let local = Optim::map_state(state, |k, _, v| {
-            Ok(Value::Tensor(Model::unshard(rank, k, v)?))
-        })?;
+        let local = Optim::map_state(state, |k, v| Ok(Value::Tensor(Model::unshard(rank, k, v)?)))?;
         Optimizer::load_state_dict(&mut self.adam, &Optim::with_state(sd, local)?)
     }
 }
@@ -525,7 +521,8 @@ fn a_sharded_run_resumes_exactly_at_the_same_and_other_world_sizes() {
     // The reference: one process holding every row, never interrupted.
     let mut reference = Run::new(Rank::single());
     reference.train_to(SAVE_AT);
-    let at_save = reference.state();
+    // Copied now: the model's state holds live tensors, which go on training.
+    let at_save = reference.state().materialize().unwrap().into_owned();
     reference.train_to(LAST);
     let want = assemble(1, &[reference.model.bytes()]);
 
@@ -534,7 +531,8 @@ fn a_sharded_run_resumes_exactly_at_the_same_and_other_world_sizes() {
     assert_same(&got, &want, "uninterrupted at world 2");
     check_checkpoint(&ckpt, &at_save);
 
-    for world in [2, 3, 1] {
+    // At world 5 the last rank holds no rows at all (torch.chunk leaves it none).
+    for world in [2, 3, 1, 5] {
         let out = tmp.path().join(format!("resume{world}"));
         let got = job(TEST, "resume", world, &ckpt, out);
         assert_same(&got, &want, &format!("resumed at world {world}"));
@@ -544,9 +542,9 @@ fn a_sharded_run_resumes_exactly_at_the_same_and_other_world_sizes() {
     let mut params_only = Run::resume(Rank::single(), &ckpt, false);
     params_only.train_to(LAST);
     let got = assemble(1, &[params_only.model.bytes()]);
-    assert_ne!(got, want, "a fresh optimizer gave the same parameters");
+    assert!(got != want, "a fresh optimizer gave the same parameters");
     println!(
-        "save at world 2, resumes at worlds 2, 3 and 1: {:?}",
+        "save at world 2, resumes at worlds 2, 3, 1 and 5: {:?}",
         start.elapsed()
     );
 }

@@ -43,3 +43,40 @@ fn boxes_read_into_tch_tensors_in_place_or_through_a_copy() {
     let mut small = Tensor::zeros([2, 2], (Kind::Float, Device::Cpu));
     assert!(ckptio::tch::read_chunk_into(&reader, "w", &want, &mut small).is_err());
 }
+
+/// DCP turns every dict key into a string (as PyTorch's flattening does): an optimizer's
+/// state keyed by parameter index `0` comes back keyed `"0"`, and must still be restored.
+#[test]
+fn optimizer_state_survives_a_sharded_checkpoint() {
+    use ckptio::optim::{Adam, Optimizer};
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    let p = Tensor::from_slice(&[1f32, -2., 3.]).set_requires_grad(true);
+    let mut adam = Adam::adamw(vec![p.shallow_clone()], 0.1, 0.01);
+    for _ in 0..3 {
+        adam.zero_grad();
+        (&p * &p).sum(Kind::Float).backward();
+        adam.step().unwrap();
+    }
+    let io = DcpCheckpointIo::new(Rank::single());
+    ckptio::state::save(&io, &ck, &[("optim", &adam)]).unwrap();
+    let q = Tensor::from_slice(&[1f32, -2., 3.]).set_requires_grad(true);
+    let mut fresh = Adam::adamw(vec![q], 0.1, 0.01);
+    ckptio::state::load(&io, &ck, &mut [("optim", &mut fresh)], true).unwrap();
+    let saved = Optimizer::state_dict(&adam).unwrap();
+    let restored = Optimizer::state_dict(&fresh).unwrap();
+    let state = |v: &Value| v.get("state").and_then(Value::as_dict).unwrap().len();
+    assert_eq!(state(&restored), 1, "the optimizer state was dropped");
+    let avg = |v: &Value| {
+        let s = v.get("state").and_then(Value::as_dict).unwrap();
+        let (_, s) = s.iter().next().unwrap();
+        s.get("exp_avg").and_then(Value::as_tensor).unwrap().clone()
+    };
+    assert_eq!(avg(&saved), avg(&restored));
+    // A state key that names no parameter is refused, not ignored.
+    let mut bad = saved.as_dict().unwrap().clone();
+    let mut st = Dict::new();
+    st.insert("7", Dict::new());
+    bad.insert("state", st);
+    assert!(Optimizer::load_state_dict(&mut fresh, &Value::Dict(bad)).is_err());
+}

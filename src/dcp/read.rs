@@ -26,10 +26,11 @@ use crate::torch::zip::{read_directory, Window, ZipEntry};
 use crate::value::{Dict, Value};
 
 /// Items up to this size are read whole to find their layout.
-const SMALL_ITEM: u64 = 256 << 10;
-/// Bytes read from the start and the end of a large item to find its layout.
-const HEAD: u64 = 64 << 10;
-const TAIL: u64 = 128 << 10;
+const SMALL_ITEM: u64 = 16 << 10;
+/// Bytes read from the start and the end of a larger item to find its layout: first a few
+/// KiB (a `torch.save` of one tensor keeps its small records and the storage record's header
+/// in the first ones, its zip directory in the last ones), then more when that is not enough.
+const WINDOWS: [(u64, u64); 2] = [(8 << 10, 8 << 10), (64 << 10, 128 << 10)];
 /// List slots a whole-checkpoint read may add beyond one per entry: DCP pads a list with
 /// `None` up to an index (an optimizer state keyed by the indices of some parameters only).
 const EXTRA_LIST_SLOTS: usize = 1 << 16;
@@ -478,17 +479,22 @@ impl DcpReader {
         if len <= SMALL_ITEM {
             return whole(self);
         }
-        let head = self.read_at(item, 0, HEAD)?;
-        let tail = self.read_at(item, len - TAIL, TAIL)?;
-        let window = Window {
-            head: &head,
-            tail: &tail,
-            len: len as usize,
-        };
-        match read_directory(&window) {
-            Ok(entries) => Ok((entries, head)),
-            Err(_) => whole(self),
+        for (head_len, tail_len) in WINDOWS {
+            if head_len + tail_len >= len {
+                break;
+            }
+            let head = self.read_at(item, 0, head_len)?;
+            let tail = self.read_at(item, len - tail_len, tail_len)?;
+            let window = Window {
+                head: &head,
+                tail: &tail,
+                len: len as usize,
+            };
+            if let Ok(entries) = read_directory(&window) {
+                return Ok((entries, head));
+            }
         }
+        whole(self)
     }
 
     /// Copies the part `overlap` of saved chunk `c` (laid out as `l` in `item`) into `out`,
