@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use ckptio::dcp::{Chunk, DcpReader, Rank, ShardedTensor};
 use ckptio::manager::{CheckpointManager, ManagerConfig, Monitor};
-use ckptio::{AsyncCheckpointIo, DType, DcpCheckpointIo, Error, LiveTensor, TensorSource, Value};
+use ckptio::{
+    AsyncCheckpointIo, CheckpointIo, DType, DcpCheckpointIo, Error, LiveTensor, TensorSource, Value,
+};
 
 /// Rows of the sharded tensor each rank holds.
 const ROWS: usize = 64;
@@ -208,7 +210,7 @@ fn a_rank_killed_mid_save_leaves_the_last_committed_checkpoint() {
         seed ^= seed << 17;
         seed
     };
-    let kills = 12;
+    let kills = 30;
     let mut first = 1u64;
     let mut incomplete_seen = 0;
     let start = Instant::now();
@@ -296,4 +298,100 @@ fn a_rank_killed_mid_save_leaves_the_last_committed_checkpoint() {
         start.elapsed()
     );
     assert!(incomplete_seen > 0, "no kill landed during a save");
+}
+
+/// A process group's gather and barrier, for ranks that are threads of one process: what a
+/// program with its own collectives hands [`DcpCheckpointIo::with_collective`].
+#[derive(Debug, Default)]
+struct ThreadGroup {
+    state: Mutex<GroupState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GroupState {
+    records: std::collections::BTreeMap<usize, Vec<u8>>,
+    arrived: usize,
+    generation: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Member(Arc<ThreadGroup>);
+
+impl ckptio::dcp::Collective for Member {
+    fn gather(
+        &self,
+        _dir: &Path,
+        _save_id: &str,
+        rank: Rank,
+        record: Vec<u8>,
+    ) -> ckptio::Result<Option<Vec<Vec<u8>>>> {
+        let mut s = self.0.state.lock().unwrap();
+        s.records.insert(rank.rank, record);
+        self.0.changed.notify_all();
+        if rank.rank != 0 {
+            return Ok(None);
+        }
+        while s.records.len() < rank.world_size {
+            s = self.0.changed.wait(s).unwrap();
+        }
+        Ok(Some(std::mem::take(&mut s.records).into_values().collect()))
+    }
+
+    fn barrier(&self, _dir: &Path, _save_id: &str, rank: Rank) -> ckptio::Result<()> {
+        let mut s = self.0.state.lock().unwrap();
+        let generation = s.generation;
+        s.arrived += 1;
+        if s.arrived == rank.world_size {
+            s.arrived = 0;
+            s.generation += 1;
+            self.0.changed.notify_all();
+            return Ok(());
+        }
+        while s.generation == generation {
+            s = self.0.changed.wait(s).unwrap();
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_supplied_collective_commits_and_every_rank_returns_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    let group = Member(Arc::new(ThreadGroup::default()));
+    let world = 3;
+    std::thread::scope(|s| {
+        for r in 0..world {
+            let (group, ck) = (group.clone(), ck.clone());
+            s.spawn(move || {
+                let rank = Rank::new(r, world).unwrap();
+                let io = DcpCheckpointIo::new(rank).with_collective(group);
+                let rows = Rows(Arc::new(Mutex::new(vec![0f32; ROWS * COLS])));
+                fill(&rows, 7, r);
+                let mut state = match state_of(&rows, rank) {
+                    Value::Dict(d) => d,
+                    _ => unreachable!(),
+                };
+                state.insert("ckptio_step", 7i64);
+                io.save_checkpoint(&Value::Dict(state), &ck, &ckptio::SaveOptions::default())
+                    .unwrap();
+                // The barrier came after the commit: every rank sees it committed.
+                assert!(ck.join(ckptio::dcp::METADATA).exists(), "rank {r}");
+            });
+        }
+    });
+    // No record was left in the directory: the collective carried them.
+    for e in std::fs::read_dir(&ck).unwrap() {
+        let n = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(n == ".metadata" || n.ends_with(".distcp"), "{n}");
+    }
+    let r = DcpReader::open(&ck).unwrap();
+    let w = r.read_all().unwrap();
+    let w = w.get("w").and_then(Value::as_tensor).unwrap();
+    assert_eq!(w.shape(), [ROWS * world, COLS]);
+    let v = w.to_vec::<f32>().unwrap();
+    for rank in 0..world {
+        assert_eq!(v[rank * ROWS * COLS + 5], value(7, rank, 5));
+    }
 }
