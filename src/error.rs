@@ -320,8 +320,9 @@ impl Error {
     }
 
     /// A [`Error::State`] not yet knowing its key ([`state::restore`](crate::state::restore)
-    /// adds it).
-    pub(crate) fn state(reason: impl Into<String>) -> Self {
+    /// adds it): what a [`Stateful::load_state_dict`](crate::state::Stateful::load_state_dict)
+    /// returns when the state it is given does not have the form it expects.
+    pub fn state(reason: impl Into<String>) -> Self {
         Error::State {
             key: String::new(),
             reason: reason.into(),

@@ -197,7 +197,10 @@ optimizer_state!(crate::optim::Sgd);
 #[cfg(feature = "tch")]
 optimizer_state!(crate::optim::Adam);
 
-/// The checkpoint for named state: `{name: state_dict(), ...}`.
+/// The checkpoint for named state: `{name: state_dict(), ...}`. Live tensors in it stay live
+/// (a save snapshots them); keep the tree for later only after
+/// [`materialize`](crate::Value::materialize), or it shows the tensors' values of that later
+/// moment.
 pub fn checkpoint(state: &[(&str, &dyn Stateful)]) -> Result<Value> {
     let mut d = Dict::new();
     for (name, s) in state {

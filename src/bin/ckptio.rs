@@ -504,7 +504,9 @@ fn inspect(path: &Path, json: bool, unsafe_objects: bool) -> ckptio::Result<()> 
 fn load(path: &Path, format: Format, unsafe_objects: bool) -> ckptio::Result<Value> {
     match format {
         Format::Torch => TorchCheckpointIo::new().load(path, &load_options(unsafe_objects)),
-        Format::Dcp => DcpReader::open(path)?.read_all(),
+        Format::Dcp => DcpReader::open(path)?
+            .weights_only(!unsafe_objects)
+            .read_all(),
     }
 }
 

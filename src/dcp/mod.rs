@@ -380,6 +380,7 @@ impl CheckpointIo for DcpCheckpointIo {
     ) -> Result<Option<Value>> {
         let tree = DcpReader::open(path)?
             .verify_crc(options.verify_crc)
+            .weights_only(options.weights_only)
             .read_all()?;
         finish_load(tree, options, state)
     }
@@ -398,5 +399,41 @@ impl CheckpointIo for DcpCheckpointIo {
 
     fn accepts_pending_storages(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Dict, HostTensor, Object, ObjectKind};
+
+    #[test]
+    fn a_value_holding_a_python_object_loads_only_when_asked_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = dir.path().join("ck");
+        let hparams = Value::Object(Box::new(Object {
+            module: "argparse".into(),
+            name: "Namespace".into(),
+            kind: ObjectKind::NewObj,
+            args: vec![],
+            state: Some(Value::Dict(Dict::from_iter([("lr", 0.1)]))),
+            list_items: vec![],
+            dict_items: vec![],
+        }));
+        let mut state = Dict::new();
+        state.insert("w", HostTensor::from_slice(&[1f32, 2.], &[2]).unwrap());
+        state.insert("hparams", hparams.clone());
+        let io = DcpCheckpointIo::new(Rank::single());
+        io.save_checkpoint(&Value::Dict(state), &ck, &SaveOptions::default())
+            .unwrap();
+        let safe = DcpReader::open(&ck).unwrap().read_value("hparams");
+        assert!(matches!(safe, Err(Error::Unsafe { .. })), "{safe:?}");
+        let trusted = DcpReader::open(&ck).unwrap().weights_only(false);
+        assert_eq!(trusted.read_value("hparams").unwrap(), hparams);
+        let all = io
+            .load_checkpoint(&ck, &LoadOptions::default().weights_only(false), None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(all.get("hparams"), Some(&hparams));
     }
 }

@@ -61,6 +61,8 @@ pub struct DcpReader {
     index: HashMap<(String, Option<Vec<usize>>), usize>,
     bytes_read: AtomicU64,
     verify_crc: bool,
+    /// How values (not tensors) are unpickled.
+    weights_only: bool,
 }
 
 impl DcpReader {
@@ -95,9 +97,19 @@ impl DcpReader {
             index,
             bytes_read: AtomicU64::new(0),
             verify_crc: true,
+            weights_only: true,
         };
         reader.check_items()?;
         Ok(reader)
+    }
+
+    /// Sets how values (everything but tensors, saved as `torch.save` bytes) are unpickled:
+    /// accepting only what PyTorch's weights-only unpickler accepts (`true`, the default), or
+    /// keeping unknown Python objects as inert [`Object`](crate::Object)s (`false`; nothing is
+    /// executed either way).
+    pub fn weights_only(mut self, weights_only: bool) -> Self {
+        self.weights_only = weights_only;
+        self
     }
 
     /// Sets whether a saved chunk read whole is checked against its CRC-32 (default `true`;
@@ -259,7 +271,8 @@ impl DcpReader {
             .ok_or_else(|| self.missing(fqn, "has no data"))?;
         let data = self.read_at(item, 0, item.length)?;
         let name = format!("{} ({fqn})", self.dir.join(&item.file).display());
-        crate::torch::load_from_bytes(data.into(), &name, &LoadOptions::default())
+        let options = LoadOptions::default().weights_only(self.weights_only);
+        crate::torch::load_from_bytes(data.into(), &name, &options)
     }
 
     /// The whole checkpoint in one process: every tensor whole, every value, nested as saved.
