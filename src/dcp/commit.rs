@@ -93,28 +93,47 @@ impl Collective for FileCollective {
         if rank.rank != 0 {
             return Ok(None);
         }
-        let start = Instant::now();
         let mut got: Vec<Option<Vec<u8>>> = vec![None; rank.world_size];
         got[0] = Some(record);
-        let mut pause = Duration::from_millis(1);
-        loop {
+        poll(dir, self.timeout, || {
             for (r, slot) in got.iter_mut().enumerate().filter(|(_, s)| s.is_none()) {
                 *slot = read_record_of(dir, r, save_id)?;
             }
             let missing: Vec<usize> = (0..got.len()).filter(|&r| got[r].is_none()).collect();
             if missing.is_empty() {
-                return Ok(Some(got.into_iter().flatten().collect()));
+                return Ok(Ok(Some(
+                    std::mem::take(&mut got).into_iter().flatten().collect(),
+                )));
             }
-            if start.elapsed() >= self.timeout {
-                return Err(Error::CommitTimeout {
-                    path: dir.to_path_buf(),
-                    missing,
-                    waited: start.elapsed(),
-                });
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(20));
+            Ok(Err(missing))
+        })
+    }
+}
+
+/// Calls `check` until it gives `Ok(Ok(value))`, pausing between calls (1 ms, doubling up to
+/// 20 ms); while it gives `Ok(Err(missing))` (the ranks still awaited) for longer than
+/// `timeout`, fails with [`Error::CommitTimeout`] about `path`. Errors of `check` end it.
+pub(crate) fn poll<T>(
+    path: &Path,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<std::result::Result<T, Vec<usize>>>,
+) -> Result<T> {
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let missing = match check()? {
+            Ok(v) => return Ok(v),
+            Err(missing) => missing,
+        };
+        if start.elapsed() >= timeout {
+            return Err(Error::CommitTimeout {
+                path: path.to_path_buf(),
+                missing,
+                waited: start.elapsed(),
+            });
         }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
     }
 }
 
@@ -307,24 +326,12 @@ pub fn committed_save_id(dir: &Path) -> Result<Option<String>> {
 
 /// Waits until `dir` holds the checkpoint of save `save_id` committed, up to `timeout`.
 pub(crate) fn wait_committed(dir: &Path, save_id: &str, timeout: Duration) -> Result<()> {
-    let start = Instant::now();
-    let mut pause = Duration::from_millis(1);
-    loop {
+    poll(dir, timeout, || {
         // A half-written `.metadata` cannot be seen (it is renamed into place), so a read error
         // other than absence is real.
-        if committed_save_id(dir)?.as_deref() == Some(save_id) {
-            return Ok(());
-        }
-        if start.elapsed() >= timeout {
-            return Err(Error::CommitTimeout {
-                path: dir.to_path_buf(),
-                missing: vec![0],
-                waited: start.elapsed(),
-            });
-        }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(20));
-    }
+        let committed = committed_save_id(dir)?.as_deref() == Some(save_id);
+        Ok(if committed { Ok(()) } else { Err(vec![0]) })
+    })
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use indexmap::IndexMap;
 use crate::dcp::shard::{check_cover, Chunk};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Storage};
-use crate::torch::pickle::reader::{read_pickle, Limits, ReadError, StorageSource};
+use crate::torch::pickle::reader::{read_pickle, Limits, StorageSource};
 use crate::torch::pickle::writer::{PickleWriter, StorageTable};
 use crate::value::{Dict, Key, Object, ObjectKind, Value};
 
@@ -245,18 +245,7 @@ impl StorageSource for NoStorages {
 /// Unpickles `data` inertly, then refuses any global outside DCP's metadata classes.
 pub(crate) fn unpickle(data: &[u8], path: &std::path::Path) -> Result<Value> {
     let limits = Limits::default();
-    let v = read_pickle(data, false, &limits, &mut NoStorages).map_err(|e| match e {
-        ReadError::Bad { offset, reason } => Error::Pickle {
-            path: path.to_path_buf(),
-            offset,
-            reason,
-        },
-        ReadError::Unsafe(what) => Error::Unsafe {
-            path: path.to_path_buf(),
-            what,
-        },
-        ReadError::Tensor { what, reason } => Error::tensor(path, what, reason),
-    })?;
+    let v = read_pickle(data, false, &limits, &mut NoStorages).map_err(|e| e.at(path))?;
     let mut refused = None;
     v.visit(&mut |x| {
         if let Value::Object(o) = x {

@@ -1,9 +1,10 @@
 //! DDP semantics: one checkpoint file, written by rank 0 only ([`RankZeroIo`]).
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::atomic::{remove_path, write_atomic};
+use crate::dcp::commit::poll;
 use crate::dcp::{Rank, SaveIds};
 use crate::error::{Error, Result};
 use crate::io::{CheckpointIo, LoadOptions, Restore, SaveOptions, WriteStats};
@@ -64,25 +65,12 @@ impl<I: CheckpointIo> RankZeroIo<I> {
     }
 
     fn wait_for(&self, marker: &Path, id: &str, timeout: Duration) -> Result<()> {
-        let start = Instant::now();
-        let mut pause = Duration::from_millis(1);
-        loop {
-            match std::fs::read_to_string(marker) {
-                Ok(s) if s == id => return Ok(()),
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io("read", marker, e)),
-            }
-            if start.elapsed() >= timeout {
-                return Err(Error::CommitTimeout {
-                    path: marker.to_path_buf(),
-                    missing: vec![0],
-                    waited: start.elapsed(),
-                });
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(20));
-        }
+        poll(marker, timeout, || match std::fs::read_to_string(marker) {
+            Ok(s) if s == id => Ok(Ok(())),
+            Ok(_) => Ok(Err(vec![0])),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Err(vec![0])),
+            Err(e) => Err(Error::io("read", marker, e)),
+        })
     }
 }
 

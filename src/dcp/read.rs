@@ -21,7 +21,7 @@ use crate::dcp::shard::{Chunk, ShardedTensor};
 use crate::error::{Error, Result};
 use crate::io::LoadOptions;
 use crate::tensor::{checked_numel, contiguous_strides, DType, HostTensor, Storage, MAX_SNAPSHOT};
-use crate::torch::pickle::reader::{read_pickle, Limits, ReadError, StorageSource};
+use crate::torch::pickle::reader::{read_pickle, Limits, StorageSource};
 use crate::torch::zip::{read_directory, Window, ZipEntry};
 use crate::value::{Dict, Value};
 
@@ -429,18 +429,7 @@ impl DcpReader {
             by_name: &by_name,
             found: Vec::new(),
         };
-        let v = read_pickle(&pkl, true, &Limits::default(), &mut src).map_err(|e| match e {
-            ReadError::Bad { offset, reason } => Error::Pickle {
-                path: name.clone(),
-                offset,
-                reason,
-            },
-            ReadError::Unsafe(what) => Error::Unsafe {
-                path: name.clone(),
-                what,
-            },
-            ReadError::Tensor { what, reason } => Error::tensor(&name, what, reason),
-        })?;
+        let v = read_pickle(&pkl, true, &Limits::default(), &mut src).map_err(|e| e.at(&name))?;
         let Value::Tensor(saved) = v else {
             return Err(bad(format!("holds a {}, not a tensor", v.type_name())));
         };

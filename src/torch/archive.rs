@@ -6,7 +6,7 @@ use std::path::Path;
 
 use bytes::Bytes;
 
-use super::pickle::reader::{read_pickle, Limits, ReadError, StorageSource};
+use super::pickle::reader::{read_pickle, Limits, StorageSource};
 use super::pickle::writer::{PickleWriter, StorageTable};
 use super::zip::{read_directory, ZipEntry, ZipSink, ZipWriter};
 use crate::error::{Error, Result};
@@ -245,16 +245,5 @@ pub(crate) fn read_archive<F: Fn(usize, usize) -> u32>(
         .record("data.pkl")
         .map_err(|r| Error::format(path, r))?;
     let mut records = records;
-    read_pickle(&pkl, s.weights_only, s.limits, &mut records).map_err(|e| match e {
-        ReadError::Bad { offset, reason } => Error::Pickle {
-            path: path.to_path_buf(),
-            offset,
-            reason,
-        },
-        ReadError::Unsafe(what) => Error::Unsafe {
-            path: path.to_path_buf(),
-            what,
-        },
-        ReadError::Tensor { what, reason } => Error::tensor(path, what, reason),
-    })
+    read_pickle(&pkl, s.weights_only, s.limits, &mut records).map_err(|e| e.at(path))
 }

@@ -55,6 +55,24 @@ pub(crate) enum ReadError {
     Tensor { what: String, reason: String },
 }
 
+impl ReadError {
+    /// The crate's error for a stream of the file at `path`.
+    pub(crate) fn at(self, path: &std::path::Path) -> crate::Error {
+        match self {
+            ReadError::Bad { offset, reason } => crate::Error::Pickle {
+                path: path.to_path_buf(),
+                offset,
+                reason,
+            },
+            ReadError::Unsafe(what) => crate::Error::Unsafe {
+                path: path.to_path_buf(),
+                what,
+            },
+            ReadError::Tensor { what, reason } => crate::Error::tensor(path, what, reason),
+        }
+    }
+}
+
 type R<T> = std::result::Result<T, ReadError>;
 
 /// Resolves a storage key to its bytes (the archive's `data/<key>` record).
