@@ -525,41 +525,18 @@ impl DcpReader {
         if !contiguous {
             return self.copy_strided(item, l, esize, &src_start, &dst_start, n, &dst_strides, out);
         }
-        // Inner dimensions the box spans whole, in the saved chunk and in `want`, merge into
-        // one run with the first dimension it does not.
-        let full = |d: usize| n[d] == l.shape[d] && n[d] == want.sizes[d];
-        let mut d0 = n.len().saturating_sub(1);
-        while d0 > 0 && full(d0) {
-            d0 -= 1;
-        }
-        let run_bytes = (checked_numel(&n[d0..]).unwrap_or(0) * esize) as u64;
-        let runs = checked_numel(&n[..d0]).unwrap_or(0);
-        if run_bytes == 0 || runs == 0 {
+        let plan = RunPlan::new(l, want, n, src_start, dst_start, dst_strides, esize);
+        if plan.run_bytes == 0 || plan.runs == 0 {
             return Ok(());
         }
-        // Where the run at `idx` (an index of the outer dimensions) starts in the storage and
-        // in `out`; runs come in storage order as `idx` counts up.
-        let run_at = |idx: &[usize]| -> (u64, usize) {
-            let at = |d: usize| if d < d0 { idx[d] } else { 0 };
-            let src: usize = l.offset
-                + (0..n.len())
-                    .map(|d| (src_start[d] + at(d)) * l.strides[d])
-                    .sum::<usize>();
-            let dst: usize = (0..n.len())
-                .map(|d| (dst_start[d] + at(d)) * dst_strides[d])
-                .sum();
-            (src as u64 * esize as u64, dst * esize)
-        };
-        let first = run_at(&vec![0; d0]).0;
-        let last: Vec<usize> = n[..d0].iter().map(|&x| x - 1).collect();
-        let end = run_at(&last).0 + run_bytes;
+        let (first, end) = plan.span();
         if end > l.storage_len {
             return Err(Error::format(
                 self.item_name(item),
                 "chunk elements lie beyond its storage record",
             ));
         }
-        let needed = runs as u64 * run_bytes;
+        let needed = plan.runs as u64 * plan.run_bytes;
         // The runs tile the whole storage record: the chunk is read whole, so its CRC can be
         // checked, whatever rows it lands in.
         let whole = first == 0 && end == needed && needed == l.storage_len;
@@ -567,10 +544,10 @@ impl DcpReader {
         let base = l.data_start - item.offset;
         let mut block = Block::default();
         let dense = (end - first).saturating_sub(needed) <= needed / 32;
-        let mut idx = Odometer::new(&n[..d0]);
+        let mut idx = Odometer::new(&n[..plan.d0]);
         while let Some(i) = idx.next() {
-            let (src, dst) = run_at(i);
-            let dst = &mut out[dst..dst + run_bytes as usize];
+            let (src, dst) = plan.run_at(i);
+            let dst = &mut out[dst..dst + plan.run_bytes as usize];
             if dense {
                 block.copy(self, item, base, src, end, dst)?;
             } else {
@@ -731,6 +708,71 @@ impl Odometer {
             }
         }
         Some(&self.idx)
+    }
+}
+
+/// How a box of a row-major saved chunk is copied: the inner dimensions it spans whole, in the
+/// chunk and in the output, merge into one run of bytes with the first dimension it does not
+/// (`d0`); the outer dimensions before `d0` count the runs.
+struct RunPlan<'a> {
+    l: &'a Layout,
+    n: &'a [usize],
+    src_start: Vec<usize>,
+    dst_start: Vec<usize>,
+    dst_strides: Vec<usize>,
+    esize: usize,
+    d0: usize,
+    run_bytes: u64,
+    runs: usize,
+}
+
+impl<'a> RunPlan<'a> {
+    fn new(
+        l: &'a Layout,
+        want: &Chunk,
+        n: &'a [usize],
+        src_start: Vec<usize>,
+        dst_start: Vec<usize>,
+        dst_strides: Vec<usize>,
+        esize: usize,
+    ) -> Self {
+        let full = |d: usize| n[d] == l.shape[d] && n[d] == want.sizes[d];
+        let mut d0 = n.len().saturating_sub(1);
+        while d0 > 0 && full(d0) {
+            d0 -= 1;
+        }
+        RunPlan {
+            l,
+            n,
+            src_start,
+            dst_start,
+            dst_strides,
+            esize,
+            d0,
+            run_bytes: (checked_numel(&n[d0..]).unwrap_or(0) * esize) as u64,
+            runs: checked_numel(&n[..d0]).unwrap_or(0),
+        }
+    }
+
+    /// Where the run at `idx` (an index of the outer dimensions) starts in the storage and in
+    /// the output; runs come in storage order as `idx` counts up.
+    fn run_at(&self, idx: &[usize]) -> (u64, usize) {
+        let at = |d: usize| if d < self.d0 { idx[d] } else { 0 };
+        let src: usize = self.l.offset
+            + (0..self.n.len())
+                .map(|d| (self.src_start[d] + at(d)) * self.l.strides[d])
+                .sum::<usize>();
+        let dst: usize = (0..self.n.len())
+            .map(|d| (self.dst_start[d] + at(d)) * self.dst_strides[d])
+            .sum();
+        (src as u64 * self.esize as u64, dst * self.esize)
+    }
+
+    /// Where the first run starts and the last one ends in the storage (some runs exist).
+    fn span(&self) -> (u64, u64) {
+        let first = self.run_at(&vec![0; self.d0]).0;
+        let last: Vec<usize> = self.n[..self.d0].iter().map(|&x| x - 1).collect();
+        (first, self.run_at(&last).0 + self.run_bytes)
     }
 }
 
