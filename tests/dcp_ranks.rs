@@ -395,3 +395,66 @@ fn a_supplied_collective_commits_and_every_rank_returns_committed() {
         assert_eq!(v[rank * ROWS * COLS + 5], value(7, rank, 5));
     }
 }
+
+/// Saves `step`'s rows from every rank of `world` (threads, meeting through the file system)
+/// into `dir`; `skip` ranks make no save (as if killed before it).
+fn save_by_threads(
+    dir: &Path,
+    ios: &[DcpCheckpointIo],
+    step: u64,
+    skip: &[usize],
+) -> Vec<ckptio::Result<()>> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = ios
+            .iter()
+            .enumerate()
+            .filter(|(r, _)| !skip.contains(r))
+            .map(|(r, io)| {
+                s.spawn(move || {
+                    let rows = Rows(Arc::new(Mutex::new(vec![0f32; ROWS * COLS])));
+                    fill(&rows, step, r);
+                    let mut state = ckptio::Dict::new();
+                    state.insert("model", state_of(&rows, io.rank()));
+                    state.insert("ckptio_step", step as i64);
+                    io.save_checkpoint(&Value::Dict(state), dir, &ckptio::SaveOptions::default())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn saving_again_into_a_committed_directory_replaces_it_only_at_the_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("last");
+    let world = 2;
+    let ios: Vec<DcpCheckpointIo> = (0..world)
+        .map(|r| {
+            DcpCheckpointIo::new(Rank::new(r, world).unwrap())
+                .run_id("again")
+                .commit_timeout(Duration::from_millis(500))
+        })
+        .collect();
+    for step in [1, 2] {
+        for r in save_by_threads(&ck, &ios, step, &[]) {
+            r.unwrap();
+        }
+        check_step(&ck, step, world);
+    }
+    // Only the newest checkpoint's files are left.
+    let mut names: Vec<String> = std::fs::read_dir(&ck)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 3, "{names:?}");
+    // A save that rank 1 never makes: rank 0's part is written, the commit times out, and the
+    // directory still holds step 2 whole.
+    let r = save_by_threads(&ck, &ios[..1], 3, &[]);
+    assert!(
+        matches!(&r[0], Err(Error::CommitTimeout { missing, .. }) if missing == &[1]),
+        "{r:?}"
+    );
+    check_step(&ck, 2, world);
+}
