@@ -58,6 +58,14 @@ pub trait Optimizer {
     fn state_dict(&self) -> Result<Value>;
     /// Restores the state from PyTorch's layout (one parameter group).
     fn load_state_dict(&mut self, sd: &Value) -> Result<()>;
+    /// The state parameter `i` has before its first step, in the layout of
+    /// [`state_dict`](Optimizer::state_dict), when loading it restores a fresh optimizer
+    /// (as PyTorch's `_init_optim_state` makes one); `None` (the default) when the optimizer
+    /// keeps no state for it. [`ShardedOptimizer`] uses it so that a fresh optimizer's state
+    /// names every part a load must fill.
+    fn initial_state(&self, _i: usize) -> Result<Option<Value>> {
+        Ok(None)
+    }
 }
 
 /// An optimizer state dict that does not fit this optimizer (an [`Error::State`]).
@@ -499,6 +507,22 @@ impl Optimizer for Adam {
         Ok(Value::Dict(sd))
     }
 
+    /// Step 0 and zero averages: what a fresh Adam starts its first step from.
+    fn initial_state(&self, i: usize) -> Result<Option<Value>> {
+        let Some(p) = self.params.get(i) else {
+            return Ok(None);
+        };
+        let zeros = || tch::no_grad(|| p.zeros_like());
+        let mut s = Dict::new();
+        s.insert("step", HostTensor::scalar(0f32));
+        s.insert("exp_avg", host(&zeros())?);
+        s.insert("exp_avg_sq", host(&zeros())?);
+        if self.amsgrad {
+            s.insert("max_exp_avg_sq", host(&zeros())?);
+        }
+        Ok(Some(Value::Dict(s)))
+    }
+
     fn load_state_dict(&mut self, sd: &Value) -> Result<()> {
         let (group, state) = split(sd, self.params.len())?;
         if boolean(group, "maximize")? {
@@ -564,5 +588,158 @@ impl Optimizer for Adam {
         self.exp_avg_sq = v;
         self.max_exp_avg_sq = mx;
         Ok(())
+    }
+}
+
+/// Where this rank's part of a parameter lies: the parameter's global shape, and the offsets of
+/// the local tensor the optimizer steps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamPart {
+    /// The global parameter's shape.
+    pub shape: Vec<usize>,
+    /// Where the local tensor starts in it, in every dimension.
+    pub offsets: Vec<usize>,
+}
+
+/// An optimizer over this rank's parts of the parameters (FSDP-style: each rank steps its own
+/// rows), whose state saves as a sharded checkpoint: every per-parameter tensor of its state
+/// dict (`exp_avg`, a momentum buffer: any tensor shaped like the local parameter) becomes a
+/// [`ShardedTensor`](crate::ShardedTensor) of the global parameter's shape, holding this
+/// rank's part, and loading takes this rank's parts back, whatever the world size the
+/// checkpoint was saved at ([`dcp::load_state`](crate::dcp::load_state)). A parameter the
+/// optimizer has not stepped yet gets its [`initial_state`](Optimizer::initial_state), so a
+/// fresh optimizer names every part a load must fill.
+///
+/// Per-parameter state keys come back from a sharded checkpoint as strings (`"0"`), as DCP
+/// flattens them; the optimizer accepts either.
+#[derive(Debug)]
+pub struct ShardedOptimizer<O> {
+    inner: O,
+    parts: Vec<ParamPart>,
+}
+
+impl<O: Optimizer> ShardedOptimizer<O> {
+    /// `inner`, whose parameter `i` is the part `parts[i]` of its global parameter. Refused
+    /// when the counts differ or a local parameter does not fit its global shape there.
+    pub fn new(inner: O, parts: Vec<ParamPart>) -> Result<Self> {
+        let params = inner.params();
+        if params.len() != parts.len() {
+            return Err(bad(format!(
+                "{} parameter parts for an optimizer of {} parameters",
+                parts.len(),
+                params.len()
+            )));
+        }
+        for (i, (p, part)) in params.iter().zip(&parts).enumerate() {
+            let local: Vec<usize> = p.size().iter().map(|&d| d as usize).collect();
+            crate::dcp::Chunk::new(part.offsets.clone(), local)
+                .check_inside(&part.shape)
+                .map_err(|r| bad(format!("parameter {i}: {r}")))?;
+        }
+        Ok(ShardedOptimizer { inner, parts })
+    }
+
+    /// The optimizer.
+    pub fn inner(&self) -> &O {
+        &self.inner
+    }
+
+    /// The optimizer, mutably (to step it).
+    pub fn inner_mut(&mut self) -> &mut O {
+        &mut self.inner
+    }
+
+    /// The local shape of parameter `i`.
+    fn local_shape(&self, i: usize) -> Vec<usize> {
+        self.inner.params()[i]
+            .size()
+            .iter()
+            .map(|&d| d as usize)
+            .collect()
+    }
+
+    /// Parameter `i`'s state with each tensor shaped like it made its part of the global one.
+    fn shard(&self, i: usize, s: &Value) -> Result<Value> {
+        let local = self.local_shape(i);
+        let part = &self.parts[i];
+        let mut out = Dict::new();
+        for (k, v) in s
+            .as_dict()
+            .ok_or_else(|| bad(format!("state {i} is not a dict")))?
+            .iter()
+        {
+            let v = match v {
+                Value::Tensor(t) if t.shape() == local.as_slice() => Value::Sharded(
+                    crate::ShardedTensor::new(part.shape.clone(), t.dtype())
+                        .with_shard(part.offsets.clone(), t.clone())?,
+                ),
+                other => other.clone(),
+            };
+            out.insert(k.clone(), v);
+        }
+        Ok(Value::Dict(out))
+    }
+
+    /// Parameter `i`'s state with each sharded tensor back to its one local part.
+    fn unshard(&self, i: usize, s: &Value) -> Result<Value> {
+        let part = &self.parts[i];
+        let mut out = Dict::new();
+        for (k, v) in s
+            .as_dict()
+            .ok_or_else(|| bad(format!("state {i} is not a dict")))?
+            .iter()
+        {
+            let v = match v {
+                Value::Sharded(t) => match t.shards() {
+                    [one] if one.chunk.offsets == part.offsets => one.tensor.clone(),
+                    _ => {
+                        return Err(bad(format!(
+                            "state {i} {k}: expected this rank's one part at {:?}",
+                            part.offsets
+                        )))
+                    }
+                },
+                other => other.clone(),
+            };
+            out.insert(k.clone(), v);
+        }
+        Ok(Value::Dict(out))
+    }
+
+    /// `sd` with its per-parameter state mapped by `f(i, state)`, keyed by index.
+    fn map_state(
+        &self,
+        sd: &Value,
+        mut f: impl FnMut(usize, Option<&Value>) -> Result<Option<Value>>,
+    ) -> Result<Value> {
+        let (_, state) = split(sd, self.parts.len())?;
+        let mut out = Dict::new();
+        for i in 0..self.parts.len() {
+            let s = param_state(state, i).map(|d| Value::Dict(d.clone()));
+            if let Some(v) = f(i, s.as_ref())? {
+                out.insert(i as i64, v);
+            }
+        }
+        let mut sd = sd.as_dict().cloned().unwrap_or_default();
+        sd.insert("state", out);
+        Ok(Value::Dict(sd))
+    }
+}
+
+impl<O: Optimizer> crate::state::Stateful for ShardedOptimizer<O> {
+    fn state_dict(&self) -> Result<Value> {
+        let sd = self.inner.state_dict()?;
+        self.map_state(&sd, |i, s| {
+            let s = match s {
+                Some(s) => Some(s.clone()),
+                None => self.inner.initial_state(i)?,
+            };
+            s.map(|s| self.shard(i, &s)).transpose()
+        })
+    }
+
+    fn load_state_dict(&mut self, sd: &Value) -> Result<()> {
+        let local = self.map_state(sd, |i, s| s.map(|s| self.unshard(i, s)).transpose())?;
+        self.inner.load_state_dict(&local)
     }
 }

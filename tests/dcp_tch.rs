@@ -80,3 +80,101 @@ fn optimizer_state_survives_a_sharded_checkpoint() {
     bad.insert("state", st);
     assert!(Optimizer::load_state_dict(&mut fresh, &Value::Dict(bad)).is_err());
 }
+
+/// Two ranks (threads) step AdamW over their rows of one parameter and save the optimizer
+/// sharded; one process loads it over all the rows: each moment is the two ranks' rows.
+#[test]
+fn a_sharded_optimizer_saved_by_two_ranks_loads_into_one() {
+    use ckptio::optim::{Adam, Optimizer, ParamPart, ShardedOptimizer};
+    use ckptio::state::Stateful;
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    let full: Vec<f32> = (0..12).map(|i| i as f32 - 5.5).collect();
+    let moments: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2usize)
+            .map(|r| {
+                let (full, ck) = (&full, &ck);
+                s.spawn(move || {
+                    let p = Tensor::from_slice(&full[r * 6..r * 6 + 6])
+                        .reshape([2, 3])
+                        .set_requires_grad(true);
+                    let adam = Adam::adamw(vec![p.shallow_clone()], 0.1, 0.01);
+                    let part = ParamPart {
+                        shape: vec![4, 3],
+                        offsets: vec![r * 2, 0],
+                    };
+                    let mut opt = ShardedOptimizer::new(adam, vec![part]).unwrap();
+                    for _ in 0..2 {
+                        opt.inner_mut().zero_grad();
+                        (&p * &p).sum(Kind::Float).backward();
+                        opt.inner_mut().step().unwrap();
+                    }
+                    let io = DcpCheckpointIo::new(Rank::new(r, 2).unwrap()).run_id("opt");
+                    ckptio::state::save(&io, ck, &[("optim", &opt)]).unwrap();
+                    io.wait_committed(ck).unwrap();
+                    let sd = Optimizer::state_dict(opt.inner()).unwrap();
+                    let s = &sd.get("state").and_then(Value::as_dict).unwrap();
+                    let s = s.iter().next().unwrap().1;
+                    let v = |k: &str| {
+                        s.get(k)
+                            .and_then(Value::as_tensor)
+                            .unwrap()
+                            .to_vec::<f32>()
+                            .unwrap()
+                    };
+                    (v("exp_avg"), v("exp_avg_sq"))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // One process, all four rows, a fresh optimizer: its state names every part to load.
+    let p = Tensor::from_slice(&full)
+        .reshape([4, 3])
+        .set_requires_grad(true);
+    let adam = Adam::adamw(vec![p], 0.1, 0.01);
+    let part = ParamPart {
+        shape: vec![4, 3],
+        offsets: vec![0, 0],
+    };
+    let mut opt = ShardedOptimizer::new(adam, vec![part]).unwrap();
+    assert!(
+        opt.state_dict()
+            .unwrap()
+            .get("state")
+            .and_then(Value::as_dict)
+            .unwrap()
+            .len()
+            == 1
+    );
+    ckptio::dcp::load_state(&ck, &mut [("optim", &mut opt)], true).unwrap();
+    let sd = Optimizer::state_dict(opt.inner()).unwrap();
+    let s = sd
+        .get("state")
+        .and_then(Value::as_dict)
+        .unwrap()
+        .iter()
+        .next()
+        .unwrap()
+        .1
+        .clone();
+    let v = |k: &str| {
+        s.get(k)
+            .and_then(Value::as_tensor)
+            .unwrap()
+            .to_vec::<f32>()
+            .unwrap()
+    };
+    let avg: Vec<f32> = moments.iter().flat_map(|m| m.0.clone()).collect();
+    let avg_sq: Vec<f32> = moments.iter().flat_map(|m| m.1.clone()).collect();
+    assert_eq!(v("exp_avg"), avg);
+    assert_eq!(v("exp_avg_sq"), avg_sq);
+    assert_eq!(v("step"), vec![2.0]);
+    // A part that does not fit its global shape is refused.
+    let q = Tensor::zeros([3, 3], (Kind::Float, Device::Cpu));
+    let bad = ParamPart {
+        shape: vec![4, 3],
+        offsets: vec![2, 0],
+    };
+    assert!(ShardedOptimizer::new(Adam::adamw(vec![q], 0.1, 0.0), vec![bad]).is_err());
+}
