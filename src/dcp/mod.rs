@@ -14,7 +14,9 @@
 //! owns (each rank writes its own); whole tensors and plain values are the same on every rank
 //! and are written once, each by one rank (spread over the ranks by size, as DCP's planner
 //! dedups them). Nested dicts and lists of tensors flatten to dotted keys as DCP flattens them
-//! (`model.layers.0.weight`), and the nesting comes back on load.
+//! (`model.layers.0.weight`), and the nesting comes back on load. With the `tch` feature,
+//! `optim::ShardedOptimizer` gives an optimizer over this rank's rows a state of sharded
+//! tensors.
 //!
 //! # Commit
 //! Ranks learn their rank and the world size from `RANK` and `WORLD_SIZE` (what `torchrun`
@@ -23,10 +25,12 @@
 //! for every rank's record, merges them into `.metadata` and writes it last, atomically
 //! (temporary name, fsync, rename, directory fsync). A directory without `.metadata` is
 //! incomplete: loads refuse it ([`Error::Incomplete`]), and
-//! [`CheckpointManager`](crate::manager::CheckpointManager) never resumes from it. A rank that
+//! [`CheckpointManager`](crate::manager::CheckpointManager) never resumes from it (and its
+//! `finish` removes it). A rank that
 //! does not finish in time fails the commit with [`Error::CommitTimeout`]; what the directory
 //! held before (an earlier committed checkpoint) stays loadable, since a save never overwrites
-//! a data file (it picks the next free `n`) and `.metadata` is replaced last.
+//! a data file (it picks the next free `n`) and `.metadata` is replaced last. A rank's next
+//! save of a directory waits until its previous one there is committed.
 //!
 //! The ranks meet through the file system by default ([`FileCollective`]); a program with a
 //! process group can pass its own [`Collective`]. Ranks match their parts by a save id, `{run
