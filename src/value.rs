@@ -319,6 +319,28 @@ pub struct Object {
 }
 
 impl Object {
+    /// An object of class `module.name` built as `kind`, with no arguments, state or items
+    /// yet (set the fields that apply).
+    ///
+    /// ```
+    /// use ckptio::{Object, ObjectKind, Value};
+    /// let dtype = Object::new("torch", "float32", ObjectKind::Global);
+    /// let call = Object { args: vec![Value::Int(0)], ..Object::new("m", "f", ObjectKind::Reduce) };
+    /// assert_eq!(call.class_name(), "m.f");
+    /// # let _ = dtype;
+    /// ```
+    pub fn new(module: impl Into<String>, name: impl Into<String>, kind: ObjectKind) -> Object {
+        Object {
+            module: module.into(),
+            name: name.into(),
+            kind,
+            args: vec![],
+            state: None,
+            list_items: vec![],
+            dict_items: vec![],
+        }
+    }
+
     /// `module.name`.
     pub fn class_name(&self) -> String {
         format!("{}.{}", self.module, self.name)

@@ -291,38 +291,23 @@ fn allowed(module: &str, name: &str) -> bool {
 
 fn new_object(module: &str, name: &str, state: Value) -> Value {
     Value::Object(Box::new(Object {
-        module: module.into(),
-        name: name.into(),
-        kind: ObjectKind::NewObj,
-        args: vec![],
         state: Some(state),
-        list_items: vec![],
-        dict_items: vec![],
+        ..Object::new(module, name, ObjectKind::NewObj)
     }))
 }
 
 fn call(module: &str, name: &str, args: Vec<Value>) -> Value {
     Value::Object(Box::new(Object {
-        module: module.into(),
-        name: name.into(),
-        kind: ObjectKind::Reduce,
         args,
-        state: None,
-        list_items: vec![],
-        dict_items: vec![],
+        ..Object::new(module, name, ObjectKind::Reduce)
     }))
 }
 
 /// `builtins.dict()` filled with items: a dict whose keys are objects.
 fn builtins_dict(items: Vec<(Value, Value)>) -> Value {
     Value::Object(Box::new(Object {
-        module: "builtins".into(),
-        name: "dict".into(),
-        kind: ObjectKind::Reduce,
-        args: vec![],
-        state: None,
-        list_items: vec![],
         dict_items: items,
+        ..Object::new("builtins", "dict", ObjectKind::Reduce)
     }))
 }
 
@@ -341,15 +326,11 @@ fn entry_value(e: &Entry) -> Value {
         Entry::Bytes => return new_object(META, "BytesStorageMetadata", Value::Dict(Dict::new())),
         Entry::Tensor(t) => t,
     };
-    let dtype = Value::Object(Box::new(Object {
-        module: "torch".into(),
-        name: t.dtype.name().into(),
-        kind: ObjectKind::Global,
-        args: vec![],
-        state: None,
-        list_items: vec![],
-        dict_items: vec![],
-    }));
+    let dtype = Value::Object(Box::new(Object::new(
+        "torch",
+        t.dtype.name(),
+        ObjectKind::Global,
+    )));
     let props = new_object(
         META,
         "TensorProperties",

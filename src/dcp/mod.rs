@@ -416,13 +416,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ck = dir.path().join("ck");
         let hparams = Value::Object(Box::new(Object {
-            module: "argparse".into(),
-            name: "Namespace".into(),
-            kind: ObjectKind::NewObj,
-            args: vec![],
             state: Some(Value::Dict(Dict::from_iter([("lr", 0.1)]))),
-            list_items: vec![],
-            dict_items: vec![],
+            ..Object::new("argparse", "Namespace", ObjectKind::NewObj)
         }));
         let mut state = Dict::new();
         state.insert("w", HostTensor::from_slice(&[1f32, 2.], &[2]).unwrap());

@@ -42,13 +42,8 @@ pub fn pickled(pickle: impl Into<Bytes>, storages: Vec<Value>) -> Result<Value> 
         }
     }
     Ok(Value::Object(Box::new(Object {
-        module: MODULE.to_owned(),
-        name: NAME.to_owned(),
-        kind: ObjectKind::NewObj,
         args: vec![Value::Bytes(pickle.into()), Value::List(storages)],
-        state: None,
-        list_items: vec![],
-        dict_items: vec![],
+        ..Object::new(MODULE, NAME, ObjectKind::NewObj)
     })))
 }
 

@@ -1299,15 +1299,11 @@ fn keyable(p: &Py, depth_left: usize) -> bool {
 impl Converter {
     fn global_value(&mut self, g: &(String, String)) -> R<Value> {
         self.charge(g.0.len() + g.1.len())?;
-        Ok(Value::Object(Box::new(Object {
-            module: g.0.clone(),
-            name: g.1.clone(),
-            kind: ObjectKind::Global,
-            args: vec![],
-            state: None,
-            list_items: vec![],
-            dict_items: vec![],
-        })))
+        Ok(Value::Object(Box::new(Object::new(
+            g.0.clone(),
+            g.1.clone(),
+            ObjectKind::Global,
+        ))))
     }
 
     fn charge(&mut self, bytes: usize) -> R<()> {
@@ -1382,13 +1378,8 @@ impl Converter {
                     dict_items.push((self.value(k, depth + 1)?, self.value(v, depth + 1)?));
                 }
                 Value::Object(Box::new(Object {
-                    module: "builtins".into(),
-                    name: "dict".into(),
-                    kind: ObjectKind::Reduce,
-                    args: vec![],
-                    state: None,
-                    list_items: vec![],
                     dict_items,
+                    ..Object::new("builtins", "dict", ObjectKind::Reduce)
                 }))
             }
             Py::Dict(d) => {
