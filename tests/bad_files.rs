@@ -4,8 +4,6 @@
 //! Inputs are built here, in Rust: a valid archive from `save_to_writer`, or hand-made pickles
 //! placed into a tiny stored-zip writer of this file.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
@@ -16,66 +14,15 @@ use ckptio::{Dict, Error, HostTensor, LoadOptions, ObjectKind, TorchCheckpointIo
 // ---------------------------------------------------------------------------------------------
 // Per-thread allocation accounting (tests run on many threads; each load runs on one).
 
-struct Counting;
-
-thread_local! {
-    static CUR: Cell<isize> = const { Cell::new(0) };
-    static PEAK: Cell<isize> = const { Cell::new(0) };
-}
-
-fn track(delta: isize) {
-    let _ = CUR.try_with(|c| {
-        let v = c.get() + delta;
-        c.set(v);
-        let _ = PEAK.try_with(|p| {
-            if v > p.get() {
-                p.set(v)
-            }
-        });
-    });
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = System.alloc(l);
-        if !p.is_null() {
-            track(l.size() as isize);
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        let p = System.alloc_zeroed(l);
-        if !p.is_null() {
-            track(l.size() as isize);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        System.dealloc(p, l);
-        track(-(l.size() as isize));
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        let q = System.realloc(p, l, new);
-        if !q.is_null() {
-            track(new as isize - l.size() as isize);
-        }
-        q
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
+#[path = "common/heap.rs"]
+mod heap;
 
 /// Runs `f`, returning its result, the time it took and the peak extra heap it used (this
 /// thread only).
 fn measure<T>(f: impl FnOnce() -> T) -> (T, Duration, usize) {
-    let base = CUR.with(Cell::get);
-    PEAK.with(|p| p.set(base));
     let start = Instant::now();
-    let r = f();
-    let took = start.elapsed();
-    let peak = PEAK.with(Cell::get) - base;
-    (r, took, peak.max(0) as usize)
+    let (r, peak) = heap::peak_of(f);
+    (r, start.elapsed(), peak)
 }
 
 /// Time any one load of a hostile input may take (generous for slow CI; they take milliseconds).

@@ -11,8 +11,6 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -26,52 +24,9 @@ use common::{run_python, run_python_code};
 // ---------------------------------------------------------------------------------------------
 // Per-thread heap accounting: every read below runs on the test's own thread.
 
-struct Counting;
-
-thread_local! {
-    static CUR: Cell<isize> = const { Cell::new(0) };
-    static PEAK: Cell<isize> = const { Cell::new(0) };
-}
-
-fn track(delta: isize) {
-    let _ = CUR.try_with(|c| {
-        let v = c.get() + delta;
-        c.set(v);
-        let _ = PEAK.try_with(|p| p.set(p.get().max(v)));
-    });
-}
-
-// SAFETY: forwards every call to the system allocator unchanged; only counts sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = System.alloc(l);
-        if !p.is_null() {
-            track(l.size() as isize);
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        let p = System.alloc_zeroed(l);
-        if !p.is_null() {
-            track(l.size() as isize);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        System.dealloc(p, l);
-        track(-(l.size() as isize));
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        let q = System.realloc(p, l, new);
-        if !q.is_null() {
-            track(new as isize - l.size() as isize);
-        }
-        q
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
+#[path = "common/heap.rs"]
+mod heap;
+use heap::peak_of as measure;
 
 /// Heap one reader call may use on these checkpoints (the largest, ckptio's, holds 1.2 MB).
 const MEM_CAP: usize = 32 << 20;
@@ -90,15 +45,6 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> T {
     });
     assert!(peak < MEM_CAP, "{what} used {peak} bytes of heap");
     r
-}
-
-/// Runs `f`; returns its result and the peak heap it used on this thread.
-fn measure<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    let base = CUR.with(Cell::get);
-    PEAK.with(|p| p.set(base));
-    let r = f();
-    let peak = (PEAK.with(Cell::get) - base).max(0) as usize;
-    (r, peak)
 }
 
 /// The error of `$r`, which must be `Err($pat)`.
