@@ -95,9 +95,10 @@ impl Collective for FileCollective {
         }
         let mut got: Vec<Option<Vec<u8>>> = vec![None; rank.world_size];
         got[0] = Some(record);
+        let mut seen = vec![None; rank.world_size];
         poll(dir, self.timeout, || {
             for (r, slot) in got.iter_mut().enumerate().filter(|(_, s)| s.is_none()) {
-                *slot = read_record_of(dir, r, save_id)?;
+                *slot = read_record_of(dir, r, save_id, &mut seen[r])?;
             }
             let missing: Vec<usize> = (0..got.len()).filter(|&r| got[r].is_none()).collect();
             if missing.is_empty() {
@@ -137,10 +138,44 @@ pub(crate) fn poll<T>(
     }
 }
 
+/// One version of a file: its inode, length and modification time. The files polled here
+/// (records, `.metadata`) are only ever replaced by a rename, never rewritten in place, so a
+/// version read once need not be read again.
+type Stamp = (u64, u64, std::time::SystemTime);
+
+/// The version of the file at `path`, or `None` when there is none.
+fn stamp(path: &Path) -> Result<Option<Stamp>> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(m) => {
+            let modified = m.modified().map_err(|e| Error::io("stat", path, e))?;
+            Ok(Some((m.ino(), m.len(), modified)))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io("stat", path, e)),
+    }
+}
+
+/// Whether the file at `path` is there in a version other than `seen`, which becomes it.
+fn is_new(path: &Path, seen: &mut Option<Stamp>) -> Result<bool> {
+    let now = stamp(path)?;
+    let new = now.is_some() && now != *seen;
+    *seen = now;
+    Ok(new)
+}
+
 /// Rank `r`'s record for `save_id` in `dir`, when it is there (a record of another save is
-/// not).
-fn read_record_of(dir: &Path, r: usize, save_id: &str) -> Result<Option<Vec<u8>>> {
+/// not). `seen` is the version read last time, which is not read again.
+fn read_record_of(
+    dir: &Path,
+    r: usize,
+    save_id: &str,
+    seen: &mut Option<Stamp>,
+) -> Result<Option<Vec<u8>>> {
     let path = record_path(dir, r);
+    if !is_new(&path, seen)? {
+        return Ok(None);
+    }
     let data = match std::fs::read(&path) {
         Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -326,10 +361,12 @@ pub fn committed_save_id(dir: &Path) -> Result<Option<String>> {
 
 /// Waits until `dir` holds the checkpoint of save `save_id` committed, up to `timeout`.
 pub(crate) fn wait_committed(dir: &Path, save_id: &str, timeout: Duration) -> Result<()> {
+    let mut seen = None;
     poll(dir, timeout, || {
         // A half-written `.metadata` cannot be seen (it is renamed into place), so a read error
-        // other than absence is real.
-        let committed = committed_save_id(dir)?.as_deref() == Some(save_id);
+        // other than absence is real; a version already read is not parsed again.
+        let committed = is_new(&dir.join(METADATA), &mut seen)?
+            && committed_save_id(dir)?.as_deref() == Some(save_id);
         Ok(if committed { Ok(()) } else { Err(vec![0]) })
     })
 }
