@@ -49,20 +49,26 @@ pub fn is_temp_file(name: &str) -> bool {
 /// how many were removed. Call it when a run starts, before any save into `dir` is in flight
 /// (a temporary file of a running save would be removed too). Final paths are never touched.
 pub fn clean_temp_files(dir: &Path) -> Result<usize> {
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(Error::io("list directory", dir, e)),
-    };
     let mut n = 0;
-    for e in entries {
-        let e = e.map_err(|e| Error::io("list directory", dir, e))?;
+    for e in list_dir(dir)? {
         if is_temp_file(&e.file_name().to_string_lossy()) {
             remove_path(&e.path())?;
             n += 1;
         }
     }
     Ok(n)
+}
+
+/// The entries of `dir`; none when it does not exist.
+pub(crate) fn list_dir(dir: &Path) -> Result<Vec<fs::DirEntry>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(Error::io("list directory", dir, e)),
+    };
+    entries
+        .map(|e| e.map_err(|e| Error::io("list directory", dir, e)))
+        .collect()
 }
 
 /// Writes `path` atomically with `write`, creating parent directories, and returns what was

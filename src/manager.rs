@@ -30,7 +30,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::atomic::{is_temp_file, sync_dir, TEMP_MARKER};
+use crate::atomic::{is_temp_file, list_dir, sync_dir, TEMP_MARKER};
 use crate::error::{Error, Result};
 use crate::io::CheckpointIo;
 use crate::runtime::{AsyncCheckpointIo, SaveHandle};
@@ -365,19 +365,11 @@ impl<I: CheckpointIo + 'static> CheckpointManager<I> {
     /// Directories in the checkpoint directory holding parts of a sharded checkpoint that
     /// was never committed.
     fn incomplete(&self) -> Result<Vec<PathBuf>> {
-        let entries = match std::fs::read_dir(&self.cfg.dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-            Err(e) => return Err(Error::io("list directory", &self.cfg.dir, e)),
-        };
-        let mut out = Vec::new();
-        for e in entries {
-            let e = e.map_err(|err| Error::io("list directory", &self.cfg.dir, err))?;
-            if matches!(sharded_state(&e.path()), Sharded::Incomplete) {
-                out.push(e.path());
-            }
-        }
-        Ok(out)
+        Ok(list_dir(&self.cfg.dir)?
+            .into_iter()
+            .map(|e| e.path())
+            .filter(|p| matches!(sharded_state(p), Sharded::Incomplete))
+            .collect())
     }
 
     /// Acts on saves that are durable (all of them, waiting, when `wait`), in submission order.
@@ -468,14 +460,8 @@ impl<I: CheckpointIo + 'static> CheckpointManager<I> {
                 return Ok(Some(p));
             }
         }
-        let entries = match std::fs::read_dir(dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io("list directory", dir, e)),
-        };
         let mut files: Vec<(std::time::SystemTime, PathBuf)> = Vec::new();
-        for e in entries {
-            let e = e.map_err(|e| Error::io("list directory", dir, e))?;
+        for e in list_dir(dir)? {
             let name = e.file_name().to_string_lossy().into_owned();
             if name == LAST || is_temp_file(&name) {
                 continue;

@@ -323,9 +323,7 @@ pub(crate) fn commit(dir: &Path, m: &Metadata) -> Result<std::time::Duration> {
         std::io::Write::write_all(w, &pickle).map_err(|e| Error::io("write", &path, e))
     })?;
     let named: std::collections::HashSet<&str> = m.items.iter().map(|i| i.file.as_str()).collect();
-    let entries = std::fs::read_dir(dir).map_err(|e| Error::io("list directory", dir, e))?;
-    for e in entries {
-        let e = e.map_err(|e| Error::io("list directory", dir, e))?;
+    for e in crate::atomic::list_dir(dir)? {
         let name = e.file_name().to_string_lossy().into_owned();
         let stale_data = is_data_file(&name) && !named.contains(name.as_str());
         if stale_data || name.ends_with(RECORD_SUFFIX) {
